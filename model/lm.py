@@ -1,0 +1,91 @@
+"""DiffusionLM: embed -> blocks (from the layer pattern) -> norm -> head.
+
+The network maps a partly masked sequence x_t to logits over the clean tokens x_0 at every position.
+It knows nothing of how it is trained or sharded; `pipeline_layers()` exposes the same modules as a
+flat list of stages so a pipeline-parallel engine can partition them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from model.blocks import Block, make_norm
+from model.config import ModelConfig
+from model.diffusion import diffusion_loss
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.tok(input_ids)
+
+
+class Head(nn.Module):
+    """Final norm + projection to the vocabulary; `weight` may be the embedding's (tied)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = make_norm(cfg)
+        self.proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(h))
+
+
+class DiffusionLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.blocks = nn.ModuleList(Block(kind, cfg) for kind in cfg.layer_pattern)
+        self.head = Head(cfg)
+        if cfg.tie_embeddings:
+            self.head.proj.weight = self.embed.tok.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, std) for linears and embeddings, output projections of each residual
+        branch scaled by 1/sqrt(2 * n_layers); Mamba's own parameters (A_log, D, dt_bias, conv) keep the
+        initialisation their module gave them."""
+        std = self.cfg.init_std
+        nn.init.normal_(self.embed.tok.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.head.proj.weight, std=std)
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.blocks:
+            for name, p in block.named_parameters():
+                if p.dim() != 2 or "norm" in name:
+                    continue
+                is_residual_out = name.endswith("out_proj.weight") or name.endswith("fc_out.weight")
+                nn.init.normal_(p, std=residual_std if is_residual_out else std)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        return diffusion_loss(self(batch["input_ids"]), batch, self.cfg.mask_token_id)
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        """The stack as a flat list [embed, block_0, ..., block_{n-1}, head] (same module objects)."""
+        return [self.embed, *self.blocks, self.head]
+
+
+def count_parameters(model: nn.Module, include_embedding: bool = True) -> int:
+    """Unique parameters (a tied embedding counted once); without the token embedding / output head."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters():  # named_parameters already dedupes tied tensors
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if not include_embedding and (name.startswith("embed.") or name == "head.proj.weight"):
+            continue
+        total += p.numel()
+    return total

@@ -1,0 +1,38 @@
+import pytest
+
+from model.config import ConfigError, MambaConfig, ModelConfig
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(layer_pattern="MMX"), "model.layer_pattern"),
+    (dict(layer_pattern=""), "model.layer_pattern"),
+    (dict(d_model=100, n_heads=3, layer_pattern="A"), "model.n_heads"),
+    (dict(d_model=80, mamba=MambaConfig(headdim=64)), "model.mamba.headdim"),
+    (dict(mask_token_id=512), "model.mask_token_id"),
+    (dict(norm="batchnorm"), "model.norm"),
+    (dict(mlp_kind="relu"), "model.mlp_kind"),
+    (dict(mamba=MambaConfig(directions="both")), "model.mamba.directions"),
+])
+def test_invalid_config_names_the_field(changes, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        ModelConfig(**changes)
+
+
+def test_headdim_constraint_only_applies_when_mamba_blocks_present():
+    ModelConfig(d_model=80, layer_pattern="AA", n_heads=4, mamba=MambaConfig(headdim=64))
+
+
+def test_round_trip_and_unknown_fields():
+    cfg = ModelConfig(d_model=64, layer_pattern="MA", mamba=MambaConfig(headdim=16, d_state=8))
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    with pytest.raises(ConfigError, match="unknown field"):
+        ModelConfig.from_dict({**cfg.to_dict(), "d_modle": 3})
+    with pytest.raises(ConfigError, match=r"model\.mamba: unknown"):
+        ModelConfig.from_dict({**cfg.to_dict(), "mamba": {"dstate": 3}})
+
+
+def test_family_from_pattern():
+    assert ModelConfig(layer_pattern="MMM").family == "diffumamba"
+    assert ModelConfig(layer_pattern="AAA").family == "diffutran"
+    assert ModelConfig(layer_pattern="MMMMA" * 2).family == "diffumamba-h"
