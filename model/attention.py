@@ -42,10 +42,8 @@ class BidirectionalAttention(nn.Module):
         cos, sin = rotary_tables(L, self.head_dim, self.rope_theta, x.device, torch.float32)
         q = apply_rotary(q.float(), cos, sin).to(v.dtype)
         k = apply_rotary(k.float(), cos, sin).to(v.dtype)
-        flash = kernels.flash_attn_func
-        if flash is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) \
-                and not kernels.reference_forced():
-            y = flash(q, k, v, causal=False)                       # (B, L, H, Dh)
+        if kernels.flash_attn_usable(x) and x.dtype in (torch.float16, torch.bfloat16):
+            y = kernels.flash_attn_func(q, k, v, causal=False)      # (B, L, H, Dh)
         else:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=False).transpose(1, 2)

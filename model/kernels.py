@@ -1,0 +1,234 @@
+"""Optional GPU kernels, with pure-PyTorch fallbacks. The one module that imports them.
+
+    chunk_scan     mamba_ssm's Triton `mamba_chunk_scan_combined`   else  model.ssd.ssd_chunked
+    causal_conv1d  causal-conv1d's CUDA `causal_conv1d_fn`          else  F.conv1d, left-padded
+    rmsnorm_gated  mamba_ssm's Triton `rmsnorm_fn`                  else  the same math in torch
+    flash_attn_func  flash-attn's kernel, or None
+
+A kernel is used only on CUDA tensors and only when its package imports. The reference path can be
+forced, for tests that run both paths on the same weights:
+    with use_reference_kernels():            # every kernel
+    with use_reference_kernels("conv"):      # just the conv (names: scan, conv, norm, attn)
+    DIFFUMAMBA_KERNELS=reference             # every kernel, for the whole process
+    DIFFUMAMBA_KERNELS=reference:conv,norm   # some of them
+
+mamba_ssm is often installed without its Mamba-1 CUDA extension: `import mamba_ssm` then fails inside
+the package __init__ (No module named 'selective_scan_cuda') although the Triton modules we need are
+fine. `import_skipping_package_init` loads them through stand-in parent packages that do not run
+any __init__.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from model import ssd
+
+KERNEL_NAMES = ("scan", "conv", "norm", "attn")
+ENV_VAR = "DIFFUMAMBA_KERNELS"
+
+
+# ---------------------------------------------------------------- importing without a package's __init__
+def _stub_package(name: str, path: list[str]) -> types.ModuleType:
+    """An empty package module whose submodules are found in `path`; no __init__.py is executed."""
+    module = types.ModuleType(name, "Stand-in package: its __init__.py was not executed.")
+    spec = importlib.machinery.ModuleSpec(name, loader=None, is_package=True)
+    spec.submodule_search_locations = list(path)
+    module.__spec__, module.__path__, module.__package__ = spec, list(path), name
+    return module
+
+
+def import_skipping_package_init(module_name: str):
+    """Import `module_name` (e.g. "mamba_ssm.ops.triton.ssd_combined"), executing no parent's __init__
+    if the plain import fails.
+
+    The plain import is tried first. If it raises (typically in the top package's __init__), every
+    parent package is replaced in sys.modules by a stand-in pointing at the installed folders, found
+    with importlib.util.find_spec (which locates a package without executing it), and the module is
+    imported again. Raises ImportError when the package is not installed or the module itself fails.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except Exception as plain_error:  # noqa: BLE001 - a broken __init__ can raise anything
+        first_error = plain_error
+
+    top = module_name.split(".")[0]
+    # A failed import can leave half-imported parents behind; start from a clean slate.
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        if not getattr(sys.modules[name], "__stub_parent__", False):
+            del sys.modules[name]
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{top} is not installed") from first_error
+
+    parts = module_name.split(".")
+    path = list(spec.submodule_search_locations)
+    for depth in range(1, len(parts)):
+        name = ".".join(parts[:depth])
+        if depth > 1:
+            path = [os.path.join(p, parts[depth - 1]) for p in path]
+            path = [p for p in path if os.path.isdir(p)]
+        if name not in sys.modules:
+            stub = _stub_package(name, path)
+            stub.__stub_parent__ = True
+            sys.modules[name] = stub
+            if depth > 1:
+                setattr(sys.modules[".".join(parts[:depth - 1])], parts[depth - 1], stub)
+    try:
+        return importlib.import_module(module_name)
+    except Exception as second_error:
+        raise ImportError(f"cannot import {module_name}: {second_error!r} "
+                          f"(plain import failed with {first_error!r})") from second_error
+
+
+def load_mamba_triton():
+    """(mamba_chunk_scan_combined, rmsnorm_fn) from mamba_ssm's Triton modules; ImportError if absent."""
+    ssd_combined = import_skipping_package_init("mamba_ssm.ops.triton.ssd_combined")
+    layernorm_gated = import_skipping_package_init("mamba_ssm.ops.triton.layernorm_gated")
+    return ssd_combined.mamba_chunk_scan_combined, layernorm_gated.rmsnorm_fn
+
+
+IMPORT_ERRORS: dict[str, str] = {}  # why a kernel is missing, for logs
+
+try:
+    _mamba_chunk_scan_combined, _rmsnorm_fn = load_mamba_triton()
+except Exception as e:  # noqa: BLE001 - Triton itself can fail at import on machines without a GPU
+    _mamba_chunk_scan_combined, _rmsnorm_fn = None, None
+    IMPORT_ERRORS["mamba_ssm"] = repr(e)
+
+try:
+    from causal_conv1d import causal_conv1d_fn as _causal_conv1d_fn
+except Exception as e:  # noqa: BLE001
+    _causal_conv1d_fn = None
+    IMPORT_ERRORS["causal_conv1d"] = repr(e)
+
+try:
+    from flash_attn import flash_attn_func
+except Exception as e:  # noqa: BLE001
+    flash_attn_func = None
+    IMPORT_ERRORS["flash_attn"] = repr(e)
+
+HAS_MAMBA_TRITON = _mamba_chunk_scan_combined is not None
+HAS_CAUSAL_CONV1D = _causal_conv1d_fn is not None
+HAS_FLASH_ATTN = flash_attn_func is not None
+_AVAILABLE = {"scan": HAS_MAMBA_TRITON, "norm": HAS_MAMBA_TRITON, "conv": HAS_CAUSAL_CONV1D,
+              "attn": HAS_FLASH_ATTN}
+
+
+# ---------------------------------------------------------------- choosing a path
+_forced_reference: set[str] = set()
+
+
+def reference_forced(name: str | None = None) -> bool:
+    """Whether kernel `name` is forced onto the reference path (context manager or environment).
+    Without a name: whether every kernel is (the whole reference path is forced)."""
+    if name is None:
+        return all(reference_forced(n) for n in KERNEL_NAMES)
+    setting = os.environ.get(ENV_VAR, "").strip().lower()
+    if setting == "reference":
+        return True
+    if setting.startswith("reference:") and name in setting.split(":", 1)[1].split(","):
+        return True
+    return name in _forced_reference
+
+
+@contextlib.contextmanager
+def use_reference_kernels(*names: str):
+    """Run the pure-PyTorch path for the named kernels (all when none is named) inside the block."""
+    names = set(names) or set(KERNEL_NAMES)
+    unknown = names - set(KERNEL_NAMES)
+    if unknown:
+        raise ValueError(f"unknown kernel name(s) {sorted(unknown)}; known: {KERNEL_NAMES}")
+    saved = set(_forced_reference)
+    _forced_reference.update(names)
+    try:
+        yield
+    finally:
+        _forced_reference.clear()
+        _forced_reference.update(saved)
+
+
+def uses_kernel(name: str, tensor: torch.Tensor) -> bool:
+    """True when kernel `name` would run on `tensor`: installed, tensor on CUDA, not forced off."""
+    return _AVAILABLE[name] and tensor.is_cuda and not reference_forced(name)
+
+
+def describe(device: torch.device | str = "cuda") -> dict[str, str]:
+    """Which implementation each kernel uses on `device`, e.g. for a startup log line."""
+    on_gpu = torch.device(device).type == "cuda"
+    return {name: "kernel" if _AVAILABLE[name] and on_gpu and not reference_forced(name) else "reference"
+            for name in KERNEL_NAMES}
+
+
+# ---------------------------------------------------------------- the scan
+def chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False):
+    """Mamba-2 SSD scan. x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n), D/dt_bias (h,).
+
+    Returns y (b, l, h, p) in x's dtype. A, D and dt_bias are expected in fp32.
+    """
+    if uses_kernel("scan", x):
+        return _mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
+                                          dt_softplus=dt_softplus)
+    return ssd.ssd_chunked(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+
+# ---------------------------------------------------------------- depthwise causal conv
+def causal_conv1d_reference(x, weight, bias=None, activation=None):
+    """out[:, d, t] = act(bias[d] + sum_k weight[d, k] * x[:, d, t - (width-1) + k]), zeros before t=0."""
+    width = weight.shape[1]
+    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])[..., :x.shape[-1]]
+    return F.silu(out) if activation in ("silu", "swish") else out
+
+
+def causal_conv1d(x, weight, bias=None, activation=None):
+    """Depthwise causal conv. x (b, d, l), weight (d, width), bias (d,), activation None or "silu"."""
+    width = weight.shape[1]
+    if uses_kernel("conv", x) and 2 <= width <= 4:
+        dim = x.shape[1]
+        if x.stride(2) != 1:
+            # The kernel takes channel-first (stride(2) == 1) or dense channel-last with dim % 8 == 0.
+            channel_last_ok = dim % 8 == 0 and x.transpose(1, 2).is_contiguous()
+            if not channel_last_ok:
+                x = x.transpose(1, 2).contiguous().transpose(1, 2) if dim % 8 == 0 else x.contiguous()
+        bias = bias.to(weight.dtype) if bias is not None else None  # the kernel wants them equal
+        return _causal_conv1d_fn(x, weight, bias, activation=activation)
+    return causal_conv1d_reference(x, weight, bias, activation)
+
+
+# ---------------------------------------------------------------- gated RMSNorm
+def rmsnorm_gated_reference(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=False):
+    """norm_before_gate=False: RMSNorm(x * silu(z)) * weight, the norm taken over groups of group_size."""
+    dtype = x.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    x = x.to(compute)
+    if z is not None and not norm_before_gate:
+        x = x * F.silu(z.to(compute))
+    group_size = group_size or x.shape[-1]
+    x = rearrange(x, "... (g d) -> ... g d", d=group_size)
+    x = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
+    out = rearrange(x, "... g d -> ... (g d)") * weight.to(compute)
+    if z is not None and norm_before_gate:
+        out = out * F.silu(z.to(compute))
+    return out.to(dtype)
+
+
+def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=False):
+    """Gated RMSNorm as in mamba_ssm's RMSNormGated; x, z (..., d), weight (d,). Returns x's dtype."""
+    if uses_kernel("norm", x):
+        return _rmsnorm_fn(x, weight, None, z=z, eps=eps, group_size=group_size,
+                           norm_before_gate=norm_before_gate)
+    return rmsnorm_gated_reference(x, z, weight, eps, group_size, norm_before_gate)
+
+
+def flash_attn_usable(tensor: torch.Tensor) -> bool:
+    """Whether an attention block may call flash_attn_func on this tensor."""
+    return uses_kernel("attn", tensor)

@@ -1,0 +1,200 @@
+"""The bidirectional Mamba-2 mixer of DiffuMamba.
+
+Mamba2Mixer is one direction, the "simple" Mamba-2 block of mamba_ssm's `Mamba2`:
+    z, xBC, dt = in_proj(u)                              gate, SSM input + B + C, step sizes
+    xBC        = silu(causal depthwise conv1d(xBC))
+    x, B, C    = xBC
+    y          = SSD(x, dt = softplus(dt + dt_bias), A = -exp(A_log), B, C) + D * x
+    out        = out_proj(RMSNorm(y * silu(z)))         norm over groups of d_inner / ngroups
+BiMamba2 runs one mixer over the sequence and one over the reversed sequence and sums them:
+    out = fwd(x) + flip(bwd(flip(x)))
+so every position sees the whole sequence, as a masked-diffusion denoiser needs.
+
+A_log, D and dt_bias stay fp32 when the module is cast to bf16 (exp(A_log) and softplus(dt) lose too
+much in bf16); the scan itself runs in fp32 in the reference and inside the Triton kernel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from model import kernels
+from model.config import ModelConfig
+
+FP32_PARAMETERS = ("A_log", "D", "dt_bias")
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(x * silu(z)) * weight, normalised over groups of `group_size` channels (mamba_ssm's
+    RMSNormGated with norm_before_gate=False)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.group_size = eps, group_size or dim
+
+    def forward(self, x, z):
+        return kernels.rmsnorm_gated(x, z, self.weight, self.eps, self.group_size, norm_before_gate=False)
+
+
+class Mamba2Mixer(nn.Module):
+    """One direction of the Mamba-2 mixer. `projections=False` leaves out in_proj / out_proj, for
+    directions that share them (BiMamba2 with tied projections); use `mix` then."""
+
+    def __init__(self, cfg: ModelConfig, projections: bool = True):
+        super().__init__()
+        m = cfg.mamba
+        self.d_model, self.d_inner = cfg.d_model, cfg.d_inner
+        self.nheads, self.headdim = cfg.mamba_nheads, m.headdim
+        self.ngroups, self.d_state, self.chunk_size = m.ngroups, m.d_state, m.chunk_size
+        self.dt_min, self.dt_max = m.dt_min, m.dt_max
+        self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state          # channels of x, B, C
+        self.d_in_proj = self.d_inner + self.conv_dim + self.nheads             # z, xBC, dt
+
+        if projections:
+            self.in_proj = nn.Linear(self.d_model, self.d_in_proj, bias=False)
+            self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=m.d_conv, groups=self.conv_dim,
+                                padding=m.d_conv - 1, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.empty(self.nheads))
+        self.norm = GatedRMSNorm(self.d_inner, eps=cfg.norm_eps, group_size=self.d_inner // self.ngroups)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self):
+        """mamba_ssm's initialisation of the SSM parameters (call again after a global weight init):
+        dt log-uniform in [dt_min, dt_max] stored as softplus^-1(dt) in dt_bias, A uniform in [1, 16]
+        stored as log, D = 1."""
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(self.dt_max) - math.log(self.dt_min))
+                       + math.log(self.dt_min)).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))       # inverse of softplus
+        self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
+        self.D.fill_(1.0)
+
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) / .half() must not round A_log, D, dt_bias: put back the fp32 values after the cast.
+        before = {name: getattr(self, name).detach() for name in FP32_PARAMETERS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            p = getattr(self, name)
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float() if old.is_meta else old.to(device=p.device, dtype=torch.float32)
+                if p.grad is not None:
+                    p.grad = p.grad.float()
+        return self
+
+    # ---- pieces, shared with BiMamba2's fused path
+    @property
+    def A(self) -> torch.Tensor:
+        """-exp(A_log) in fp32 (fp64 in a float64 model)."""
+        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+
+    @property
+    def conv_weight(self) -> torch.Tensor:
+        return rearrange(self.conv1d.weight, "d 1 w -> d w")
+
+    def split_projection(self, zxbcdt):
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def conv(self, xBC):
+        """(b, l, conv_dim) -> silu(causal depthwise conv), same shape."""
+        out = kernels.causal_conv1d(xBC.transpose(1, 2), self.conv_weight, self.conv1d.bias, "silu")
+        return out.transpose(1, 2)
+
+    def mix(self, zxbcdt):
+        """in_proj output (b, l, d_in_proj) -> normalised SSM output (b, l, d_inner), before out_proj."""
+        z, xBC, dt = self.split_projection(zxbcdt)
+        x, B, C = torch.split(self.conv(xBC), [self.d_inner, self.ngroups * self.d_state,
+                                               self.ngroups * self.d_state], dim=-1)
+        y = kernels.chunk_scan(
+            rearrange(x, "b l (h p) -> b l h p", p=self.headdim), dt, self.A,
+            rearrange(B, "b l (g n) -> b l g n", g=self.ngroups),
+            rearrange(C, "b l (g n) -> b l g n", g=self.ngroups),
+            self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+        return self.norm(rearrange(y, "b l h p -> b l (h p)"), z)
+
+    def forward(self, u):
+        """u (b, l, d_model) -> (b, l, d_model); causal: position i sees positions <= i."""
+        return self.out_proj(self.mix(self.in_proj(u)))
+
+
+def _pair_up(first, second, sizes, dim):
+    """Split both tensors into `sizes` along `dim` and concatenate the pieces pairwise:
+    [a1, b1, a2, b2, ...]. Lays two directions' channels out so that x, B, C of both stay contiguous."""
+    pieces = zip(torch.split(first, sizes, dim=dim), torch.split(second, sizes, dim=dim))
+    return torch.cat([t for pair in pieces for t in pair], dim=dim)
+
+
+class BiMamba2(nn.Module):
+    """fwd(x) + flip(bwd(flip(x))). cfg.mamba.directions: "independent" (two full Mamba-2 layers) or
+    "tied_projections" (shared in_proj / out_proj, own conv, dt, A, D and norm, as in Caduceus).
+
+    fuse_directions=True runs the two directions as one: their conv channels, scan heads and norm
+    groups are concatenated (the backward half on the time-reversed sequence), so each kernel is
+    launched once for both. It computes exactly the same function as fuse_directions=False. On an H100
+    (bf16, 32K tokens, forward + backward) fusing was 20-40% faster at d_model 1024, where launch
+    overhead dominates, and 10% slower at d_model 2048, where its extra copies cost more than they save;
+    None picks by d_model accordingly.
+    """
+
+    def __init__(self, cfg: ModelConfig, fuse_directions: bool | None = None):
+        super().__init__()
+        self.tied = cfg.mamba.directions == "tied_projections"
+        self.fuse_directions = cfg.d_model < 2048 if fuse_directions is None else fuse_directions
+        self.fwd = Mamba2Mixer(cfg, projections=not self.tied)
+        self.bwd = Mamba2Mixer(cfg, projections=not self.tied)
+        if self.tied:
+            self.in_proj = nn.Linear(cfg.d_model, self.fwd.d_in_proj, bias=False)
+            self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        """x (b, l, d_model) -> (b, l, d_model)."""
+        if self.fuse_directions:
+            return self._forward_fused(x)
+        if self.tied:
+            zxbcdt = self.in_proj(x)
+            y = self.fwd.mix(zxbcdt) + self.bwd.mix(zxbcdt.flip(1)).flip(1)
+            return self.out_proj(y)            # out_proj is linear: one matmul for both directions
+        return self.fwd(x) + self.bwd(x.flip(1)).flip(1)
+
+    def _forward_fused(self, x):
+        f, b = self.fwd, self.bwd
+        di, gn, P = f.d_inner, f.ngroups * f.d_state, f.headdim
+        if self.tied:
+            zxbcdt_f = self.in_proj(x)
+            zxbcdt_b = zxbcdt_f.flip(1)
+        else:
+            zxbcdt_f, zxbcdt_b = f.in_proj(x), b.in_proj(x.flip(1))
+        z_f, xBC_f, dt_f = f.split_projection(zxbcdt_f)
+        z_b, xBC_b, dt_b = b.split_projection(zxbcdt_b)
+
+        # Conv is depthwise, so both directions' channels go through one conv, laid out
+        # [x_f, x_b, B_f, B_b, C_f, C_b] so that the scan inputs below are views.
+        xBC = _pair_up(xBC_f, xBC_b, [di, gn, gn], dim=-1)
+        weight = _pair_up(f.conv_weight, b.conv_weight, [di, gn, gn], dim=0)
+        bias = _pair_up(f.conv1d.bias, b.conv1d.bias, [di, gn, gn], dim=0)
+        xBC = kernels.causal_conv1d(xBC.transpose(1, 2), weight, bias, "silu").transpose(1, 2)
+        xs, Bs, Cs = torch.split(xBC, [2 * di, 2 * gn, 2 * gn], dim=-1)
+
+        # The backward direction as H extra heads with their own groups: head j reads group
+        # j // (H / G), so heads H.. read groups G.. , the backward B and C.
+        y = kernels.chunk_scan(
+            rearrange(xs, "b l (h p) -> b l h p", p=P),
+            torch.cat([dt_f, dt_b], dim=-1),
+            torch.cat([f.A, b.A]),
+            rearrange(Bs, "b l (g n) -> b l g n", n=f.d_state),
+            rearrange(Cs, "b l (g n) -> b l g n", n=f.d_state),
+            f.chunk_size, D=torch.cat([f.D, b.D]), dt_bias=torch.cat([f.dt_bias, b.dt_bias]),
+            dt_softplus=True)
+        y = kernels.rmsnorm_gated(rearrange(y, "b l h p -> b l (h p)"), torch.cat([z_f, z_b], dim=-1),
+                                  torch.cat([f.norm.weight, b.norm.weight]), f.norm.eps,
+                                  f.norm.group_size, norm_before_gate=False)
+        y_f, y_b = y.split(di, dim=-1)
+        if self.tied:
+            return self.out_proj(y_f + y_b.flip(1))
+        return f.out_proj(y_f) + b.out_proj(y_b).flip(1)

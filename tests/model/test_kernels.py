@@ -1,0 +1,218 @@
+"""model.kernels: the loader of the optional GPU packages, the reference fallbacks and the dispatch."""
+import importlib
+import importlib.util
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import kernels, ssd
+from model.config import MambaConfig, ModelConfig
+from model.mamba2 import BiMamba2
+
+GPU_PACKAGES = ("mamba_ssm", "causal_conv1d", "flash_attn")
+
+SCAN_MARKER = "fake mamba_chunk_scan_combined"
+NORM_MARKER = "fake rmsnorm_fn"
+
+
+# ---------------------------------------------------------------- a fake mamba_ssm on disk
+def write_fake_mamba_ssm(root, init_body: str, ops_init_body: str = ""):
+    """A package shaped like mamba_ssm: Triton modules importing siblings by absolute name."""
+    files = {
+        "mamba_ssm/__init__.py": init_body,
+        "mamba_ssm/ops/__init__.py": ops_init_body,
+        "mamba_ssm/ops/triton/__init__.py": "",
+        "mamba_ssm/utils/__init__.py": "",
+        "mamba_ssm/utils/torch.py": "custom_fwd = 'custom_fwd'\n",
+        "mamba_ssm/ops/triton/layernorm_gated.py": f"def rmsnorm_fn(*args, **kwargs):\n    return {NORM_MARKER!r}\n",
+        "mamba_ssm/ops/triton/ssd_combined.py": (
+            "from mamba_ssm.utils.torch import custom_fwd\n"
+            "from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn\n"
+            f"def mamba_chunk_scan_combined(*args, **kwargs):\n    return {SCAN_MARKER!r}\n"),
+    }
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+@pytest.fixture
+def clean_mamba_ssm_modules(monkeypatch, tmp_path):
+    """Put tmp_path first on sys.path and give the test a sys.modules without mamba_ssm; restore after."""
+    saved = {n: m for n, m in sys.modules.items() if n == "mamba_ssm" or n.startswith("mamba_ssm.")}
+    for name in saved:
+        del sys.modules[name]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    yield tmp_path
+    for name in [n for n in sys.modules if n == "mamba_ssm" or n.startswith("mamba_ssm.")]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+    importlib.invalidate_caches()
+
+
+def test_loader_skips_a_package_init_that_needs_selective_scan_cuda(clean_mamba_ssm_modules):
+    write_fake_mamba_ssm(
+        clean_mamba_ssm_modules,
+        init_body="raise ModuleNotFoundError(\"No module named 'selective_scan_cuda'\", name='selective_scan_cuda')\n",
+        ops_init_body="raise RuntimeError('mamba_ssm/ops/__init__.py must not run')\n")
+    with pytest.raises(ModuleNotFoundError, match="selective_scan_cuda"):
+        importlib.import_module("mamba_ssm")                  # the situation on our GPU machines
+
+    scan, norm = kernels.load_mamba_triton()
+    assert scan() == SCAN_MARKER and norm() == NORM_MARKER
+    top = sys.modules["mamba_ssm"]
+    assert getattr(top, "__stub_parent__", False) and not hasattr(top, "__file__")
+    assert sys.modules["mamba_ssm.ops.triton.ssd_combined"].custom_fwd == "custom_fwd"  # siblings resolve
+
+
+def test_loader_uses_the_plain_import_when_it_works(clean_mamba_ssm_modules):
+    write_fake_mamba_ssm(clean_mamba_ssm_modules, init_body="RAN_INIT = True\n")
+    scan, norm = kernels.load_mamba_triton()
+    assert scan() == SCAN_MARKER and norm() == NORM_MARKER
+    assert sys.modules["mamba_ssm"].RAN_INIT is True
+
+
+def test_loader_raises_import_error_when_not_installed():
+    with pytest.raises(ImportError):
+        kernels.import_skipping_package_init("no_such_package_here.ops.triton.ssd_combined")
+
+
+# ---------------------------------------------------------------- nothing installed: reference path
+@pytest.mark.skipif(any(importlib.util.find_spec(p) for p in GPU_PACKAGES),
+                    reason="a GPU kernel package is installed here")
+def test_without_kernel_packages_flags_are_false_and_reference_runs():
+    assert not (kernels.HAS_MAMBA_TRITON or kernels.HAS_CAUSAL_CONV1D or kernels.HAS_FLASH_ATTN)
+    assert kernels.flash_attn_func is None
+    assert set(kernels.describe("cuda").values()) == {"reference"}
+    assert set(kernels.IMPORT_ERRORS) == set(GPU_PACKAGES)
+
+
+def test_cpu_tensors_use_the_reference_path():
+    g = torch.Generator().manual_seed(0)
+    x, dt = torch.randn(2, 9, 4, 3, generator=g), torch.randn(2, 9, 4, generator=g)
+    A, B, C = -torch.rand(4, generator=g), torch.randn(2, 9, 2, 5, generator=g), torch.randn(2, 9, 2, 5, generator=g)
+    D, bias = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    got = kernels.chunk_scan(x, dt, A, B, C, 4, D=D, dt_bias=bias, dt_softplus=True)
+    assert torch.equal(got, ssd.ssd_chunked(x, dt, A, B, C, 4, D=D, dt_bias=bias, dt_softplus=True))
+
+
+def test_conv_reference_is_a_causal_depthwise_conv():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 5, 11, generator=g), torch.randn(5, 4, generator=g), torch.randn(5, generator=g)
+    want = torch.zeros_like(x)
+    for t in range(11):
+        for k in range(4):
+            if t - 3 + k >= 0:
+                want[:, :, t] += w[:, k] * x[:, :, t - 3 + k]
+    want = F.silu(want + b[:, None])
+    torch.testing.assert_close(kernels.causal_conv1d(x, w, b, "silu"), want)
+
+
+def test_gated_rmsnorm_reference():
+    g = torch.Generator().manual_seed(0)
+    x, z, w = torch.randn(3, 12, generator=g), torch.randn(3, 12, generator=g), torch.randn(12, generator=g)
+    gated = (x * torch.sigmoid(z) * z).view(3, 2, 6)
+    want = (gated / gated.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()).view(3, 12) * w
+    torch.testing.assert_close(kernels.rmsnorm_gated(x, z, w, 1e-5, group_size=6), want)
+
+
+# ---------------------------------------------------------------- forcing the reference path
+def test_use_reference_kernels_and_environment(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    assert not kernels.reference_forced("scan") and not kernels.reference_forced()
+    with kernels.use_reference_kernels("conv"):
+        assert kernels.reference_forced("conv") and not kernels.reference_forced("scan")
+        assert not kernels.reference_forced()                 # not the whole reference path
+        with kernels.use_reference_kernels():
+            assert all(kernels.reference_forced(n) for n in kernels.KERNEL_NAMES) and kernels.reference_forced()
+        assert not kernels.reference_forced("scan")
+    assert not kernels.reference_forced("conv")
+    with pytest.raises(ValueError), kernels.use_reference_kernels("nope"):
+        pass
+    monkeypatch.setenv(kernels.ENV_VAR, "reference:conv,norm")
+    assert kernels.reference_forced("norm") and not kernels.reference_forced("scan")
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    assert kernels.reference_forced()
+
+
+# ---------------------------------------------------------------- the calls the GPU kernels receive
+def fake_kernels(monkeypatch, calls):
+    """Stand-ins with the real kernels' signatures that check their documented input constraints,
+    then compute the reference. Lets the kernel branch of the dispatch run on CPU."""
+    def scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+             cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False,
+             return_varlen_states=False):
+        b, l, h, _ = x.shape
+        assert dt.shape == (b, l, h) and A.shape == (h,) and B.shape[:2] == (b, l) and B.shape == C.shape
+        assert h % B.shape[2] == 0 and D.shape == (h,) and dt_bias.shape == (h,) and z is None
+        assert A.dtype == D.dtype == dt_bias.dtype == torch.float32 and dt_softplus
+        calls.append(("scan", h))
+        return ssd.ssd_chunked(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+    def conv(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+             final_states_out=None, activation=None):
+        dim, width = weight.shape
+        assert x.shape[1] == dim and 2 <= width <= 4 and bias.dtype == weight.dtype
+        assert x.stride(2) == 1 or x.stride(1) == 1
+        if x.stride(2) != 1:                                   # channel-last requirements
+            assert dim % 8 == 0 and x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0
+        calls.append(("conv", dim))
+        return kernels.causal_conv1d_reference(x, weight, bias, activation)
+
+    def norm(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
+        assert bias is None and z.shape == x.shape and weight.shape == (x.shape[-1],)
+        assert x.shape[-1] % group_size == 0 and not norm_before_gate
+        calls.append(("norm", x.shape[-1]))
+        return kernels.rmsnorm_gated_reference(x, z, weight, eps, group_size, norm_before_gate)
+
+    monkeypatch.setattr(kernels, "_mamba_chunk_scan_combined", scan)
+    monkeypatch.setattr(kernels, "_causal_conv1d_fn", conv)
+    monkeypatch.setattr(kernels, "_rmsnorm_fn", norm)
+    monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: name in ("scan", "conv", "norm"))
+
+
+@pytest.mark.parametrize("directions", ["independent", "tied_projections"])
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("d_state", [4, 3])                     # conv channels 72 (% 8 == 0) and 70
+def test_kernel_branch_receives_valid_arguments(monkeypatch, directions, fuse, d_state):
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, layer_pattern="M", mamba=MambaConfig(
+        d_state=d_state, headdim=8, chunk_size=8, ngroups=2, directions=directions))
+    bi = BiMamba2(cfg, fuse_directions=fuse).to(torch.bfloat16)
+    x = torch.randn(2, 13, 32, dtype=torch.bfloat16)
+    want = bi(x)
+    calls = []
+    fake_kernels(monkeypatch, calls)
+    got = bi(x)
+    got.float().sum().backward()
+    assert torch.equal(got, want)
+    heads = cfg.mamba_nheads
+    if fuse:
+        assert calls == [("conv", 2 * bi.fwd.conv_dim), ("scan", 2 * heads), ("norm", 2 * cfg.d_inner)]
+    else:
+        assert calls == [("conv", bi.fwd.conv_dim), ("scan", heads), ("norm", cfg.d_inner)] * 2
+
+
+# ---------------------------------------------------------------- the GPU validation script, CPU smoke run
+def load_gpu_validate():
+    path = __file__.rsplit("/tests/", 1)[0] + "/bench/gpu_validate.py"
+    spec = importlib.util.spec_from_file_location("gpu_validate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_validate_smoke_run_on_cpu(tmp_path, monkeypatch):
+    gpu_validate = load_gpu_validate()
+    out = tmp_path / "table.md"
+    assert gpu_validate.main(["--device", "cpu", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "grad bwd.A_log" in text and "reference (pure PyTorch)" in text and text.rstrip().endswith("**PASS**")
+    # an impossible tolerance must fail the run
+    monkeypatch.setattr(gpu_validate, "TOLERANCE", dict.fromkeys(gpu_validate.TOLERANCE, 1e-12))
+    monkeypatch.setattr(gpu_validate, "SAME_DTYPE_SLACK", 0.0)
+    assert gpu_validate.main(["--device", "cpu", "--out", str(out), "--skip-bench"]) == 1
+    assert "FAIL" in out.read_text()
