@@ -1,4 +1,10 @@
-"""`dtrain`: the trainer's command line; one subcommand per job, each a function in its module."""
+"""`dtrain`: the project's command line; one subcommand per job, each a function in its module.
+
+    dtrain train --config configs/x.yaml [key=value ...] [--resume auto|PATH]
+    dtrain eval --checkpoint RUN/checkpoints
+    dtrain params                    parameter counts of the presets
+    dtrain sample --model EXPORT     samples from an exported model
+"""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a checkpoint root (uses latest)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the stored config: train.eval_iters=50")
     p.set_defaults(func=_eval)
+
+    from dtrain.model_cmds import add_commands as add_model_commands
+    add_model_commands(sub)  # params, sample
     return parser
 
 
@@ -53,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     from model.config import ConfigError
     # DeepSpeed calls collectives torch has renamed; the warnings repeat every step and say nothing to users
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    # DeepSpeed broadcasts the pipeline's tied embedding at start-up outside no_grad; harmless (the tests
+    # check that both copies train and stay equal), but torch warns in the first backward of every stage
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -42,7 +42,7 @@ class BidirectionalAttention(nn.Module):
         cos, sin = rotary_tables(L, self.head_dim, self.rope_theta, x.device, torch.float32)
         q = apply_rotary(q.float(), cos, sin).to(v.dtype)
         k = apply_rotary(k.float(), cos, sin).to(v.dtype)
-        if kernels.flash_attn_usable(x) and x.dtype in (torch.float16, torch.bfloat16):
+        if kernels.flash_attn_usable(q) and q.dtype in (torch.float16, torch.bfloat16):  # bf16 under autocast too
             y = kernels.flash_attn_func(q, k, v, causal=False)      # (B, L, H, Dh)
         else:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

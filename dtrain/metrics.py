@@ -1,0 +1,141 @@
+"""Training metrics: accumulated per log interval, reduced across ranks, written to TensorBoard + console.
+
+Every rank accumulates what it saw (under pipeline parallelism only the last stage sees losses); one
+all-reduce per log interval sums them, so the numbers are global whatever the parallel layout.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def t_bucket_edges(n: int) -> list[float]:
+    return [i / n for i in range(n + 1)]
+
+
+class Metrics:
+    def __init__(self, *, out_dir: str, enabled_tb: bool, t_buckets: int, tokens_per_step: int,
+                 flops_per_token: float, peak_flops_total: float | None, total_steps: int, device):
+        self.rank = dist.get_rank()
+        self.nb = t_buckets
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops_total
+        self.total_steps = total_steps
+        self.device = device
+        self.writer = None
+        if self.rank == 0 and enabled_tb:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+        self.start = time.time()
+        self.start_step = 0   # the step this process started at (after a resume)
+        self._reset()
+
+    def _reset(self):
+        # [nelbo per t bucket] + [tokens per t bucket]
+        self.buckets = torch.zeros(2 * self.nb, dtype=torch.float64)
+        self.grad_norms: list[float] = []
+        self.steps = 0
+        self.skipped = 0
+        self.data_wait = 0.0
+        self.t0 = time.time()
+
+    # ---- accumulation (every rank) ----
+    def add_stats(self, stats: dict) -> None:
+        """Per-sequence stats of one micro-batch from diffusion_loss."""
+        nelbo = stats["nelbo_per_seq"].double().cpu()
+        tokens = stats["tokens_per_seq"].double().cpu()
+        idx = (stats["t"].double().cpu() * self.nb).long().clamp(0, self.nb - 1)
+        self.buckets[:self.nb].index_add_(0, idx, nelbo)
+        self.buckets[self.nb:].index_add_(0, idx, tokens)
+
+    def add_step(self, *, grad_norm: float | None, skipped: bool, data_wait: float) -> None:
+        self.steps += 1
+        self.skipped += int(skipped)
+        self.data_wait += data_wait
+        if grad_norm is not None and not skipped and math.isfinite(grad_norm):
+            self.grad_norms.append(grad_norm)
+
+    # ---- reduction + output ----
+    def log(self, step: int, *, lr: float, total_skipped: int) -> dict:
+        local = torch.cat([self.buckets, torch.tensor([self.data_wait], dtype=torch.float64)])
+        summed = _all_reduce_sum(local, self.device)
+        nelbo, tokens = summed[:self.nb], summed[self.nb:2 * self.nb]
+        elapsed = time.time() - self.t0
+        out = {
+            "train/loss": float(nelbo.sum() / tokens.sum().clamp_min(1.0)) if tokens.sum() > 0 else float("nan"),
+            "train/lr": lr,
+            "train/skipped_steps": float(total_skipped),
+            "perf/step_time_s": elapsed / max(self.steps, 1),
+            "perf/data_wait_s": float(summed[-1]) / dist.get_world_size() / max(self.steps, 1),
+            "perf/tokens_per_s": self.tokens_per_step * self.steps / max(elapsed, 1e-9),
+        }
+        if self.grad_norms:
+            out["train/grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+        for b in range(self.nb):
+            if tokens[b] > 0:
+                lo, hi = b / self.nb, (b + 1) / self.nb
+                out[f"train/loss_t/{lo:.1f}-{hi:.1f}"] = float(nelbo[b] / tokens[b])
+        if self.peak:
+            out["perf/mfu"] = out["perf/tokens_per_s"] * self.flops_per_token / self.peak
+        if torch.cuda.is_available():
+            out["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        self.write(step, out)
+        if self.rank == 0:
+            self.console(step, out)
+        self._reset()
+        return out
+
+    def write(self, step: int, scalars: dict) -> None:
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
+    def text(self, step: int, tag: str, texts: list[str]) -> None:
+        if self.writer is not None:
+            body = "\n\n".join(f"**{i}.** {t}" for i, t in enumerate(texts))
+            self.writer.add_text(tag, body, step)
+            self.writer.flush()
+
+    def console(self, step: int, m: dict) -> None:
+        elapsed = time.time() - self.start
+        parts = [f"step {step}/{self.total_steps}", f"loss {m['train/loss']:.4f}", f"lr {m['train/lr']:.2e}"]
+        if "train/grad_norm" in m:
+            parts.append(f"gnorm {m['train/grad_norm']:.3f}")
+        parts.append(f"tok/s {m['perf/tokens_per_s']:.0f}")
+        if "perf/mfu" in m:
+            parts.append(f"mfu {100 * m['perf/mfu']:.2f}%")
+        if m["train/skipped_steps"]:
+            parts.append(f"skipped {int(m['train/skipped_steps'])}")
+        parts.append(f"elapsed {_hms(elapsed)}")
+        if step > self.start_step:
+            parts.append(f"eta {_hms(elapsed / (step - self.start_step) * (self.total_steps - step))}")
+        print(" | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _all_reduce_sum(t: torch.Tensor, device) -> torch.Tensor:
+    # gloo reduces CPU tensors, nccl CUDA tensors; float64 keeps the sums exact enough
+    x = t.to(device)
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x.cpu()
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def rank0_print(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+        sys.stdout.flush()

@@ -1,0 +1,118 @@
+"""The DiffusionLM stack as a DeepSpeed PipelineModule: one LayerSpec per block.
+
+    [Embedding] [Block 0] ... [Block n-1] [final norm] [output projection]
+
+With tied embeddings the first and the last layer are TiedLayerSpecs of the same key: each end stage holds
+its own copy of the token embedding and DeepSpeed all-reduces the two gradients, so the copies stay equal.
+The layers are the model's own modules (model.lm / model.blocks) and are initialised by copying a
+DiffusionLM built with the run seed, so a pipelined run starts from exactly the weights of a plain one.
+Inputs: the first stage reads input_ids; the last stage reads (input_ids, targets, t, loss_mask) as labels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.blocks import Block, make_norm
+from model.config import ModelConfig
+from model.diffusion import diffusion_loss
+from model.lm import DiffusionLM, Embedding, Head
+
+TIED_KEY = "embed"
+
+
+class FinalNorm(nn.Module):
+    """The head's norm as its own pipeline layer (the projection is the tied embedding)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = make_norm(cfg)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h)
+
+
+class TiedEmbedding(Embedding):
+    """The token embedding at both ends: ids -> vectors on the first stage, vectors -> logits on the last.
+
+    A module (not a forward_fn partial) so DeepSpeed saves and loads its weight on both end stages.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            return F.linear(x, self.tok.weight)
+        return super().forward(x)
+
+
+def layer_specs(cfg: ModelConfig) -> list:
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+    blocks = [LayerSpec(Block, kind, cfg) for kind in cfg.layer_pattern]
+    if cfg.tie_embeddings:
+        return [TiedLayerSpec(TIED_KEY, TiedEmbedding, cfg, tied_weight_attr="tok.weight"), *blocks,
+                LayerSpec(FinalNorm, cfg), TiedLayerSpec(TIED_KEY, TiedEmbedding, cfg, tied_weight_attr="tok.weight")]
+    return [LayerSpec(Embedding, cfg), *blocks, LayerSpec(Head, cfg)]
+
+
+def model_prefix(layer_idx: int, cfg: ModelConfig) -> dict[str, str]:
+    """Map a pipeline layer's parameter-name prefix to DiffusionLM's: {"": "blocks.3."} etc."""
+    n = cfg.n_layers
+    if layer_idx == 0:
+        return {"": "embed."}
+    if layer_idx <= n:
+        return {"": f"blocks.{layer_idx - 1}."}
+    if cfg.tie_embeddings:
+        return {"norm.": "head.norm."} if layer_idx == n + 1 else {"": "embed."}
+    return {"": "head."}
+
+
+def pipeline_to_model_state(layer_states: dict[int, dict], cfg: ModelConfig) -> dict:
+    """DiffusionLM state_dict from per-layer state dicts (e.g. the layer_XX-model_states.pt files)."""
+    out = {}
+    for idx, sd in layer_states.items():
+        for (src, dst) in model_prefix(idx, cfg).items():
+            for k, v in sd.items():
+                if k.startswith(src):
+                    out[dst + k[len(src):]] = v
+    if cfg.tie_embeddings:
+        out["head.proj.weight"] = out["embed.tok.weight"]
+    return out
+
+
+class PipeLoss:
+    """loss_fn of the PipelineModule (runs on the last stage); keeps the per-sequence stats it saw."""
+
+    def __init__(self, mask_id: int):
+        self.mask_id = mask_id
+        self.stats: list[dict] = []
+        self.poison = False   # set by the trainer to turn this step's loss into NaN (fault injection)
+
+    def __call__(self, logits: torch.Tensor, labels: tuple) -> torch.Tensor:
+        input_ids, targets, t, loss_mask = labels
+        loss, stats = diffusion_loss(logits, {"input_ids": input_ids, "targets": targets, "t": t,
+                                              "loss_mask": loss_mask}, self.mask_id)
+        self.stats.append(stats)
+        # a non-finite loss becomes NaN: NaN gradients on every stage make DeepSpeed's optimizer discard
+        # the whole step (see loop.py)
+        nan = torch.full_like(loss, float("nan"))
+        return loss * (nan if self.poison else torch.where(torch.isfinite(loss), torch.ones_like(loss), nan))
+
+
+def build_pipeline_module(cfg: ModelConfig, *, num_stages: int, partition_method: str, seed: int,
+                          activation_checkpointing: bool, loss_fn: PipeLoss):
+    from deepspeed.pipe import PipelineModule
+    pipe = PipelineModule(layers=layer_specs(cfg), num_stages=num_stages, loss_fn=loss_fn,
+                          partition_method=partition_method,
+                          activation_checkpoint_interval=1 if activation_checkpointing else 0,
+                          checkpointable_layers=["Block"])
+    # start from the weights a single-process DiffusionLM gets with this seed
+    torch.manual_seed(seed)
+    reference = DiffusionLM(cfg).state_dict()
+    for idx in range(pipe._local_start, pipe._local_stop):
+        spec = pipe._layer_specs[idx]
+        module = pipe.tied_modules[spec.key] if hasattr(spec, "key") else getattr(pipe, str(idx))
+        want = {}
+        for src, dst in model_prefix(idx, cfg).items():
+            want.update({src + k[len(dst):]: v for k, v in reference.items() if k.startswith(dst)})
+        module.load_state_dict({k: want[k] for k in module.state_dict()}, strict=True)
+    return pipe

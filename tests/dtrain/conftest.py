@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny dataset built once from the built-in corpus, and a launcher for dtrain runs."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("DIFFUMAMBA_TEST_CACHE", Path.home() / ".cache" / "diffumamba-tests"))
+SEQ_LEN = 32
+
+# a tiny hybrid (Mamba, Mamba, attention) model: every run of the dtrain tests trains this
+TINY_MODEL = {"preset": "tiny-diffumamba-h", "d_model": 32, "layer_pattern": "MMA", "n_heads": 4,
+              "mamba": {"d_state": 8, "headdim": 8, "chunk_size": 16}}
+
+
+@pytest.fixture(scope="session")
+def dataset() -> Path:
+    from data_pipeline.corpus import build_default_dataset
+    return Path(build_default_dataset(CACHE / "builtin", seq_len=SEQ_LEN, vocab_size=512, max_bytes=300_000,
+                                      progress=False))
+
+
+def base_config(out_dir: Path, dataset: Path, **sections) -> dict:
+    cfg = {
+        "run": {"name": out_dir.name, "out_dir": str(out_dir), "seed": 7},
+        "model": dict(TINY_MODEL),
+        "data": {"path": str(dataset), "seq_len": SEQ_LEN, "num_workers": 0},
+        "train": {"steps": 8, "micro_batch_size": 4, "grad_accum": 2, "eval_interval": 4, "eval_iters": 2,
+                  "precision": "fp32"},
+        "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1},
+        "parallel": {"zero_stage": 1},
+        "checkpoint": {"interval": 4, "keep": 3},
+        "logging": {"log_interval": 1, "num_samples": 1, "sample_steps": 4},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg: dict, tmp: Path, *, nproc: int = 2, args: tuple = (), timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run `dtrain train` in fresh processes (torchrun for nproc > 1, gloo on CPU)."""
+    path = tmp / f"{cfg['run']['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("RANK", None)
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_free_port()), "-m", "dtrain.cli"]
+    else:
+        cmd = [sys.executable, "-m", "dtrain.cli"]
+    cmd += ["train", "--config", str(path), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def scalars(run_dir: Path) -> dict:
+    """{tag: {step: value}} from the TensorBoard event files of a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    out = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    out["_tensors"] = acc.Tags().get("tensors", [])
+    return out
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"

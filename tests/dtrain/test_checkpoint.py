@@ -1,0 +1,81 @@
+"""Which checkpoint a resume picks, and a clean stop on SIGUSR1 (what Slurm sends before a time limit)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, _free_port, base_config
+
+from dtrain.checkpoint import LATEST, MARKER, resolve
+
+
+def make(root: Path, step: int, complete: bool) -> Path:
+    p = root / f"step{step:08d}"
+    p.mkdir(parents=True)
+    (p / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        (p / MARKER).write_text("{}")
+    return p
+
+
+def test_resolve_skips_incomplete(tmp_path):
+    assert resolve("auto", tmp_path) is None and resolve(None, tmp_path) is None
+    a = make(tmp_path, 4, True)
+    b = make(tmp_path, 8, False)                      # torn write
+    (tmp_path / LATEST).write_text(b.name)            # even if `latest` names it
+    assert resolve("auto", tmp_path) == a
+    (tmp_path / LATEST).unlink()
+    assert resolve("auto", tmp_path) == a
+    assert resolve(str(a), tmp_path) == a
+    assert resolve(str(tmp_path), tmp_path) == a      # a checkpoint root: its newest complete checkpoint
+    with pytest.raises(RuntimeError, match="incomplete"):
+        resolve(str(b), tmp_path)
+    with pytest.raises(FileNotFoundError):
+        resolve(str(tmp_path / "nope"), tmp_path)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d.name))
+            except (OSError, IndexError):
+                pass
+    return kids
+
+
+@pytest.mark.slow
+def test_sigusr1_on_one_rank_checkpoints_and_exits_cleanly(tmp_path, dataset):
+    cfg = base_config(tmp_path / "sig", dataset, train={"steps": 100000, "eval_interval": 0},
+                      checkpoint={"interval": 0}, logging={"num_samples": 0})
+    path = tmp_path / "sig.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("RANK", None)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(_free_port()), "-m", "dtrain.cli", "train", "--config", str(path)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            break
+        assert time.time() < deadline, "".join(lines[-50:])
+    workers = [p for p in _children(proc.pid)
+               if b"LOCAL_RANK=1" in Path(f"/proc/{p}/environ").read_bytes().split(b"\0")]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGUSR1)                # only rank 1 gets it: the ranks must still agree
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, out[-4000:]
+    assert "PREEMPTED" in out and "--resume auto" in out
+    ckpts = tmp_path / "sig" / "checkpoints"
+    tag = (ckpts / LATEST).read_text()
+    assert (ckpts / tag / MARKER).is_file() and int(tag[4:]) >= 3
