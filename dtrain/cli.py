@@ -4,6 +4,7 @@
     dtrain eval --checkpoint RUN/checkpoints
     dtrain params                    parameter counts of the presets
     dtrain sample --model EXPORT     samples from an exported model
+    dtrain submit --config ... --nodes N --gpus-per-node G    submitit launcher (Slurm or local)
 """
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dtrain.model_cmds import add_commands as add_model_commands
     add_model_commands(sub)  # params, sample
+
+    from dtrain.submit import add_commands as add_submit_commands
+    add_submit_commands(sub)  # submit (submitit)
     return parser
 
 

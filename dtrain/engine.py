@@ -10,6 +10,7 @@ in bf16; autocast keeps them fp32, as the Mamba authors require.
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import socket
@@ -82,7 +83,10 @@ def setup_distributed(backend: str | None = None) -> torch.device:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     backend = backend or ("nccl" if cuda else "gloo")
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        # Bounded collectives: a peer that vanishes without closing its sockets ends the job with an
+        # error after DTRAIN_TIMEOUT seconds instead of hanging until the scheduler's time limit.
+        timeout = datetime.timedelta(seconds=float(os.environ.get("DTRAIN_TIMEOUT", "1800")))
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -106,7 +110,7 @@ def check_batch(cfg: RunConfig, world_size: int) -> int:
     return dp
 
 
-def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
+def deepspeed_config(cfg: RunConfig, dp_size: int, load_universal: bool = False) -> dict:
     t = cfg.train
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -122,6 +126,8 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if cfg.parallel.pipeline_stages > 1:
         ds["pipeline"] = {"activation_checkpoint_interval": int(t.activation_checkpointing)}
+    if load_universal:   # resuming from a universal checkpoint (dckpt reshard): any saved layout
+        ds["checkpoint"] = {"load_universal": True}
     return ds
 
 
@@ -135,12 +141,15 @@ def enable_activation_checkpointing(model: DiffusionLM) -> None:
         block.forward = functools.partial(_checkpointed_forward, block.forward)
 
 
-def build(cfg: RunConfig, model_cfg: ModelConfig, device: torch.device) -> Trainee:
+def build(cfg: RunConfig, model_cfg: ModelConfig, device: torch.device, load_universal: bool = False) -> Trainee:
     import deepspeed
     import torch.distributed as dist
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    from dtrain.checkpoint import universal_checkpoint_info
     world = dist.get_world_size()
     dp_size = check_batch(cfg, world)
-    ds_cfg = deepspeed_config(cfg, dp_size)
+    ds_cfg = deepspeed_config(cfg, dp_size, load_universal)
     if cfg.parallel.pipeline_stages > 1:
         from dtrain.pipeline import PipeLoss, build_pipeline_module
         loss_fn = PipeLoss(model_cfg.mask_token_id)
@@ -154,6 +163,9 @@ def build(cfg: RunConfig, model_cfg: ModelConfig, device: torch.device) -> Train
         module = DiffusionLM(model_cfg)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(module)
+    # declare the parameter layout for universal checkpoints (saved with every checkpoint by DeepSpeed)
+    setattr(module, UNIVERSAL_CHECKPOINT_INFO,
+            universal_checkpoint_info(cfg.parallel.pipeline_stages > 1, model_cfg.tie_embeddings))
     optimizer = build_optimizer(module, cfg.optim, device.type)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
     if cfg.parallel.pipeline_stages > 1:

@@ -1,7 +1,7 @@
 """`dtrain submit`: run `dtrain train` as a Slurm job from Python, through submitit.
 
     dtrain submit --config configs/1p3b_diffumamba.yaml --nodes 4 --gpus-per-node 8 train.steps=1000
-    dtrain submit --config configs/tiny_cpu.yaml --cluster local --nproc-per-node 2 --wait   # dry run here
+    dtrain submit --config configs/tiny_cpu.yaml --cluster local --gpus-per-node 0 --nproc-per-node 2 --wait
 
 One submitit task per rank. Each task sets the torch.distributed environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT) from submitit's JobEnvironment and runs the trainer in a child process,
@@ -30,13 +30,16 @@ from pathlib import Path
 import submitit
 
 REPO = Path(__file__).resolve().parent.parent
+# As in slurm/common.sh (see slurm/README.md): NCCL reports problems and aborts a collective that fails or
+# times out instead of hanging; DTRAIN_TIMEOUT is the distributed timeout in seconds for the trainer.
+LAUNCH_DEFAULTS = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "DTRAIN_TIMEOUT": "600"}
 
 
 # ------------------------------------------------------------------ global batch on any world size
 def keep_global_batch(config: str, overrides: list[str], world: int) -> list[str]:
     """Overrides (at most `train.grad_accum=K`) so that micro x grad_accum x data-parallel size equals the
-    config's train.global_batch_size on `world` ranks. None when the config has no global batch or the
-    overrides set train.grad_accum themselves. Raises ConfigError when no integer K fits."""
+    config's train.global_batch_size on `world` ranks. Empty when the config has no global batch, when the
+    overrides set train.grad_accum themselves, or when it already fits. ConfigError when no integer K fits."""
     from dtrain.config import load_config
     from model.config import ConfigError
 
@@ -105,6 +108,8 @@ class TrainTask(submitit.helpers.Checkpointable):
             "MASTER_PORT": os.environ.get("DTRAIN_MASTER_PORT", str(_port_for(env.job_id))),
             "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
         }
+        for key, value in LAUNCH_DEFAULTS.items():
+            child_env.setdefault(key, value)
         print(f"dtrain submit: {env}; rendezvous {child_env['MASTER_ADDR']}:{child_env['MASTER_PORT']}",
               flush=True)
         if env.global_rank == 0:
