@@ -73,6 +73,7 @@ class CheckpointSection:
     keep: int = 3                      # keep the last K complete checkpoints (0 keeps all)
     resume: str | None = None       # None, "auto" or a checkpoint folder (also: --resume)
     save_final: bool = True
+    checksums: bool = True             # write checksums.json (sha256 of every file) with each checkpoint
 
 
 @dataclass

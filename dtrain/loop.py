@@ -209,13 +209,18 @@ def resolved_config(cfg: RunConfig, model_cfg, data_cfg) -> dict:
 class Trainer:
     """One training run: built from a RunConfig, driven by `run()`."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, resume: str | None = None):
         self.cfg = cfg
         self.device = setup_distributed(cfg.parallel.backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # which checkpoint to resume from is known before the engine is built: a universal one needs an
+        # engine built to load it
+        self.resume = resume if resume is not None else cfg.checkpoint.resume
+        self.resume_path = ckpt.resolve(self.resume, Path(cfg.checkpoint_dir))
         self.data_cfg, self.tokenizer = prepare_data(cfg)
         self.model_cfg = cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.mask_id)
-        self.trainee = build(cfg, self.model_cfg, self.device)
+        universal = self.resume_path is not None and ckpt.is_universal(self.resume_path)
+        self.trainee = build(cfg, self.model_cfg, self.device, load_universal=universal)
         self.engine = self.trainee.engine
         self.config_dict = resolved_config(cfg, self.model_cfg, self.data_cfg)
         self.out_dir = Path(cfg.run.out_dir)
@@ -223,7 +228,12 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(self.model_cfg, self.seq_len)
         self.loader = (open_loader(self.data_cfg, "train", cfg, self.trainee, self.tokenizer.mask_id)
                        if self.trainee.reads_data else None)
-        self.manager = ckpt.CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep)
+        layout = {"dp_size": self.trainee.dp_size, "pipeline_stages": self.trainee.num_stages,
+                  "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision}
+        self.manager = ckpt.CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, layout=layout,
+                                              model=self.model_cfg.to_dict(),
+                                              tokenizer_path=self.data_cfg.tokenizer_path,
+                                              checksums=cfg.checkpoint.checksums)
         self.state = {"step": 0, "tokens": 0, "skipped_steps": 0}
         self.last_saved: Path | None = None
         if self.rank == 0:
@@ -242,8 +252,8 @@ class Trainer:
                     f"{cfg.train.micro_batch_size * cfg.train.grad_accum * self.trainee.dp_size} x {self.seq_len}")
 
     # ---- checkpoints
-    def restore(self, resume: str | None) -> None:
-        path = ckpt.resolve(resume, Path(self.cfg.checkpoint_dir))
+    def restore(self) -> None:
+        resume, path = self.resume, self.resume_path
         if resume not in (None, "none") and path is None:
             rank0_print(f"--resume {resume}: no complete checkpoint in {self.cfg.checkpoint_dir}; starting fresh")
         if path is None:
@@ -266,9 +276,9 @@ class Trainer:
         return self.last_saved
 
     # ---- the loop
-    def run(self, resume: str | None = None) -> dict:
+    def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        self.restore(resume if resume is not None else cfg.checkpoint.resume)
+        self.restore()
         batches = TimedBatches(self.loader, self.device) if self.loader is not None else None
         tokens_per_step = t.micro_batch_size * t.grad_accum * self.trainee.dp_size * self.seq_len
         peak = cfg.logging.peak_flops_per_gpu or (
@@ -343,7 +353,7 @@ class Trainer:
 
 
 def train(cfg: RunConfig, resume: str | None = None) -> dict:
-    return Trainer(cfg).run(resume)
+    return Trainer(cfg, resume).run()
 
 
 def evaluate_checkpoint(path: str, overrides: list[str] | None = None) -> dict:
@@ -357,9 +367,11 @@ def evaluate_checkpoint(path: str, overrides: list[str] | None = None) -> dict:
     cfg = from_dict(apply_overrides(ckpt.read_trainer_config(path), overrides or []))
     device = setup_distributed(cfg.parallel.backend)
     data_cfg, tokenizer = prepare_data(cfg)
-    trainee = build(cfg, cfg.model_config(tokenizer.vocab_size, tokenizer.mask_id), device)
-    load_path, _ = trainee.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=False,
-                                                  load_lr_scheduler_states=False, load_module_only=True)
+    universal = ckpt.is_universal(path)
+    trainee = build(cfg, cfg.model_config(tokenizer.vocab_size, tokenizer.mask_id), device, load_universal=universal)
+    # a universal checkpoint restores the weights through the optimizer's state (DeepSpeed's zero/ folders)
+    load_path, _ = trainee.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=universal,
+                                                  load_lr_scheduler_states=False, load_module_only=not universal)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     result = evaluate(trainee, data_cfg, cfg)
