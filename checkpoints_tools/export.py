@@ -18,7 +18,7 @@ import torch
 
 from checkpoints_tools.manifest import build_manifest
 from checkpoints_tools.pretrained import save_pretrained
-from checkpoints_tools.summary import MARKER, find_checkpoint, model_config, read_marker, tokenizer_path
+from checkpoints_tools.summary import conversion_source, model_config, tokenizer_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -29,13 +29,7 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", tokenizer: str
     from model.lm import DiffusionLM
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    src = find_checkpoint(src)
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out}: already exists; export never overwrites (choose a new folder)")
-    marker = read_marker(src)
-    if marker is None:
-        raise RuntimeError(f"{src}: incomplete (no {MARKER} marker): it was interrupted while being written")
+    src, out, marker = conversion_source(src, out, "export")
     tok = Path(tokenizer) if tokenizer else tokenizer_path(src)
     vocab = (None, None)
     if tok is not None and "model" not in marker:

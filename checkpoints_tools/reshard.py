@@ -41,9 +41,8 @@ from checkpoints_tools.summary import (
     LATEST,
     MARKER,
     TOKENIZER,
-    find_checkpoint,
+    conversion_source,
     model_config,
-    read_marker,
     saved_layout,
     tokenizer_path,
 )
@@ -182,13 +181,7 @@ def _model_state_files(out: Path) -> None:
 
 def reshard(src: str | Path, out: str | Path, workers: int = 1, tokenizer: str | Path | None = None) -> Path:
     """Convert checkpoint `src` into a universal checkpoint under the new folder `out`; returns its path."""
-    src = find_checkpoint(src)
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out}: already exists; reshard never overwrites (choose a new folder)")
-    marker = read_marker(src)
-    if marker is None:
-        raise ReshardError(f"{src}: incomplete (no {MARKER} marker): it was interrupted while being written")
+    src, out, marker = conversion_source(src, out, "reshard")
     if (src / "zero" / "optimizer_state.pt").is_file():
         raise ReshardError(f"{src}: already a universal checkpoint; it resumes under any layout as it is")
     layout = saved_layout(src, marker)

@@ -46,6 +46,22 @@ def read_marker(path: Path) -> dict | None:
     return json.loads(text) if text else {}
 
 
+class IncompleteCheckpoint(RuntimeError):
+    pass
+
+
+def conversion_source(src: str | Path, out: str | Path, verb: str) -> tuple[Path, Path, dict]:
+    """(checkpoint folder, new output folder, its COMPLETE marker) for a command that writes a new folder
+    from a checkpoint: the input must be complete, and an existing output is never overwritten."""
+    src, out = find_checkpoint(src), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; {verb} never overwrites (choose a new folder)")
+    marker = read_marker(src)
+    if marker is None:
+        raise IncompleteCheckpoint(f"{src}: incomplete (no {MARKER} marker): it was interrupted while being written")
+    return src, out, marker
+
+
 def read_config(path: Path) -> dict | None:
     import yaml
     f = path / CONFIG
