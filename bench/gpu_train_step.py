@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import kernels  # noqa: E402
-from model.diffusion import mask_batch  # noqa: E402
-from model.lm import DiffusionLM, count_parameters  # noqa: E402
-from model.presets import get_preset  # noqa: E402
+from model import kernels
+from model.diffusion import mask_batch
+from model.lm import DiffusionLM, count_parameters
+from model.presets import get_preset
 
 
 def run_preset(name: str, batch: int, seq_len: int, steps: int) -> dict:

@@ -1,0 +1,255 @@
+"""Shared pieces of the GPU benchmarks: run header, timing, OOM handling, the matmul peak, result files.
+
+Every result file starts with the same header (card, command line, date, commit) so a table can be
+traced back to the machine and code that produced it. Results are written after every row, so a run
+cut short by a time limit still leaves what it measured.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+OOM = "OOM"
+
+
+# ---------------------------------------------------------------- the header of every table
+def git_commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=False).stdout.strip()
+        return rev + (" (uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def card_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def header(device: torch.device, module: str, **extra) -> dict:
+    from model import kernels
+    return {"card": card_name(device),
+            "command": shlex.join(["python", "-m", module, *sys.argv[1:]]),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": git_commit(),
+            "torch": torch.__version__,
+            "kernels": kernels.describe(device),
+            **extra}
+
+
+def pick_device(smoke: bool) -> torch.device:
+    if smoke:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU (or --smoke for a CPU run of every code path)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+# ---------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds per call of fn() after `warmup` untimed calls: CUDA events on a GPU, wall clock on a CPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def matmul_peak(device: torch.device, n: int = 8192, warmup: int = 5, iters: int = 20) -> dict:
+    """Measured dense bf16 matmul throughput of this card: an n x n x n torch.mm, 2 n^3 FLOPs."""
+    sec = _time_mm(device, n, warmup, iters)
+    free_memory(device)   # the operands are gone once _time_mm returns
+    return {"n": n, "ms": sec * 1e3, "flops": 2 * n ** 3 / sec}
+
+
+def _time_mm(device: torch.device, n: int, warmup: int, iters: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    return median(time_calls(lambda: torch.mm(a, b, out=out), device, warmup, iters))
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation of one device: achieved model FLOP/s over the peak FLOP/s."""
+    if not peak_flops:
+        return None
+    return tokens_per_s * flops_per_token / peak_flops
+
+
+# ---------------------------------------------------------------- out-of-memory handling
+def is_oom(exc: BaseException) -> bool:
+    """The caching allocator's OOM, or a library's failed allocation (cuBLAS workspace, CUDA runtime)."""
+    msg = str(exc)
+    return (isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in msg.lower()
+            or "CUBLAS_STATUS_ALLOC_FAILED" in msg)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def guarded(fn, device: torch.device, *args, **kwargs):
+    """fn(*args, **kwargs) or OOM. Memory is freed after the except block has ended: the traceback's
+    frames hold the tensors of the failed attempt until then."""
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as exc:   # anything but an OOM is re-raised
+        if not is_oom(exc):
+            raise
+        result = OOM
+    if result is OOM:
+        free_memory(device)
+    return result
+
+
+def peak_mem_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---------------------------------------------------------------- result files
+def fmt(value, spec: str = ",.0f") -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.replace("|", "\\|")   # a log excerpt in a cell must not split the row
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return format(value, spec)
+
+
+def markdown_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> str:
+    """columns: (title, row key, format spec). A row with status OOM/failed shows it in its first number."""
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + " --- |" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(key), spec) for _, key, spec in columns) + " |")
+    return "\n".join(lines)
+
+
+def header_lines(head: dict) -> list[str]:
+    kernels = ", ".join(f"{k}: {v}" for k, v in head["kernels"].items())
+    lines = [f"card: {head['card']}", f"command: `{head['command']}`", f"date: {head['date']}",
+             f"commit: {head['commit']}", f"torch {head['torch']}; kernels: {kernels}"]
+    lines += [f"{k}: {v}" for k, v in head.items()   # numbers are for the JSON; the text says them too
+              if k not in ("card", "command", "date", "commit", "torch", "kernels") and isinstance(v, str)]
+    return lines
+
+
+def previous_rows(out_dir: Path, name: str, head: dict, resume: bool) -> list[dict]:
+    """With --resume: the rows an earlier run of the same benchmark on the same card left in out_dir (a run
+    stopped by a time limit continues where it stopped); otherwise none."""
+    path = out_dir / f"{name}.json"
+    if not resume or not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    if old["header"]["card"] != head["card"]:
+        print(f"--resume: {path} was measured on {old['header']['card']}; starting afresh", flush=True)
+        return []
+    head["resumed"] = f"{len(old['rows'])} rows from the run of {old['header']['date']} ({old['header']['commit']})"
+    print(f"--resume: {head['resumed']}", flush=True)
+    return old["rows"]
+
+
+def write_results(out_dir: Path, name: str, title: str, head: dict, tables: list[tuple[str, str]],
+                  rows: list[dict], notes: list[str] = ()) -> Path:
+    """out_dir/name.json (header + rows) and out_dir/name.md (header + the markdown tables)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps({"header": head, "rows": rows}, indent=1,
+                                                     default=str) + "\n")
+    md = [f"## {title}", "", *[f"- {line}" for line in header_lines(head)], ""]
+    for caption, table in tables:
+        md += ([f"**{caption}**", ""] if caption else []) + [table, ""]
+    md += [f"- {n}" for n in notes]
+    path = out_dir / f"{name}.md"
+    path.write_text("\n".join(md).rstrip() + "\n")
+    return path
+
+
+def print_results(path: Path) -> None:
+    print(path.read_text(), flush=True)
+
+
+def pyplot():
+    """matplotlib.pyplot with a file-only backend, or None (with a message) when it is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", flush=True)
+        return None
+    return plt
+
+
+def replot(out_dir: Path, name: str, plot) -> int:
+    """--plot-only: draw OUT/name.png from OUT/name.json (e.g. on a machine that has matplotlib)."""
+    result = json.loads((out_dir / f"{name}.json").read_text())
+    plot(result["rows"], result["header"], out_dir / f"{name}.png")
+    return 0
+
+
+def plot_title(head: dict, what: str) -> str:
+    return f"{what} — {head['card']} — {head['date']} — {head['commit'].split()[0]}"
+
+
+def save_figure(fig, head: dict, what: str, path: Path) -> None:
+    """Title the figure with the card, date and commit, write it to path and close it."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(plot_title(head, what))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}", flush=True)
+
+
+def add_output_args(ap, name: str, resume_help: str | None = None) -> None:
+    """--out / --plot-only / --resume, shared by every GPU benchmark."""
+    ap.add_argument("--out", type=Path, default=Path("bench_results"))
+    ap.add_argument("--plot-only", action="store_true", help=f"redraw OUT/{name}.png from OUT/{name}.json")
+    ap.add_argument("--resume", action="store_true", help=resume_help or (
+        f"keep the rows already in OUT/{name}.json (same card) and measure only the missing ones"))

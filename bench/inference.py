@@ -1,0 +1,202 @@
+"""Inference benchmark: denoising forward passes per second of each family, from 1K to 128K tokens.
+
+    python -m bench.inference --out bench_results            # 1.3B DiffuMamba, DiffuMamba-H, DiffuTran
+    python -m bench.inference --smoke --out /tmp/bench       # CPU, tiny presets, every code path
+
+One forward pass of the denoiser (x_t -> logits at every position) per call, as the sampler makes one per
+step: bf16 weights (Mamba's A_log, D and dt_bias stay fp32, see model/mamba2.py), torch.inference_mode,
+CUDA-event timing of `--iters` calls after `--warmup`, median. A (preset, batch) stops at the first
+sequence length that runs out of memory: longer ones would too. Writes inference.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench import common
+from model.lm import DiffusionLM, count_parameters
+from model.presets import get_preset
+
+PRESETS = ["1.3b-diffumamba", "1.3b-diffumamba-h", "1.3b-diffutran"]
+SMOKE_PRESETS = ["tiny-diffumamba", "tiny-diffumamba-h", "tiny-diffutran"]
+SEQ_LENS = [1024 * 2 ** k for k in range(8)]          # 1K .. 128K
+BASELINE = "diffutran"                                # ratios are against this family
+SKIPPED = "skipped (OOM at a shorter L)"
+TOO_BIG = "skipped (batch x L > --max-batch-tokens)"
+
+
+def denoise(model: DiffusionLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """One denoising step's network call (tests replace it to simulate running out of memory)."""
+    return model(input_ids)
+
+
+def build_model(name: str, device: torch.device) -> DiffusionLM:
+    with torch.device(device):   # initialise on the GPU: a 1.3B model is slow to initialise on the CPU
+        model = DiffusionLM(get_preset(name))
+    return model.to(torch.bfloat16).eval()
+
+
+def family(preset: str) -> str:
+    return preset.split("-", 1)[1]
+
+
+def measure(model: DiffusionLM, batch: int, seq_len: int, device: torch.device, warmup: int, iters: int,
+            max_row_s: float) -> dict:
+    cfg = model.cfg
+    ids = torch.randint(0, cfg.vocab_size - 1, (batch, seq_len), device=device)
+    ids[torch.rand(batch, seq_len, device=device) < 0.5] = cfg.mask_token_id   # x_t at t = 0.5
+    common.reset_peak(device)
+
+    def call():
+        return denoise(model, ids)
+
+    with torch.inference_mode():
+        # The first call (kernel compilation, autotuning) never counts; more warm-up only while calls
+        # are short. The last warm-up call's time decides how many timed calls fit in max_row_s.
+        t = common.time_calls(call, device, 0, 1)[0]
+        for _ in range(warmup - 1):
+            if t > max_row_s / 4:
+                break
+            t = common.time_calls(call, device, 0, 1)[0]
+        n = max(min(iters, 3), min(iters, int(max_row_s / max(t, 1e-9))))
+        times = common.time_calls(call, device, 0, n)
+    sec = common.median(times)
+    return {"status": "ok", "ms": sec * 1e3, "forwards_per_s": 1 / sec, "tokens_per_s": batch * seq_len / sec,
+            "peak_mem_GiB": common.peak_mem_gib(device), "iters": n}
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """tokens/s relative to the baseline family at the same batch and L (None where either is missing)."""
+    base = {(r["batch"], r["seq_len"]): r.get("tokens_per_s") for r in rows if family(r["preset"]) == BASELINE}
+    for r in rows:
+        b = base.get((r["batch"], r["seq_len"]))
+        r["vs_" + BASELINE] = r["tokens_per_s"] / b if r.get("tokens_per_s") and b else None
+
+
+def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batch_tokens=None,
+          on_row=lambda rows: None, previous: list[dict] = ()) -> list[dict]:
+    """Every (preset, batch, L); rows found in `previous` (an earlier, interrupted run) are kept as they are."""
+    done = {(r["preset"], r["batch"], r["seq_len"]): r for r in previous}
+    rows: list[dict] = []
+    for name in presets:
+        model = None   # built when the first row of this preset is measured
+        with torch.device("meta"):
+            params = count_parameters(DiffusionLM(get_preset(name))) / 1e6
+        for batch in batches:
+            oom_at = None
+            for seq_len in seq_lens:
+                if (name, batch, seq_len) in done:
+                    rows.append(done[name, batch, seq_len])
+                    oom_at = seq_len if rows[-1]["status"] != "ok" else None
+                    continue
+                row = {"preset": name, "params_M": params, "batch": batch, "seq_len": seq_len}
+                if oom_at is not None:
+                    row["status"] = SKIPPED
+                elif max_batch_tokens and batch * seq_len > max_batch_tokens:
+                    row["status"] = TOO_BIG
+                else:
+                    if model is None:
+                        common.free_memory(device)
+                        model = build_model(name, device)
+                        print(f"{name}: {params:.0f}M parameters", flush=True)
+                    t0 = time.perf_counter()
+                    got = common.guarded(measure, device, model, batch, seq_len, device, warmup, iters, max_row_s)
+                    row.update({"status": common.OOM} if got is common.OOM else got)
+                    oom_at = seq_len if got is common.OOM else None
+                    print(f"  batch {batch} L {seq_len}: {row['status']}"
+                          + (f", {row['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in row else "")
+                          + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
+                rows.append(row)
+                on_row(rows)
+        del model
+    return rows
+
+
+COLUMNS = [("preset", "preset", ""), ("batch", "batch", "d"), ("L", "seq_len", ","), ("status", "status", ""),
+           ("ms / forward", "ms", ".1f"), ("forwards/s", "forwards_per_s", ".2f"),
+           ("tokens/s", "tokens_per_s", ",.0f"), ("vs DiffuTran", "vs_" + BASELINE, ".2f"),
+           ("peak mem (GiB)", "peak_mem_GiB", ".1f"), ("calls", "iters", "d")]
+
+
+def plot(rows: list[dict], head: dict, path: Path) -> None:
+    """Per batch size (columns): tokens/s, tokens/s relative to DiffuTran, peak memory, against L."""
+    plt = common.pyplot()
+    if plt is None:
+        return
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(3, len(batches), figsize=(6 * len(batches), 11), squeeze=False)
+    for j, batch in enumerate(batches):
+        for name in dict.fromkeys(r["preset"] for r in rows):
+            ok = [r for r in rows if r["preset"] == name and r["batch"] == batch and r["status"] == "ok"]
+            xs = [r["seq_len"] for r in ok]
+            axes[0][j].plot(xs, [r["tokens_per_s"] for r in ok], marker="o", label=name)
+            ratio = [(r["seq_len"], r["vs_" + BASELINE]) for r in ok if r.get("vs_" + BASELINE) is not None]
+            if family(name) != BASELINE and ratio:
+                axes[1][j].plot(*zip(*ratio), marker="o", label=name)
+            if ok and ok[0]["peak_mem_GiB"] is not None:
+                axes[2][j].plot(xs, [r["peak_mem_GiB"] for r in ok], marker="o", label=name)
+        axes[0][j].set(title=f"batch {batch}", ylabel="tokens/s", yscale="log")
+        axes[1][j].set(ylabel="tokens/s relative to DiffuTran")
+        axes[1][j].axhline(1.0, color="gray", lw=0.8)
+        axes[2][j].set(xlabel="sequence length", ylabel="peak memory (GiB)")
+        for ax in (axes[0][j], axes[1][j], axes[2][j]):
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    common.save_figure(fig, head, "denoising forward pass", path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny presets, L 64/128, batches 1/2, 1-2 calls")
+    ap.add_argument("--presets", nargs="+")
+    ap.add_argument("--seq-lens", nargs="+", type=int)
+    ap.add_argument("--batches", nargs="+", type=int, help="default: 1 8")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5, help="timed calls per row (median); fewer when slow")
+    ap.add_argument("--max-batch-tokens", type=int, default=2 ** 19,
+                    help="skip rows with batch x L above this (default 512K: batch 8 up to L 64K)")
+    ap.add_argument("--max-row-seconds", type=float, default=20.0,
+                    help="fewer timed calls (never under min(iters, 3)) and warm-up calls (never under 1) "
+                         "when a row would take longer")
+    common.add_output_args(ap, "inference")
+    args = ap.parse_args(argv)
+    if args.plot_only:
+        return common.replot(args.out, "inference", plot)
+    device = common.pick_device(args.smoke)
+    presets = args.presets or (SMOKE_PRESETS if args.smoke else PRESETS)
+    seq_lens = args.seq_lens or ([64, 128] if args.smoke else SEQ_LENS)
+    batches = args.batches or ([1, 2] if args.smoke else [1, 8])
+    warmup, iters = (1, 2) if args.smoke else (args.warmup, args.iters)
+    max_row_s = 0.0 if args.smoke else args.max_row_seconds
+    head = common.header(device, "bench.inference", dtype="bf16 weights (A_log, D, dt_bias fp32)",
+                         timing=f"median of {iters} calls after {warmup} warm-up (fewer for rows slower than "
+                                f"--max-row-seconds {max_row_s:g}: never under 3 and 1; column `calls`)")
+    title = f"Inference: denoising forward pass — {head['card']}"
+    notes = [("tokens/s = batch x L / median time of one forward pass; vs DiffuTran = tokens/s over the "
+              "DiffuTran preset's at the same batch and L"), "peak mem: torch.cuda.max_memory_allocated during the row"]
+
+    previous = common.previous_rows(args.out, "inference", head, args.resume)
+    planned = {(p, b, L) for p in presets for b in batches for L in seq_lens}
+    others = [r for r in previous if (r["preset"], r["batch"], r["seq_len"]) not in planned]  # other --presets
+
+    def save(rows):
+        add_ratios(rows)
+        return common.write_results(args.out, "inference", title, head,
+                                    [("", common.markdown_table(COLUMNS, rows))], rows, notes)
+
+    rows = others + sweep(presets, batches, seq_lens, device, warmup, iters,
+                          max_row_s, args.max_batch_tokens,
+                          on_row=lambda new: save(others + new), previous=previous)
+    common.print_results(save(rows))
+    plot(rows, head, args.out / "inference.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

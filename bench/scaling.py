@@ -1,0 +1,248 @@
+"""Scaling benchmark: ZeRO-1 data parallelism and pipeline parallelism vs one GPU, through `dtrain train`.
+
+    python -m bench.scaling --gpus 2 --out bench_results    # 1 GPU, ZeRO-1 DP=2, PP=2
+    python -m bench.scaling --gpus 4 --out bench_results    # 1 GPU, ZeRO-1 DP=4, PP=2 x DP=2
+    python -m bench.scaling --smoke --out /tmp/bench        # CPU: tiny model, 2 gloo processes
+
+Each layout is a real training run, `torchrun --nproc_per_node N -m dtrain.cli train --config CONFIG ...`,
+of the same config (micro-batch and grad_accum per data-parallel rank unchanged, so the global batch
+grows with DP), on the built-in corpus unless --data names a dataset. Throughput comes from the trainer's
+console line (`step 12/12 | ... | tok/s 9021 | ...`, dtrain/metrics.py), all ranks together; the first
+log interval (warm-up) is dropped. Efficiency = tokens/s per GPU of the layout / tokens/s of 1 GPU.
+Writes scaling.{json,md,png} and each run's log under scaling_logs/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench import common
+
+# name: (processes, pipeline stages); data-parallel size = processes / stages
+LAYOUTS = {"1": (1, 1), "dp2": (2, 1), "pp2": (2, 2), "dp4": (4, 1), "pp2dp2": (4, 2)}
+DEFAULT_LAYOUTS = {2: ["1", "dp2", "pp2"], 4: ["1", "dp4", "pp2dp2"]}
+LOG_LINE = re.compile(r"step (\d+)/(\d+) \|[^\n]*?\| tok/s (\d+(?:\.\d+)?)(?:[^\n]*?\| mfu (\d+(?:\.\d+)?)%)?")
+
+
+def describe(layout: str) -> str:
+    n, pp = LAYOUTS[layout]
+    if n == 1:
+        return "1 GPU"
+    return f"PP={pp} x DP={n // pp}" if pp > 1 and n // pp > 1 else (f"PP={pp}" if pp > 1 else f"ZeRO-1 DP={n}")
+
+
+def parse_log(text: str) -> list[dict]:
+    """The trainer's progress lines: step, total steps, tokens/s of the interval (all ranks), MFU if logged."""
+    return [{"step": int(m[1]), "steps": int(m[2]), "tokens_per_s": float(m[3]),
+             "mfu": float(m[4]) / 100 if m[4] else None} for m in LOG_LINE.finditer(text)]
+
+
+def steady_tokens_per_s(lines: list[dict]) -> float | None:
+    """Tokens/s over every log interval but the first: total steps / total time, as each interval's time is
+    (its steps) x (tokens per step) / (its rate) and tokens per step is the same for all."""
+    prev, steps, time_units = None, 0, 0.0
+    for ln in lines:
+        if prev is not None and ln["step"] > prev:
+            steps += ln["step"] - prev
+            time_units += (ln["step"] - prev) / ln["tokens_per_s"]
+        prev = ln["step"]
+    return steps / time_units if time_units else None
+
+
+def gpu_description(gpus: int) -> tuple[str, dict]:
+    """'2 x NVIDIA H100 80GB HBM3' and the kernels in use, asked of a child process: this one stays off
+    the GPUs (a CUDA context here would take memory from the first rank)."""
+    code = ("import json, torch; from model import kernels; "
+            "print(json.dumps([torch.cuda.get_device_name(0), kernels.describe('cuda')]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=common.REPO, capture_output=True, text=True, check=True)
+    name, kernels = json.loads(out.stdout.strip().splitlines()[-1])
+    return f"{gpus} x {name}", kernels
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(args, layout: str) -> list[str]:
+    """dtrain overrides of one layout's run: its own name, folder and pipeline depth, then shared_overrides."""
+    _, pp = LAYOUTS[layout]
+    return [f"run.name=scaling_{layout}", f"run.out_dir={args.out / 'scaling_runs' / layout}",
+            f"parallel.pipeline_stages={pp}", *shared_overrides(args)]
+
+
+def shared_overrides(args) -> list[str]:
+    """The same in every run: no evaluation, checkpoints, samples or TensorBoard; ZeRO-1; batch and data."""
+    over = [f"train.steps={args.steps}", f"logging.log_interval={args.log_interval}", "train.eval_interval=0",
+            "train.global_batch_size=null", "checkpoint.interval=0", "checkpoint.save_final=false",
+            "logging.tensorboard=false", "logging.num_samples=0", "parallel.zero_stage=1"]
+    over += [f"train.{k}={v}" for k, v in (("micro_batch_size", args.micro_batch), ("grad_accum", args.grad_accum))
+             if v is not None]
+    if args.seq_len is not None:
+        over.append(f"data.seq_len={args.seq_len}")
+    if args.data:
+        over += [f"data.path={args.data}", "data.build_default=false"]
+    else:
+        over += ["data.build_default=true", f"data.default_root={args.data_root}",
+                 f"data.default_vocab_size={args.data_vocab}"]
+        if args.data_max_bytes:
+            over.append(f"data.default_max_bytes={args.data_max_bytes}")
+    return over + list(args.override)
+
+
+def launch(args, layout: str, log_path: Path) -> tuple[int, str]:
+    """Run one layout under torchrun; (exit status, its output). The output is also written to log_path."""
+    n, _ = LAYOUTS[layout]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(n),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "dtrain.cli", "train", "--config", str(args.config), *overrides(args, layout)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")]))}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)   # torchrun sets them; stale ones from a parent launcher would confuse it
+    if args.smoke:
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{describe(layout)}: {' '.join(cmd)}", flush=True)
+    with open(log_path, "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=common.REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)   # torchrun and its workers: their own process group
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = f"timeout after {args.timeout:.0f} s"
+    return rc, log_path.read_text()
+
+
+def result_row(layout: str, rc, text: str, wall_s: float) -> dict:
+    n, pp = LAYOUTS[layout]
+    lines = parse_log(text)
+    tps = steady_tokens_per_s(lines)
+    row = {"layout": describe(layout), "key": layout, "gpus": n, "dp": n // pp, "pp": pp, "wall_s": wall_s,
+           "log_lines": len(lines)}
+    if rc != 0 or tps is None:
+        tail = " / ".join(text.strip().splitlines()[-3:])[-300:]
+        why = rc if isinstance(rc, str) else f"exit {rc}"
+        row["status"] = f"failed ({why}): {tail}" if rc != 0 else "failed: fewer than 2 progress lines"
+        return row
+    mfus = [ln["mfu"] for ln in lines[1:] if ln["mfu"] is not None]
+    row.update(status="ok", tokens_per_s=tps, tokens_per_s_per_gpu=tps / n,
+               mfu_trainer=sum(mfus) / len(mfus) if mfus else None)
+    return row
+
+
+def add_efficiency(rows: list[dict]) -> None:
+    base = next((r.get("tokens_per_s_per_gpu") for r in rows if r["gpus"] == 1), None)
+    for r in rows:
+        r["efficiency"] = r["tokens_per_s_per_gpu"] / base if base and r.get("tokens_per_s_per_gpu") else None
+
+
+COLUMNS = [("layout", "layout", ""), ("GPUs", "gpus", "d"), ("DP", "dp", "d"), ("PP", "pp", "d"),
+           ("status", "status", ""), ("tokens/s (all GPUs)", "tokens_per_s", ",.0f"),
+           ("tokens/s/GPU", "tokens_per_s_per_gpu", ",.0f"), ("efficiency vs 1 GPU", "efficiency", ".1%"),
+           ("MFU (trainer, data-sheet peak)", "mfu_trainer", ".1%"), ("run wall (s)", "wall_s", ".0f")]
+
+
+def plot(rows: list[dict], head: dict, path: Path) -> None:
+    plt = common.pyplot()
+    if plt is None:
+        return
+    ok = [r for r in rows if r["status"] == "ok"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["layout"] for r in ok]
+    axes[0].bar(names, [r["tokens_per_s_per_gpu"] for r in ok])
+    axes[0].set(ylabel="tokens/s per GPU")
+    axes[1].bar(names, [100 * (r["efficiency"] or 0) for r in ok])
+    axes[1].axhline(100, color="gray", lw=0.8)
+    axes[1].set(ylabel="per-GPU efficiency vs 1 GPU (%)")
+    common.save_figure(fig, head, "scaling", path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny config, 4 steps, 2 processes")
+    ap.add_argument("--gpus", type=int, choices=sorted(DEFAULT_LAYOUTS), default=2)
+    ap.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), help="default: by --gpus; '1' is the baseline")
+    ap.add_argument("--config", type=Path, help="default: configs/1p3b_diffumamba.yaml (--smoke: tiny_cpu.yaml)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--log-interval", type=int, default=3, help="the first interval is dropped as warm-up")
+    ap.add_argument("--micro-batch", type=int, help="default: the config's")
+    ap.add_argument("--grad-accum", type=int, help="default: the config's (micro-batches per pipeline step)")
+    ap.add_argument("--seq-len", type=int, help="default: the config's")
+    ap.add_argument("--data", help="a built dataset (dshards build); default: the built-in corpus")
+    ap.add_argument("--data-root", default=str(common.REPO / ".cache" / "builtin_data"))
+    ap.add_argument("--data-vocab", type=int, default=4096, help="tokenizer size for the built-in corpus")
+    ap.add_argument("--data-max-bytes", type=int)
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    common.add_output_args(ap, "scaling", resume_help="keep the layouts already measured in OUT/scaling.json (same card); run the others")
+    ap.add_argument("override", nargs="*", help="more dtrain overrides for every run: model.d_model=512 ...")
+    args = ap.parse_args(argv)
+    if args.plot_only:
+        return common.replot(args.out, "scaling", plot)
+    args.out = args.out.resolve()
+    if args.smoke:
+        args.config = args.config or common.REPO / "configs" / "tiny_cpu.yaml"
+        args.steps, args.log_interval = min(args.steps, 4), 1
+        args.micro_batch, args.grad_accum = args.micro_batch or 2, args.grad_accum or 2
+        args.seq_len = args.seq_len or 64
+        args.data_vocab, args.data_max_bytes = 512, args.data_max_bytes or 300_000
+        args.override = ["train.precision=bf16", "data.num_workers=0", *args.override]
+    else:
+        if not torch.cuda.is_available() or torch.cuda.device_count() < args.gpus:
+            sys.exit(f"needs {args.gpus} CUDA GPUs (or --smoke for a CPU run with gloo)")
+        args.config = args.config or common.REPO / "configs" / "1p3b_diffumamba.yaml"
+    layouts = args.layouts or (["1", "dp2", "pp2"] if args.smoke else DEFAULT_LAYOUTS[args.gpus])
+    head = common.header(torch.device("cpu"), "bench.scaling", config=str(args.config),
+                         overrides=" ".join(shared_overrides(args)) + " (+ run.name, run.out_dir, "
+                                                                      "parallel.pipeline_stages per layout)")
+    if not args.smoke:
+        head["card"], head["kernels"] = gpu_description(args.gpus)
+    title = f"Scaling: ZeRO-1 data parallelism and pipeline parallelism — {head['card']}"
+    notes = ["tokens/s: the trainer's console `tok/s` (all ranks) over every log interval but the first",
+             ("efficiency = (tokens/s / GPUs) / tokens/s of the 1-GPU run of the same config; micro-batch and "
+              "grad_accum per data-parallel rank are the same in every run (PP=2 pipelines grad_accum "
+              "micro-batches per step)")]
+
+    def save(rows):
+        add_efficiency(rows)
+        return common.write_results(args.out, "scaling", title, head, [("", common.markdown_table(COLUMNS, rows))],
+                                    rows, notes)
+
+    previous = common.previous_rows(args.out, "scaling", head, args.resume)
+    done = {r["key"]: r for r in previous if r["status"] == "ok"}
+    rows = [r for r in previous if r["key"] not in layouts]   # layouts measured by another --layouts run
+    for layout in layouts:
+        if layout in done:
+            rows.append(done[layout])
+            continue
+        t0 = time.time()
+        rc, text = launch(args, layout, args.out / "scaling_logs" / f"{layout}.log")
+        rows.append(result_row(layout, rc, text, time.time() - t0))
+        print(f"{describe(layout)}: {rows[-1]['status']}"
+              + (f", {rows[-1]['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in rows[-1] else ""), flush=True)
+        save(rows)
+    common.print_results(save(rows))
+    plot(rows, head, args.out / "scaling.png")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""CPU smoke tests of the GPU benchmarks (bench/): every code path but the CUDA specifics.
+
+The benchmarks' numbers are not checked here (speed is measured, never asserted): only that each one
+produces its table and a JSON of finite numbers, records an out-of-memory row instead of crashing, does
+the MFU arithmetic right, and reads the trainer's own progress line.
+"""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench import common, inference, scaling, training
+from model.config import ModelConfig
+from model.flops import train_flops_per_token
+
+# the small dataset the dtrain tests build (seq_len 32, vocab 512): shared, built once
+TEST_CACHE = Path(os.environ.get("DIFFUMAMBA_TEST_CACHE", Path.home() / ".cache" / "diffumamba-tests"))
+
+
+def finite_numbers(row: dict) -> bool:
+    return all(math.isfinite(v) for v in row.values() if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def table_header(md: str) -> list[str]:
+    line = next(ln for ln in md.splitlines() if ln.startswith("| "))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def check_header(head: dict, module: str) -> None:
+    for key in ("card", "command", "date", "commit"):
+        assert head[key], key
+    assert head["command"].startswith(f"python -m {module}")
+
+
+def test_inference_smoke_records_oom_and_ratios(tmp_path, monkeypatch):
+    """Two presets, three lengths; the transformer 'runs out of memory' from L = 64: that row says OOM,
+    the longer one is skipped, and the Mamba rows get a ratio only where the transformer has a number.
+    L = 128 is over --max-batch-tokens and skipped."""
+    real = inference.denoise
+
+    def fake_oom(model, ids):
+        if model.cfg.layer_pattern == "AAA" and ids.shape[1] >= 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB (simulated)")
+        return real(model, ids)
+
+    monkeypatch.setattr(inference, "denoise", fake_oom)
+    assert inference.main(["--smoke", "--out", str(tmp_path), "--presets", "tiny-diffumamba", "tiny-diffutran",
+                           "--seq-lens", "32", "64", "128", "--batches", "1", "--max-batch-tokens", "100"]) == 0
+    result = json.loads((tmp_path / "inference.json").read_text())
+    check_header(result["header"], "bench.inference")
+    rows = {(r["preset"], r["seq_len"]): r for r in result["rows"]}
+    assert len(rows) == 6
+    assert [rows["tiny-diffutran", L]["status"] for L in (32, 64, 128)] == ["ok", common.OOM, inference.SKIPPED]
+    assert [rows["tiny-diffumamba", L]["status"] for L in (32, 64, 128)] == ["ok", "ok", inference.TOO_BIG]
+    for r in result["rows"]:
+        assert finite_numbers(r), r
+        if r["status"] == "ok":
+            assert r["tokens_per_s"] > 0 and r["forwards_per_s"] == pytest.approx(r["tokens_per_s"] / r["seq_len"])
+    assert rows["tiny-diffutran", 32]["vs_diffutran"] == 1.0
+    assert rows["tiny-diffumamba", 32]["vs_diffutran"] == pytest.approx(
+        rows["tiny-diffumamba", 32]["tokens_per_s"] / rows["tiny-diffutran", 32]["tokens_per_s"])
+    assert rows["tiny-diffumamba", 64]["vs_diffutran"] is None
+    md = (tmp_path / "inference.md").read_text()
+    assert table_header(md) == [c[0] for c in inference.COLUMNS]
+    assert "| tiny-diffutran | 1 | 64 | OOM |" in md
+    assert (tmp_path / "inference.png").is_file() or importlib.util.find_spec("matplotlib") is None
+
+
+def test_inference_resume_measures_only_missing_rows(tmp_path, monkeypatch):
+    """--resume keeps the rows of an earlier (interrupted or partial) run and measures only the missing ones."""
+    args = ["--smoke", "--out", str(tmp_path), "--presets", "tiny-diffumamba", "--batches", "1"]
+    assert inference.main([*args, "--seq-lens", "32"]) == 0
+    first = json.loads((tmp_path / "inference.json").read_text())["rows"]
+    real = inference.denoise
+
+    def only_new(model, ids):
+        assert ids.shape[1] == 64, "a row of the earlier run was measured again"
+        return real(model, ids)
+
+    monkeypatch.setattr(inference, "denoise", only_new)
+    assert inference.main([*args, "--seq-lens", "32", "64", "--resume"]) == 0
+    result = json.loads((tmp_path / "inference.json").read_text())
+    assert result["rows"][0] == first[0] and [r["seq_len"] for r in result["rows"]] == [32, 64]
+    assert "1 rows from the run of" in result["header"]["resumed"]
+    # a run split by --presets: the transformer's rows join the Mamba ones, and the ratios use both
+    monkeypatch.setattr(inference, "denoise", real)
+    args[args.index("tiny-diffumamba")] = "tiny-diffutran"
+    assert inference.main([*args, "--seq-lens", "32", "--resume"]) == 0
+    rows = {(r["preset"], r["seq_len"]): r for r in json.loads((tmp_path / "inference.json").read_text())["rows"]}
+    assert sorted(rows) == [("tiny-diffumamba", 32), ("tiny-diffumamba", 64), ("tiny-diffutran", 32)]
+    assert rows["tiny-diffumamba", 32]["vs_diffutran"] == pytest.approx(
+        rows["tiny-diffumamba", 32]["tokens_per_s"] / rows["tiny-diffutran", 32]["tokens_per_s"])
+    assert rows["tiny-diffumamba", 64]["vs_diffutran"] is None
+
+
+def test_guarded_frees_and_reraises_other_errors():
+    cpu = torch.device("cpu")
+    assert common.guarded(lambda: 7, cpu) == 7
+
+    def boom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    assert common.guarded(boom, cpu) is common.OOM
+    with pytest.raises(ValueError):
+        common.guarded(lambda: (_ for _ in ()).throw(ValueError("not memory")), cpu)
+
+
+def test_micro_batch_search_halves_on_oom():
+    tried = []
+
+    def attempt(mb):
+        tried.append(mb)
+        return common.OOM if mb > 4 else {"tokens_per_s": float(mb)}
+    assert training.largest_fitting(attempt, 32) == (4, {"tokens_per_s": 4.0}, ["32:OOM", "16:OOM", "8:OOM", "4:ok"])
+    assert training.largest_fitting(lambda mb: common.OOM, 2) == (None, None, ["2:OOM", "1:OOM"])
+    assert [training.power_of_two_at_most(x) for x in (1, 2, 3, 64, 65, 0)] == [1, 2, 2, 64, 64, 1]
+    assert training.config_path("1.3b-diffumamba-h").name == "1p3b_diffumamba_h.yaml"
+    assert all(training.config_path(p).is_file() for p in training.PRESETS)
+
+
+def test_mfu_against_a_hand_count():
+    """One non-causal attention block + GELU MLP + tied head, d = 64, V = 512, L = 64:
+    attention 2*64*192 + 2*64*64 (QKV, out) + 2*64*64 (QK^T) + 2*64*64 (AV) = 49,152
+    MLP (h = 256) 2*64*256 + 2*256*64 = 65,536; head 2*64*512 = 65,536 -> forward 180,224, training 540,672."""
+    cfg = ModelConfig(vocab_size=512, mask_token_id=511, d_model=64, layer_pattern="A", n_heads=4, mlp_ratio=4)
+    assert train_flops_per_token(cfg, 64) == 3 * 180_224 == 540_672
+    # 1,000 tokens/s on a 1 GFLOP/s device: 540,672 FLOP/s achieved -> 54.0672 %
+    assert common.mfu(1000.0, 540_672, 1e9) == pytest.approx(0.540672)
+    assert common.mfu(1000.0, 540_672, None) is None
+
+
+def run_module(module: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    assert proc.returncode == 0, f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def test_training_smoke_through_the_deepspeed_engine(tmp_path):
+    """The trainer's engine on a tiny preset, with OOMs injected above 128 tokens per micro-batch: the
+    search halves (rebuilding the engine) and lands on 2 and 1 sequences at L 64 and 128; at L 256 nothing
+    fits (an OOM row) and L 512 is skipped."""
+    proc = run_module("bench.training", "--smoke", "--out", str(tmp_path), "--presets", "tiny-diffumamba-h",
+                      "--seq-lens", "64", "128", "256", "512")
+    result = json.loads((tmp_path / "training.json").read_text())
+    head, rows = result["header"], result["rows"]
+    check_header(head, "bench.training")
+    assert head["matmul_peak_flops"] > 0 and "TFLOP/s measured" in head["matmul_peak"]
+    assert [(r["seq_len"], r.get("micro_batch"), r.get("attempts"), r["status"]) for r in rows] == [
+        (64, 2, "4:OOM 2:ok", "ok"), (128, 1, "2:OOM 1:ok", "ok"), (256, None, "1:OOM", common.OOM),
+        (512, None, None, "skipped (OOM at a shorter L)")]
+    for r in rows[:2]:
+        assert r["status"] == "ok" and finite_numbers(r), r
+        assert r["tokens_per_s"] == pytest.approx(r["micro_batch"] * r["seq_len"] / (r["step_ms"] / 1e3))
+        assert r["train_flops_per_token"] == train_flops_per_token(
+            training.run_config(r["preset"], r["seq_len"], 1, "config").model_config(512, 511), r["seq_len"])
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["train_flops_per_token"] / head["matmul_peak_flops"])
+        assert r["tflops"] == pytest.approx(r["tokens_per_s"] * r["train_flops_per_token"] / 1e12)
+    md = (tmp_path / "training.md").read_text()
+    assert table_header(md) == [c[0] for c in training.COLUMNS]
+    assert md in proc.stdout
+
+
+def test_parser_reads_the_trainers_console_line(capsys):
+    """Lines printed by dtrain's own Metrics.console, with and without the MFU field."""
+    from dtrain.metrics import Metrics
+    stub = SimpleNamespace(start=0.0, total_steps=12, start_step=0)
+    base = {"train/loss": 6.36, "train/lr": 1e-3, "train/grad_norm": 0.6, "perf/tokens_per_s": 9021.4,
+            "train/skipped_steps": 0.0}
+    Metrics.console(stub, 3, base)
+    Metrics.console(stub, 6, {**base, "perf/tokens_per_s": 12000.0, "perf/mfu": 0.4137, "train/skipped_steps": 1.0})
+    lines = scaling.parse_log("some other output\n" + capsys.readouterr().out)
+    assert [(ln["step"], ln["steps"], ln["tokens_per_s"]) for ln in lines] == [(3, 12, 9021.0), (6, 12, 12000.0)]
+    assert lines[0]["mfu"] is None and lines[1]["mfu"] == pytest.approx(0.4137)
+    # tokens/s after the warm-up interval; two intervals of 3 and 1 steps: 4 steps / (3/100 + 1/50)
+    assert scaling.steady_tokens_per_s([{"step": 3, "tokens_per_s": 1.0}, {"step": 6, "tokens_per_s": 100.0},
+                                        {"step": 7, "tokens_per_s": 50.0}]) == pytest.approx(4 / (3 / 100 + 1 / 50))
+    assert scaling.steady_tokens_per_s(lines[:1]) is None
+
+
+@pytest.mark.slow
+def test_scaling_smoke_one_process_and_a_two_stage_pipeline(tmp_path):
+    """`dtrain train` under torchrun with gloo: the 1-process baseline and PP=2 on two processes."""
+    run_module("bench.scaling", "--smoke", "--layouts", "1", "pp2", "--out", str(tmp_path), "--seq-len", "32",
+               "--data-root", str(TEST_CACHE / "builtin"), timeout=240)
+    result = json.loads((tmp_path / "scaling.json").read_text())
+    check_header(result["header"], "bench.scaling")
+    rows = result["rows"]
+    assert [(r["layout"], r["gpus"], r["dp"], r["pp"], r["status"]) for r in rows] == [
+        ("1 GPU", 1, 1, 1, "ok"), ("PP=2", 2, 1, 2, "ok")]
+    for r in rows:
+        assert finite_numbers(r) and r["tokens_per_s"] > 0 and r["log_lines"] == 4, r
+        log = (tmp_path / "scaling_logs" / f"{r['key']}.log").read_text()
+        assert r["tokens_per_s"] == pytest.approx(scaling.steady_tokens_per_s(scaling.parse_log(log)))
+    assert rows[0]["efficiency"] == 1.0
+    assert rows[1]["efficiency"] == pytest.approx(rows[1]["tokens_per_s"] / 2 / rows[0]["tokens_per_s"])
+    assert table_header((tmp_path / "scaling.md").read_text()) == [c[0] for c in scaling.COLUMNS]
