@@ -30,6 +30,7 @@ from dtrain.optim import lr_at, set_lr
 from model.diffusion import diffusion_loss, elbo_perplexity
 from model.flops import peak_flops, train_flops_per_token
 from model.lm import DiffusionLM
+from model.sampler import sample
 
 
 class TrainingStopped(RuntimeError):
@@ -180,10 +181,6 @@ def evaluate(trainee: Trainee, data_cfg, cfg: RunConfig) -> dict:
 
 def text_samples(trainee: Trainee, cfg: RunConfig, tokenizer, step: int, seq_len: int) -> list[str]:
     """A few decoded samples from the current weights (all ranks run it: ZeRO-3 gathers parameters)."""
-    try:
-        from model.sampler import sample
-    except ImportError:
-        return []
     if trainee.pipeline or tokenizer is None or cfg.logging.num_samples == 0:
         return []
     model = trainee.engine.module

@@ -6,8 +6,8 @@ scaled_dot_product_attention, which itself dispatches to FlashAttention-2 kernel
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from model import kernels
 from model.config import ModelConfig

@@ -6,8 +6,8 @@ The mixer is chosen by the block's letter in the layer pattern: "M" a bidirectio
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from model.config import ModelConfig
 

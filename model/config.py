@@ -108,7 +108,7 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        return int(round(self.mlp_ratio * self.d_model))
+        return round(self.mlp_ratio * self.d_model)
 
     @property
     def family(self) -> str:
@@ -123,7 +123,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -137,5 +137,5 @@ class ModelConfig:
             d["mamba"] = MambaConfig(**d["mamba"])
         return cls(**d)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

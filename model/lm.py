@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from model.blocks import Block, make_norm
 from model.config import ModelConfig
@@ -61,7 +61,7 @@ class DiffusionLM(nn.Module):
             for name, p in block.named_parameters():
                 if p.dim() != 2 or "norm" in name:
                     continue
-                is_residual_out = name.endswith("out_proj.weight") or name.endswith("fc_out.weight")
+                is_residual_out = name.endswith(("out_proj.weight", "fc_out.weight"))
                 nn.init.normal_(p, std=residual_std if is_residual_out else std)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

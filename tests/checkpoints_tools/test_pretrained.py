@@ -48,8 +48,8 @@ def test_sample_command_prints_samples(tmp_path, capsys):
 
 
 def test_params_command_lists_every_preset():
-    out = subprocess.run([sys.executable, "-c", "from dtrain.model_cmds import add_commands; import argparse;"
+    out = subprocess.run([sys.executable, "-c", ("from dtrain.model_cmds import add_commands; import argparse;"
                           "p=argparse.ArgumentParser(); add_commands(p.add_subparsers(dest='c'));"
-                          "a=p.parse_args(['params']); a.func(a)"], capture_output=True, text=True, check=True).stdout
+                          "a=p.parse_args(['params']); a.func(a)")], capture_output=True, text=True, check=True).stdout
     for name in ["1.3b-diffumamba", "1.3b-diffumamba-h", "1.3b-diffutran", "240m-diffutran", "0.5b-diffumamba"]:
         assert name in out

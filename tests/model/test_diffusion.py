@@ -26,7 +26,7 @@ def test_padding_is_neither_masked_nor_counted():
     b = mask_batch(x0, seed=3, step=0, positions=torch.arange(4), global_batch_size=4, mask_id=5,
                    loss_mask=loss_mask)
     assert (b["input_ids"][:, 8:] == x0[:, 8:]).all()
-    loss, stats = diffusion_loss(torch.randn(4, 12, 6), b, mask_id=5)
+    _loss, stats = diffusion_loss(torch.randn(4, 12, 6), b, mask_id=5)
     assert torch.equal(stats["tokens_per_seq"], torch.full((4,), 8.0))
 
 
@@ -57,7 +57,7 @@ def test_antithetic_t_covers_eps_to_one():
 
 def test_masking_is_pure_and_matches_t():
     x0 = torch.randint(0, 50, (16, 4096))
-    kw = dict(seed=7, step=11, global_batch_size=32, mask_id=50)
+    kw = {"seed": 7, "step": 11, "global_batch_size": 32, "mask_id": 50}
     a = mask_batch(x0, positions=torch.arange(16) + 16, **kw)
     b = mask_batch(x0.clone(), positions=torch.arange(16) + 16, **kw)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["t"], b["t"])

@@ -4,14 +4,14 @@ from model.config import ConfigError, MambaConfig, ModelConfig
 
 
 @pytest.mark.parametrize("changes, field", [
-    (dict(layer_pattern="MMX"), "model.layer_pattern"),
-    (dict(layer_pattern=""), "model.layer_pattern"),
-    (dict(d_model=100, n_heads=3, layer_pattern="A"), "model.n_heads"),
-    (dict(d_model=80, mamba=MambaConfig(headdim=64)), "model.mamba.headdim"),
-    (dict(mask_token_id=512), "model.mask_token_id"),
-    (dict(norm="batchnorm"), "model.norm"),
-    (dict(mlp_kind="relu"), "model.mlp_kind"),
-    (dict(mamba=MambaConfig(directions="both")), "model.mamba.directions"),
+    ({"layer_pattern": "MMX"}, "model.layer_pattern"),
+    ({"layer_pattern": ""}, "model.layer_pattern"),
+    ({"d_model": 100, "n_heads": 3, "layer_pattern": "A"}, "model.n_heads"),
+    ({"d_model": 80, "mamba": MambaConfig(headdim=64)}, "model.mamba.headdim"),
+    ({"mask_token_id": 512}, "model.mask_token_id"),
+    ({"norm": "batchnorm"}, "model.norm"),
+    ({"mlp_kind": "relu"}, "model.mlp_kind"),
+    ({"mamba": MambaConfig(directions="both")}, "model.mamba.directions"),
 ])
 def test_invalid_config_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
