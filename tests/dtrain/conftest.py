@@ -60,7 +60,13 @@ def launch(cfg: dict, tmp: Path, *, nproc: int = 2, args: tuple = (), timeout: i
     else:
         cmd = [sys.executable, "-m", "dtrain.cli"]
     cmd += ["train", "--config", str(path), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if nproc > 1 and proc.returncode != 0 and "address already in use" in proc.stderr.lower():
+        # _free_port() releases the port before torchrun binds it: another process can take it in
+        # between. Only that race is retried, once, on a new port; any other failure is reported.
+        cmd[cmd.index("--master_port") + 1] = str(_free_port())
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    return proc
 
 
 def scalars(run_dir: Path) -> dict:
