@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.config import ConfigError
+from model.config import ConfigError, reject_unknown_fields
 from model.diffusion import DEFAULT_EPS
 
 
@@ -81,10 +81,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DataConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"data: unknown field(s) {unknown}; known: {sorted(known)}")
+        reject_unknown_fields(cls, d, "data")
         return cls(**d)
 
     def replace(self, **changes) -> DataConfig:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from model.config import ConfigError
+from model.config import ConfigError, reject_unknown_fields
 
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -200,10 +200,7 @@ def _build_section(cls, raw: Any, name: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{name}: unknown field(s) {unknown}; known: {sorted(known)}")
+    reject_unknown_fields(cls, raw, name)
     return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()})
 
 

@@ -21,6 +21,14 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field."""
 
 
+def reject_unknown_fields(cls, d: dict, section: str) -> None:
+    """Raise ConfigError naming the keys of `d` that are not fields of dataclass `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{section}: unknown field(s) {unknown}; known: {sorted(known)}")
+
+
 @dataclass
 class MambaConfig:
     d_state: int = 128
@@ -124,16 +132,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"model: unknown field(s) {unknown}; known: {sorted(known)}")
+        reject_unknown_fields(cls, d, "model")
         d = dict(d)
         if isinstance(d.get("mamba"), dict):
-            mknown = {f.name for f in dataclasses.fields(MambaConfig)}
-            munknown = sorted(set(d["mamba"]) - mknown)
-            if munknown:
-                raise ConfigError(f"model.mamba: unknown field(s) {munknown}; known: {sorted(mknown)}")
+            reject_unknown_fields(MambaConfig, d["mamba"], "model.mamba")
             d["mamba"] = MambaConfig(**d["mamba"])
         return cls(**d)
 

@@ -41,17 +41,7 @@ def dckpt(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def model_cfg(cfg: dict, dataset: Path):
-    from data_pipeline.tokenizer import Tokenizer
-    from model.config import ModelConfig
-    from model.presets import get_preset
-    tok = Tokenizer.load(dataset / "tokenizer.model")
-    m = dict(cfg["model"])
-    base = get_preset(m.pop("preset")).to_dict()
-    base.update({k: v for k, v in m.items() if k != "mamba"})
-    base["mamba"].update(m["mamba"])
-    base.update(vocab_size=tok.vocab_size, mask_token_id=tok.mask_id)
-    return ModelConfig.from_dict(base)
+model_cfg = dtrain_conftest.plain_model_config
 
 
 def loaders(cfg: dict, dataset: Path, *, dp_size: int, micro: int, ga: int, state: dict | None = None,

@@ -81,3 +81,19 @@ def scalars(run_dir: Path) -> dict:
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def plain_model_config(cfg: dict, dataset: Path):
+    """The ModelConfig a run config describes, derived here independently of dtrain.config: the preset,
+    the run's model fields on top, and the vocabulary of the dataset's tokenizer."""
+    from data_pipeline.tokenizer import Tokenizer
+    from model.config import ModelConfig
+    from model.presets import get_preset
+
+    tok = Tokenizer.load(dataset / "tokenizer.model")
+    m = dict(cfg["model"])
+    base = get_preset(m.pop("preset")).to_dict()
+    base.update({k: v for k, v in m.items() if k != "mamba"})
+    base["mamba"].update(m["mamba"])
+    base.update(vocab_size=tok.vocab_size, mask_token_id=tok.mask_id)
+    return ModelConfig.from_dict(base)

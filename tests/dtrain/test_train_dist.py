@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, base_config, check_ok, launch, scalars
+from conftest import REPO, base_config, check_ok, launch, plain_model_config, scalars
 
 from dtrain.checkpoint import consolidated_model_state
 
@@ -113,19 +113,11 @@ def test_zero_stages_train(tmp_path, dataset, zero, extra):
 
 def plain_model(cfg: dict, dataset):
     """DiffusionLM built in plain PyTorch from the run's model section, with the run seed."""
-    from data_pipeline.tokenizer import Tokenizer
-    from model.config import ModelConfig
     from model.lm import DiffusionLM
-    from model.presets import get_preset
 
-    tok = Tokenizer.load(dataset / "tokenizer.model")
-    m = dict(cfg["model"])
-    base = get_preset(m.pop("preset")).to_dict()
-    base.update({k: v for k, v in m.items() if k != "mamba"})
-    base["mamba"].update(m["mamba"])
-    base.update(vocab_size=tok.vocab_size, mask_token_id=tok.mask_id)
+    model_cfg = plain_model_config(cfg, dataset)
     torch.manual_seed(cfg["run"]["seed"])
-    return DiffusionLM(ModelConfig.from_dict(base))
+    return DiffusionLM(model_cfg)
 
 
 def plain_nelbo(model, cfg: dict, *, split: str, dp_size: int, micro_batches: int) -> float:
