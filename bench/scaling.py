@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench import common
+from dtrain.engine import free_port
 
 # name: (processes, pipeline stages); data-parallel size = processes / stages
 LAYOUTS = {"1": (1, 1), "dp2": (2, 1), "pp2": (2, 2), "dp4": (4, 1), "pp2dp2": (4, 2)}
@@ -69,12 +69,6 @@ def gpu_description(gpus: int) -> tuple[str, dict]:
     return f"{gpus} x {name}", kernels
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def overrides(args, layout: str) -> list[str]:
     """dtrain overrides of one layout's run: its own name, folder and pipeline depth, then shared_overrides."""
     _, pp = LAYOUTS[layout]
@@ -105,7 +99,7 @@ def launch(args, layout: str, log_path: Path) -> tuple[int, str]:
     """Run one layout under torchrun; (exit status, its output). The output is also written to log_path."""
     n, _ = LAYOUTS[layout]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(n),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "dtrain.cli", "train", "--config", str(args.config), *overrides(args, layout)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")]))}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

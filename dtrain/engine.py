@@ -53,7 +53,8 @@ class Trainee:
         return self.is_first_stage or self.is_last_stage
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host right now (for a local rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -73,7 +74,7 @@ def setup_distributed(backend: str | None = None) -> torch.device:
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
     if "RANK" not in os.environ:  # not launched by torchrun / deepspeed / srun: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     cuda = torch.cuda.is_available()
     if not cuda:
         # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU on first use (~45 s on 2 cores).

@@ -1,12 +1,13 @@
 """Shared fixtures: a tiny dataset built once from the built-in corpus, and a launcher for dtrain runs."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from dtrain.engine import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("DIFFUMAMBA_TEST_CACHE", Path.home() / ".cache" / "diffumamba-tests"))
@@ -41,14 +42,8 @@ def base_config(out_dir: Path, dataset: Path, **sections) -> dict:
     return cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(cfg: dict, tmp: Path, *, nproc: int = 2, args: tuple = (), timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run `dtrain train` in fresh processes (torchrun for nproc > 1, gloo on CPU)."""
+def train_command(cfg: dict, tmp: Path, *, nproc: int = 2, args: tuple = ()) -> tuple[list[str], dict]:
+    """(command, environment) of `dtrain train` on CPU with gloo: torchrun for nproc > 1. Writes the config."""
     path = tmp / f"{cfg['run']['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
@@ -56,15 +51,20 @@ def launch(cfg: dict, tmp: Path, *, nproc: int = 2, args: tuple = (), timeout: i
     env.pop("RANK", None)
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), "-m", "dtrain.cli"]
+               "--master_port", str(free_port()), "-m", "dtrain.cli"]
     else:
         cmd = [sys.executable, "-m", "dtrain.cli"]
-    cmd += ["train", "--config", str(path), *args]
+    return [*cmd, "train", "--config", str(path), *args], env
+
+
+def launch(cfg: dict, tmp: Path, *, nproc: int = 2, args: tuple = (), timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run `dtrain train` in fresh processes and wait for it."""
+    cmd, env = train_command(cfg, tmp, nproc=nproc, args=args)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if nproc > 1 and proc.returncode != 0 and "address already in use" in proc.stderr.lower():
-        # _free_port() releases the port before torchrun binds it: another process can take it in
+        # free_port() releases the port before torchrun binds it: another process can take it in
         # between. Only that race is retried, once, on a new port; any other failure is reported.
-        cmd[cmd.index("--master_port") + 1] = str(_free_port())
+        cmd[cmd.index("--master_port") + 1] = str(free_port())
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     return proc
 

@@ -2,13 +2,11 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, _free_port, base_config
+from conftest import REPO, base_config, train_command
 
 from dtrain.checkpoint import LATEST, MARKER, resolve
 
@@ -54,14 +52,8 @@ def _children(pid: int) -> list[int]:
 def test_sigusr1_on_one_rank_checkpoints_and_exits_cleanly(tmp_path, dataset):
     cfg = base_config(tmp_path / "sig", dataset, train={"steps": 100000, "eval_interval": 0},
                       checkpoint={"interval": 0}, logging={"num_samples": 0})
-    path = tmp_path / "sig.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("RANK", None)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(_free_port()), "-m", "dtrain.cli", "train", "--config", str(path)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd, env = train_command(cfg, tmp_path, nproc=2)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.time() + 120
     for line in proc.stdout:
