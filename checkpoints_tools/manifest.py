@@ -7,23 +7,15 @@ twice.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from data_pipeline.shard_io import file_sha256
+
 MANIFEST = "checksums.json"
 VERSION = 1
-_CHUNK = 1 << 22
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def list_files(folder: Path) -> tuple[list[str], dict[str, str]]:
