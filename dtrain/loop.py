@@ -27,6 +27,7 @@ from dtrain.config import RunConfig, save_config
 from dtrain.engine import Trainee, build, setup_distributed
 from dtrain.metrics import Metrics, rank0_print
 from dtrain.optim import lr_at, set_lr
+from dtrain.pipeline import nan_unless_finite
 from model.diffusion import diffusion_loss, elbo_perplexity
 from model.flops import peak_flops, train_flops_per_token
 from model.lm import DiffusionLM
@@ -128,11 +129,8 @@ def train_step(trainee: Trainee, batches: TimedBatches | None, ga: int, poison: 
             batch = next(batches)
             logits = engine(batch["input_ids"])
             loss, s = diffusion_loss(logits, batch, trainee.model_cfg.mask_token_id)
-            # a non-finite loss becomes NaN (see the module docstring); no host sync: DeepSpeed's
-            # step reports the outcome through was_step_applied()
-            nan = torch.full_like(loss, float("nan"))
-            loss = loss * (nan if poison else torch.where(torch.isfinite(loss), torch.ones_like(loss), nan))
-            engine.backward(loss)
+            # DeepSpeed's step reports whether it was applied through was_step_applied()
+            engine.backward(nan_unless_finite(loss, poison))
             engine.step()
             stats.append(s)
     bad = bad or not engine.was_step_applied()

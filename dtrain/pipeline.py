@@ -79,6 +79,13 @@ def pipeline_to_model_state(layer_states: dict[int, dict], cfg: ModelConfig) -> 
     return out
 
 
+def nan_unless_finite(loss: torch.Tensor, force_nan: bool = False) -> torch.Tensor:
+    """The loss, or NaN when it is not finite (or force_nan: fault injection). NaN gradients on every rank
+    and stage make DeepSpeed's optimizer discard the whole step (see loop.py); no host sync."""
+    nan = torch.full_like(loss, float("nan"))
+    return loss * (nan if force_nan else torch.where(torch.isfinite(loss), torch.ones_like(loss), nan))
+
+
 class PipeLoss:
     """loss_fn of the PipelineModule (runs on the last stage); keeps the per-sequence stats it saw."""
 
@@ -92,10 +99,7 @@ class PipeLoss:
         loss, stats = diffusion_loss(logits, {"input_ids": input_ids, "targets": targets, "t": t,
                                               "loss_mask": loss_mask}, self.mask_id)
         self.stats.append(stats)
-        # a non-finite loss becomes NaN: NaN gradients on every stage make DeepSpeed's optimizer discard
-        # the whole step (see loop.py)
-        nan = torch.full_like(loss, float("nan"))
-        return loss * (nan if self.poison else torch.where(torch.isfinite(loss), torch.ones_like(loss), nan))
+        return nan_unless_finite(loss, self.poison)
 
 
 def build_pipeline_module(cfg: ModelConfig, *, num_stages: int, partition_method: str, seed: int,
