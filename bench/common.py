@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,10 @@ OOM = "OOM"
 
 # ---------------------------------------------------------------- the header of every table
 def git_commit() -> str:
+    """HEAD's short hash (+ a note when tracked files differ); BENCH_COMMIT names it where the tree was
+    copied without its .git folder (e.g. to a GPU machine)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -112,6 +117,43 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -
     if not peak_flops:
         return None
     return tokens_per_s * flops_per_token / peak_flops
+
+
+# ---------------------------------------------------------------- trainer runs
+def torchrun(nproc: int, dtrain_args: list[str], log_path: Path, *, timeout: float, cpu: bool = False,
+             ) -> tuple[int | str, str]:
+    """`torchrun --nproc_per_node nproc -m dtrain.cli ARGS` on this host: (exit status or 'timeout after
+    N s', its output). The output goes to log_path as it comes. cpu: gloo on the CPU (smoke runs)."""
+    from dtrain.engine import free_port
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "dtrain.cli", *dtrain_args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)   # torchrun sets them; stale ones from a parent launcher would confuse it
+    if cpu:
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    with open(log_path, "w") as log:
+        log.write(shlex.join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)   # torchrun and its workers: their own process group
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = f"timeout after {timeout:.0f} s"
+    return rc, log_path.read_text()
+
+
+def log_tail(text: str, lines: int = 3, chars: int = 300) -> str:
+    return " / ".join(text.strip().splitlines()[-lines:])[-chars:]
 
 
 # ---------------------------------------------------------------- out-of-memory handling

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +24,6 @@ from pathlib import Path
 import torch
 
 from bench import common
-from dtrain.engine import free_port
 
 # name: (processes, pipeline stages); data-parallel size = processes / stages
 LAYOUTS = {"1": (1, 1), "dp2": (2, 1), "pp2": (2, 2), "dp4": (4, 1), "pp2dp2": (4, 2)}
@@ -95,35 +92,12 @@ def shared_overrides(args) -> list[str]:
     return over + list(args.override)
 
 
-def launch(args, layout: str, log_path: Path) -> tuple[int, str]:
+def launch(args, layout: str, log_path: Path) -> tuple[int | str, str]:
     """Run one layout under torchrun; (exit status, its output). The output is also written to log_path."""
     n, _ = LAYOUTS[layout]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(n),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "dtrain.cli", "train", "--config", str(args.config), *overrides(args, layout)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")]))}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)   # torchrun sets them; stale ones from a parent launcher would confuse it
-    if args.smoke:
-        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"{describe(layout)}: {' '.join(cmd)}", flush=True)
-    with open(log_path, "w") as log:
-        log.write(" ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, cwd=common.REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)   # torchrun and its workers: their own process group
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            rc = f"timeout after {args.timeout:.0f} s"
-    return rc, log_path.read_text()
+    print(f"{describe(layout)}:", flush=True)
+    return common.torchrun(n, ["train", "--config", str(args.config), *overrides(args, layout)], log_path,
+                           timeout=args.timeout, cpu=args.smoke)
 
 
 def result_row(layout: str, rc, text: str, wall_s: float) -> dict:
@@ -133,7 +107,7 @@ def result_row(layout: str, rc, text: str, wall_s: float) -> dict:
     row = {"layout": describe(layout), "key": layout, "gpus": n, "dp": n // pp, "pp": pp, "wall_s": wall_s,
            "log_lines": len(lines)}
     if rc != 0 or tps is None:
-        tail = " / ".join(text.strip().splitlines()[-3:])[-300:]
+        tail = common.log_tail(text)
         why = rc if isinstance(rc, str) else f"exit {rc}"
         row["status"] = f"failed ({why}): {tail}" if rc != 0 else "failed: fewer than 2 progress lines"
         return row

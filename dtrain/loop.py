@@ -27,6 +27,7 @@ from dtrain.config import RunConfig, save_config
 from dtrain.engine import Trainee, build, setup_distributed
 from dtrain.metrics import Metrics, rank0_print
 from dtrain.optim import lr_at, set_lr
+from dtrain.pipe_sampling import pipeline_sample
 from dtrain.pipeline import nan_unless_finite
 from model.diffusion import diffusion_loss, elbo_perplexity
 from model.flops import peak_flops, train_flops_per_token
@@ -178,15 +179,21 @@ def evaluate(trainee: Trainee, data_cfg, cfg: RunConfig) -> dict:
 
 
 def text_samples(trainee: Trainee, cfg: RunConfig, tokenizer, step: int, seq_len: int) -> list[str]:
-    """A few decoded samples from the current weights (all ranks run it: ZeRO-3 gathers parameters)."""
-    if trainee.pipeline or tokenizer is None or cfg.logging.num_samples == 0:
+    """A few decoded samples from the current weights. All ranks run it: ZeRO-3 gathers parameters, and
+    under pipeline parallelism every stage takes part in each denoising step (dtrain/pipe_sampling.py)."""
+    if tokenizer is None or cfg.logging.num_samples == 0:
         return []
-    model = trainee.engine.module
-    model.eval()
     g = torch.Generator(device=trainee.device).manual_seed(cfg.run.seed + step)
-    ids = sample(model, batch_size=cfg.logging.num_samples, seq_len=seq_len,
-                 steps=cfg.logging.sample_steps, mask_id=trainee.model_cfg.mask_token_id, generator=g)
-    model.train()
+    kwargs = {"batch_size": cfg.logging.num_samples, "seq_len": seq_len, "steps": cfg.logging.sample_steps,
+              "mask_id": trainee.model_cfg.mask_token_id, "generator": g}
+    if trainee.pipeline:
+        ids = pipeline_sample(trainee.engine, vocab_size=trainee.model_cfg.vocab_size, device=trainee.device,
+                              **kwargs)
+    else:
+        model = trainee.engine.module
+        model.eval()
+        ids = sample(model, **kwargs)
+        model.train()
     return [tokenizer.decode(row.tolist()) for row in ids.cpu()]
 
 
@@ -253,21 +260,23 @@ class Trainer:
             rank0_print(f"--resume {resume}: no complete checkpoint in {self.cfg.checkpoint_dir}; starting fresh")
         if path is None:
             return
+        t0 = time.perf_counter()
         saved = self.manager.load(self.engine, path)
         self.state = {k: saved[k] for k in self.state}
         if self.loader is not None:
             self.loader.load_state_dict(saved["loader"])
         ckpt.set_rng_state(saved["rng"])
         self.last_saved = path
-        rank0_print(f"resumed from {path} at step {self.state['step']}")
+        rank0_print(f"resumed from {path} at step {self.state['step']} (loaded in {time.perf_counter() - t0:.1f} s)")
 
     def save(self) -> Path:
         step = self.state["step"]
         own = {**self.state, "loader": self.loader.state_dict() if self.loader is not None else None,
                "rng": ckpt.rng_state()}
         crash = self.cfg.debug.crash_in_checkpoint_at_step == step
+        t0 = time.perf_counter()
         self.last_saved = self.manager.save(self.engine, step, own, self.config_dict, crash_mid_write=crash)
-        rank0_print(f"checkpoint {self.last_saved} saved")
+        rank0_print(f"checkpoint {self.last_saved} saved in {time.perf_counter() - t0:.1f} s")
         return self.last_saved
 
     # ---- the loop

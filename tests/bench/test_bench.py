@@ -207,3 +207,21 @@ def test_scaling_smoke_one_process_and_a_two_stage_pipeline(tmp_path):
     assert rows[0]["efficiency"] == 1.0
     assert rows[1]["efficiency"] == pytest.approx(rows[1]["tokens_per_s"] / 2 / rows[0]["tokens_per_s"])
     assert table_header((tmp_path / "scaling.md").read_text()) == [c[0] for c in scaling.COLUMNS]
+
+
+@pytest.mark.slow
+def test_layout_resume_smoke_resumes_exactly_and_on_another_layout(tmp_path):
+    """DP=2 trains 8 steps; its step-4 checkpoint resumes on DP=2 (losses equal A's: fp32 on the CPU) and,
+    through `dckpt reshard`, as PP=2 (same learning rates, A's Adam step count carried over)."""
+    run_module("bench.layout_resume", "--smoke", "--out", str(tmp_path), "--seq-len", "32",
+               "--data-root", str(TEST_CACHE / "builtin"), timeout=300)
+    result = json.loads((tmp_path / "layout_resume.json").read_text())
+    check_header(result["header"], "bench.layout_resume")
+    rows = {r["phase"]: r for r in result["rows"]}
+    assert [r["status"] for r in rows.values()] == ["ok"] * 4
+    assert rows["B"]["steps"] == rows["C"]["steps"] == "5..8" and rows["A"]["steps"] == "1..8"
+    for s in range(5, 9):   # B repeats A's steps 5..8 (read back from the logs, not from the benchmark)
+        assert rows["B"]["losses"][str(s)] == pytest.approx(rows["A"]["losses"][str(s)], rel=1e-5)
+    c_log = (tmp_path / "layout_resume_logs" / "C.log").read_text()
+    assert "at step 4" in c_log and rows["C"]["max_rel_lr_diff"] == 0.0
+    assert (tmp_path / "layout_resume_runs" / "universal" / "latest").is_file()
