@@ -6,10 +6,10 @@
 Four phases, each a real `torchrun -m dtrain.cli train` (or `dckpt reshard`) of one config (default
 configs/1p3b_diffumamba_h.yaml) on the built-in corpus, with N processes:
   A  ZeRO-1 DP=N, steps 1..S, checkpoints at S/2 and S;
-  B  A's step-S/2 checkpoint resumed on the same layout (--resume PATH), steps S/2+1..S;
+  B  A's step-S/2 checkpoint resumed on the same layout (--resume PATH), steps S/2+1..S (no checkpoint);
   R  A's step-S/2 checkpoint converted to a universal checkpoint (`dckpt reshard`);
   C  the universal checkpoint resumed as PP=2 x DP=N/2, ZeRO-1, grad_accum doubled (same global batch),
-     data.reshard_on_resume=true, steps S/2+1..S.
+     data.reshard_on_resume=true, steps S/2+1..S, and its final checkpoint (pipeline layout).
 Checked and reported (the command fails when a check fails):
   * B logs A's losses step by step: same weights, optimizer state and data. Exact in fp32 on a CPU; on a
     GPU, bf16 kernels with atomic adds are not bitwise deterministic, so the difference is reported and
@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
     a_row, a = train_phase("A", dp_layout, n, 1, args.grad_accum)
     if a_row["status"] == "ok":
-        b_row, b = train_phase("B", dp_layout, n, 1, args.grad_accum, resume=ckpt_a)
+        b_row, b = train_phase("B", dp_layout, n, 1, args.grad_accum, resume=ckpt_a,
+                               extra=["checkpoint.interval=0", "checkpoint.save_final=false"])  # disk space
         b_row.update(compare(a, b, range(half + 1, args.steps + 1)))
         t0 = time.time()
         proc = subprocess.run([sys.executable, "-m", "checkpoints_tools.cli", "reshard", str(ckpt_a), str(universal),
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
         if rows[-1]["status"] == "ok":
             c_row, c = train_phase("C", pp_layout, n // 2, 2, 2 * args.grad_accum, resume=universal,
-                                   extra=["data.reshard_on_resume=true"])
+                                   extra=["data.reshard_on_resume=true", "checkpoint.interval=0"])
             c_row.update(compare(a, c, range(half + 1, args.steps + 1)))
             c_row["max_abs_loss_diff"] = None   # other samples: only the mean is comparable
     for r in rows:
