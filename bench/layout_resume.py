@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                          overrides=" ".join(overrides(args, "X", n, 1, args.grad_accum)[1:]))
     if not args.smoke:
         from bench.scaling import gpu_description
-        head["card"], head["kernels"] = gpu_description(n)
+        name, head["kernels"] = gpu_description()
+        head["card"] = f"{n} x {name}"
     logs = args.out / "layout_resume_logs"
     ckpt_a = args.out / "layout_resume_runs" / "A" / "checkpoints" / f"step{half:08d}"
     universal = args.out / "layout_resume_runs" / "universal"

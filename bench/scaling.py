@@ -56,14 +56,14 @@ def steady_tokens_per_s(lines: list[dict]) -> float | None:
     return steps / time_units if time_units else None
 
 
-def gpu_description(gpus: int) -> tuple[str, dict]:
-    """'2 x NVIDIA H100 80GB HBM3' and the kernels in use, asked of a child process: this one stays off
-    the GPUs (a CUDA context here would take memory from the first rank)."""
+def gpu_description() -> tuple[str, dict]:
+    """'NVIDIA H100 80GB HBM3' and the kernels in use, asked of a child process: this one stays off the
+    GPUs (a CUDA context here would take memory from the first rank)."""
     code = ("import json, torch; from model import kernels; "
             "print(json.dumps([torch.cuda.get_device_name(0), kernels.describe('cuda')]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=common.REPO, capture_output=True, text=True, check=True)
     name, kernels = json.loads(out.stdout.strip().splitlines()[-1])
-    return f"{gpus} x {name}", kernels
+    return name, kernels
 
 
 def overrides(args, layout: str) -> list[str]:
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                          overrides=" ".join(shared_overrides(args)) + " (+ run.name, run.out_dir, "
                                                                       "parallel.pipeline_stages per layout)")
     if not args.smoke:
-        head["card"], head["kernels"] = gpu_description(args.gpus)
+        head["card"], head["kernels"] = gpu_description()   # the count is per row: --resume adds layouts
     title = f"Scaling: ZeRO-1 data parallelism and pipeline parallelism — {head['card']}"
     notes = ["tokens/s: the trainer's console `tok/s` (all ranks) over every log interval but the first",
              ("efficiency = (tokens/s / GPUs) / tokens/s of the 1-GPU run of the same config; micro-batch and "

@@ -29,8 +29,8 @@ from dtrain.metrics import Metrics, rank0_print
 from dtrain.optim import lr_at, set_lr
 from dtrain.pipe_sampling import pipeline_sample
 from dtrain.pipeline import nan_unless_finite
-from model.diffusion import diffusion_loss, elbo_perplexity
-from model.flops import peak_flops, train_flops_per_token
+from model.diffusion import diffusion_loss_selected, elbo_perplexity, scored_positions
+from model.flops import expected_masked_fraction, peak_flops, train_flops_per_token
 from model.lm import DiffusionLM
 from model.sampler import sample
 
@@ -128,8 +128,10 @@ def train_step(trainee: Trainee, batches: TimedBatches | None, ga: int, poison: 
         stats, bad = [], False   # `bad` comes from was_step_applied() below
         for _ in range(ga):
             batch = next(batches)
-            logits = engine(batch["input_ids"])
-            loss, s = diffusion_loss(logits, batch, trainee.model_cfg.mask_token_id)
+            mask_id = trainee.model_cfg.mask_token_id
+            score_mask = scored_positions(batch, mask_id)   # the head runs at masked real positions only
+            logits = engine(batch["input_ids"], score_mask=score_mask)
+            loss, s = diffusion_loss_selected(logits, batch, mask_id, score_mask)
             # DeepSpeed's step reports whether it was applied through was_step_applied()
             engine.backward(nan_unless_finite(loss, poison))
             engine.step()
@@ -166,7 +168,9 @@ def evaluate(trainee: Trainee, data_cfg, cfg: RunConfig) -> dict:
             stats = []
             for _ in range(ga):
                 batch = next(batches)
-                stats.append(diffusion_loss(engine(batch["input_ids"]), batch, mask_id)[1])
+                score_mask = scored_positions(batch, mask_id)
+                logits = engine(batch["input_ids"], score_mask=score_mask)
+                stats.append(diffusion_loss_selected(logits, batch, mask_id, score_mask)[1])
         for s in stats:
             sums += torch.tensor([s["nelbo_per_seq"].double().sum().item(), s["tokens_per_seq"].double().sum().item()],
                                  dtype=torch.float64)
@@ -227,7 +231,8 @@ class Trainer:
         self.config_dict = resolved_config(cfg, self.model_cfg, self.data_cfg)
         self.out_dir = Path(cfg.run.out_dir)
         self.seq_len = self.data_cfg.seq_len
-        self.flops_per_token = train_flops_per_token(self.model_cfg, self.seq_len)
+        self.flops_per_token = train_flops_per_token(self.model_cfg, self.seq_len,
+                                                     head_fraction=expected_masked_fraction(self.data_cfg.eps))
         self.loader = (open_loader(self.data_cfg, "train", cfg, self.trainee, self.tokenizer.mask_id)
                        if self.trainee.reads_data else None)
         layout = {"dp_size": self.trainee.dp_size, "pipeline_stages": self.trainee.num_stages,

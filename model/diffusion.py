@@ -104,33 +104,73 @@ def subs_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, mask_id: int) 
     return logp
 
 
-def masked_token_nll(logits: torch.Tensor, batch: dict, mask_id: int) -> torch.Tensor:
-    """-log p_theta(x_0^i | x_t) at masked positions, 0 elsewhere; shape (B, L), fp32.
+def scored_positions(batch: dict, mask_id: int) -> torch.Tensor:
+    """bool (B, L): the positions the NELBO scores, masked in x_t and real (loss_mask > 0).
 
-    Equals the SUBS log-probability of the target (unmasked positions carry over with log p = 0) without
-    materialising the full log-softmax twice: cross-entropy over the vocabulary with [MASK] excluded.
+    Under SUBS every other position carries its token over with log p = 0, so the output head is needed
+    only here: pass this as `score_mask` to DiffusionLM.forward and the logits to diffusion_loss_selected.
     """
-    x_t, x_0 = batch["input_ids"], batch["targets"]
-    logits = logits.float()
-    logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
-    nll = F.cross_entropy(logits.flatten(0, 1), x_0.flatten(), reduction="none").view_as(x_0)
-    is_masked = (x_t == mask_id) & (batch["loss_mask"] > 0)
-    return torch.where(is_masked, nll, torch.zeros_like(nll))
+    return (batch["input_ids"] == mask_id) & (batch["loss_mask"] > 0)
 
 
-def diffusion_loss(logits: torch.Tensor, batch: dict, mask_id: int) -> tuple[torch.Tensor, dict]:
-    """Training loss: the per-token NELBO, sum_i 1/t * nll_i over masked tokens / number of real tokens.
+def subs_target_nll(logits: torch.Tensor, targets: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """-log p_theta(target | x_t) at masked positions under SUBS; logits (..., V), targets (...) -> (...).
 
-    Returns (loss, stats) where stats holds per-sequence NELBO sums and token counts (detached) for
-    logging loss by t bucket and for the ELBO perplexity bound.
+    Cross-entropy over the vocabulary with [MASK] excluded (its logit set to -inf), which equals the SUBS
+    log-probability of the target without materialising the carried-over distribution. Computed in fp32
+    (fp64 logits stay fp64) on one full-precision copy of the logits, besides cross_entropy's own softmax.
     """
-    nll = masked_token_nll(logits, batch, mask_id)
-    weighted = nll * loss_weight(batch["t"].float()).unsqueeze(-1)
-    per_seq = weighted.sum(-1)
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
+    x.select(-1, mask_id).fill_(float("-inf"))   # in place on the copy: no second full-size tensor
+    nll = F.cross_entropy(x.reshape(-1, x.shape[-1]), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape)
+
+
+def _nelbo(nll: torch.Tensor, rows: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    """The loss from the nll of the scored tokens (N,) and their sequence ids rows (N,): the per-token
+    NELBO sum_i 1/t * nll_i / number of real tokens, and the per-sequence stats. No scored token (N = 0)
+    gives loss 0, still attached to the graph through nll."""
+    t = batch["t"]
+    weighted = nll * loss_weight(t.to(nll.dtype))[rows]
+    per_seq = torch.zeros(t.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, weighted)
     tokens_per_seq = batch["loss_mask"].float().sum(-1)
     loss = per_seq.sum() / tokens_per_seq.sum().clamp_min(1.0)
     return loss, {"nelbo_per_seq": per_seq.detach(), "tokens_per_seq": tokens_per_seq.detach(),
-                  "t": batch["t"].detach()}
+                  "t": t.detach()}
+
+
+def diffusion_loss_selected(logits: torch.Tensor, batch: dict, mask_id: int,
+                            score_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """diffusion_loss from the logits of the scored positions only: logits (N, V) are the rows of
+    scored_positions(batch, mask_id) (or of score_mask, that same mask computed by the caller) in row-major
+    order, as DiffusionLM.forward(input_ids, score_mask=...) returns them. Same (loss, stats) as
+    diffusion_loss on the full (B, L, V) logits.
+    """
+    if score_mask is None:
+        score_mask = scored_positions(batch, mask_id)
+    rows, cols = score_mask.nonzero(as_tuple=True)
+    if logits.dim() != 2 or logits.shape[0] != rows.numel():
+        raise ValueError(f"expected logits of the {rows.numel()} scored positions, (N, V); got {tuple(logits.shape)}")
+    return _nelbo(subs_target_nll(logits, batch["targets"][rows, cols], mask_id), rows, batch)
+
+
+def diffusion_loss(logits: torch.Tensor, batch: dict, mask_id: int) -> tuple[torch.Tensor, dict]:
+    """Training loss from full logits (B, L, V): the per-token NELBO, sum_i 1/t * nll_i over masked tokens
+    / number of real tokens.
+
+    Returns (loss, stats) where stats holds per-sequence NELBO sums (B,), token counts (B,) and t (B,),
+    detached, for logging loss by t bucket and for the ELBO perplexity bound. Only the scored rows of the
+    logits are used; a caller that can skip the head elsewhere should use diffusion_loss_selected.
+    """
+    score_mask = scored_positions(batch, mask_id)
+    return diffusion_loss_selected(logits[score_mask], batch, mask_id, score_mask)
+
+
+def masked_token_nll(logits: torch.Tensor, batch: dict, mask_id: int) -> torch.Tensor:
+    """-log p_theta(x_0^i | x_t) at scored (masked, real) positions, 0 elsewhere; (B, L, V) -> (B, L)."""
+    score_mask = scored_positions(batch, mask_id)
+    nll = subs_target_nll(logits[score_mask], batch["targets"][score_mask], mask_id)
+    return torch.zeros(score_mask.shape, dtype=nll.dtype, device=nll.device).masked_scatter(score_mask, nll)
 
 
 def elbo_perplexity(total_nelbo: float, total_tokens: float) -> float:

@@ -3,10 +3,18 @@
 A matmul (m x k) @ (k x n) counts 2*m*k*n FLOPs; element-wise work (norms, activations, gates, rotary,
 softmax, the SSM's exponentials) is left out, as in the PaLM / Megatron MFU convention. Training costs
 3x the forward pass (backward = 2x forward); activation recomputation is not counted (MFU, not HFU).
+
+The output head is counted at the positions where the computation needs logits (`head_fraction`): every
+position for a plain forward pass (inference, sampling), but only the masked ones for training, since
+under SUBS unmasked positions carry their token over with log p = 0 and the trainer runs the head on the
+masked positions alone; their expected fraction is E[t] = (1 + eps) / 2 for t ~ U(eps, 1).
 """
 from __future__ import annotations
 
 from model.config import ModelConfig
+from model.diffusion import DEFAULT_EPS
+
+FULL_HEAD = 1.0   # head_fraction of a forward pass with logits at every position
 
 
 def mlp_flops(cfg: ModelConfig) -> float:
@@ -49,14 +57,35 @@ def block_flops(kind: str, cfg: ModelConfig, seq_len: int) -> float:
     return mixer + mlp_flops(cfg)
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def expected_masked_fraction(eps: float = DEFAULT_EPS) -> float:
+    """E[t] for t ~ U(eps, 1): the expected fraction of real tokens that are [MASK] in a training batch,
+    (1 + eps) / 2 (0.5005 at the default eps). Antithetic t over the global batch keeps each step's
+    fraction at this mean on average (padding, never masked, lowers it per counted token)."""
+    return (1.0 + eps) / 2.0
+
+
+def head_flops(cfg: ModelConfig) -> float:
+    """The output projection at one position (the embedding lookup itself is free)."""
+    return 2 * cfg.d_model * cfg.vocab_size
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, head_fraction: float = FULL_HEAD) -> float:
+    """Forward FLOPs per token; head_fraction: the fraction of positions the output head runs at,
+    1.0 (default) = logits at every position (inference / sampling), expected_masked_fraction() for the
+    training objective."""
+    if not 0.0 <= head_fraction <= 1.0:
+        raise ValueError(f"head_fraction must lie in [0, 1], got {head_fraction}")
     blocks = sum(block_flops(kind, cfg, seq_len) for kind in cfg.layer_pattern)
-    head = 2 * cfg.d_model * cfg.vocab_size   # the embedding lookup itself is free
-    return blocks + head
+    return blocks + head_fraction * head_flops(cfg)
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return 3 * forward_flops_per_token(cfg, seq_len)
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, head_fraction: float | None = None) -> float:
+    """Training FLOPs per token = 3 x forward. head_fraction None (default) = expected_masked_fraction()
+    at the default eps: the head at masked positions only, as the objective needs (pass
+    expected_masked_fraction(eps) for another data.eps); FULL_HEAD = 1.0 counts the head everywhere."""
+    if head_fraction is None:
+        head_fraction = expected_masked_fraction()
+    return 3 * forward_flops_per_token(cfg, seq_len, head_fraction)
 
 
 # dense bf16 peak FLOP/s per device (no sparsity), matched against torch.cuda.get_device_name()

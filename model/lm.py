@@ -1,6 +1,8 @@
 """DiffusionLM: embed -> blocks (from the layer pattern) -> norm -> head.
 
-The network maps a partly masked sequence x_t to logits over the clean tokens x_0 at every position.
+The network maps a partly masked sequence x_t to logits over the clean tokens x_0 at every position, or,
+given a score_mask, only at the selected positions (training: SUBS scores masked positions only, so the
+head, the largest matmul at a 32k vocabulary, runs on about half the tokens).
 It knows nothing of how it is trained or sharded; `pipeline_layers()` exposes the same modules as a
 flat list of stages so a pipeline-parallel engine can partition them.
 """
@@ -13,7 +15,7 @@ from torch import nn
 
 from model.blocks import Block, make_norm
 from model.config import ModelConfig
-from model.diffusion import diffusion_loss
+from model.diffusion import diffusion_loss_selected, scored_positions
 
 
 class Embedding(nn.Module):
@@ -33,7 +35,15 @@ class Head(nn.Module):
         self.norm = make_norm(cfg)
         self.proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, score_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, d) -> logits (B, L, V); with score_mask (bool (B, L)) only the selected positions ->
+        (N, V), in row-major order of the True entries. Norm and projection act position by position, so
+        these are exactly the selected rows of the full logits."""
+        if score_mask is not None:
+            if score_mask.dtype != torch.bool or score_mask.shape != h.shape[:-1]:
+                raise ValueError(f"score_mask must be a bool tensor of shape {tuple(h.shape[:-1])}, "
+                                 f"got {score_mask.dtype} {tuple(score_mask.shape)}")
+            h = h[score_mask]
         return self.proj(self.norm(h))
 
 
@@ -64,14 +74,20 @@ class DiffusionLM(nn.Module):
                 is_residual_out = name.endswith(("out_proj.weight", "fc_out.weight"))
                 nn.init.normal_(p, std=residual_std if is_residual_out else std)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, score_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V) at every position; with score_mask (bool (B, L)) only at its True positions,
+        (N, V) in row-major order (training: score_mask = model.diffusion.scored_positions(batch, mask_id),
+        loss from model.diffusion.diffusion_loss_selected)."""
         h = self.embed(input_ids)
         for block in self.blocks:
             h = block(h)
-        return self.head(h)
+        return self.head(h, score_mask)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        return diffusion_loss(self(batch["input_ids"]), batch, self.cfg.mask_token_id)
+        """diffusion_loss of this batch, with the head run at the scored (masked) positions only."""
+        mask_id = self.cfg.mask_token_id
+        score_mask = scored_positions(batch, mask_id)
+        return diffusion_loss_selected(self(batch["input_ids"], score_mask), batch, mask_id, score_mask)
 
     def pipeline_layers(self) -> list[nn.Module]:
         """The stack as a flat list [embed, block_0, ..., block_{n-1}, head] (same module objects)."""

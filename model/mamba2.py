@@ -25,6 +25,10 @@ from model import kernels
 from model.config import ModelConfig
 
 FP32_PARAMETERS = ("A_log", "D", "dt_bias")
+# mamba_ssm's Triton kernels and causal-conv1d compute offsets in 32 bits: a (batch, L, channels) input of
+# 2^31 elements or more makes them read out of bounds (an illegal memory access at batch 8 x 32K tokens,
+# d_model 2048). BiMamba2 splits such a batch into pieces below the limit; sequences are independent.
+KERNEL_MAX_ELEMENTS = 2 ** 31 - 1
 
 
 class GatedRMSNorm(nn.Module):
@@ -154,6 +158,13 @@ class BiMamba2(nn.Module):
 
     def forward(self, x):
         """x (b, l, d_model) -> (b, l, d_model)."""
+        channels = self.fwd.d_in_proj * (2 if self.fuse_directions else 1)   # widest tensor per token
+        rows = max(1, KERNEL_MAX_ELEMENTS // (x.shape[1] * channels))
+        if x.shape[0] > rows:
+            return torch.cat([self._forward(part) for part in x.split(rows)], dim=0)
+        return self._forward(x)
+
+    def _forward(self, x):
         if self.fuse_directions:
             return self._forward_fused(x)
         if self.tied:

@@ -6,8 +6,14 @@ reverse posterior under SUBS is
 and an unmasked position is copied unchanged. The denoiser takes no time input, so while no token
 changes between two steps its prediction is reused (the cache) instead of running the network again.
 A prefix, if given, is written into x_1 and, being unmasked, is carried through every step.
+
+`sample(model, ...)` runs a module; `sample_with(logits_fn, device=..., ...)` runs any function
+x_t (B, L) -> logits (B, L, V), e.g. one that drives a pipeline-parallel engine (dtrain/pipe_sampling.py).
+Given the same logits and generator the two take exactly the same path.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -31,9 +37,25 @@ def sample(model: torch.nn.Module, *, batch_size: int, seq_len: int, steps: int,
     Returns LongTensor (batch_size, seq_len) with no [MASK] left; with return_stats also a dict with the
     number of network evaluations (fewer than steps + 1 thanks to the cache).
     """
+    return sample_with(model, device=next(model.parameters()).device, batch_size=batch_size, seq_len=seq_len,
+                       steps=steps, mask_id=mask_id, seed=seed, generator=generator, prefix=prefix, eps=eps,
+                       return_stats=return_stats)
+
+
+@torch.no_grad()
+def sample_with(logits_fn: Callable[[torch.Tensor], torch.Tensor], *, device: torch.device | str,
+                batch_size: int, seq_len: int, steps: int, mask_id: int, seed: int = 0,
+                generator: torch.Generator | None = None, prefix: torch.Tensor | None = None,
+                eps: float = 1e-5, return_stats: bool = False):
+    """`sample` with the network given as a function x_t (B, L) LongTensor -> logits (B, L, V) on `device`.
+
+    Where several processes run it together (a pipeline), logits_fn must return the same logits on every
+    one of them: with the same generator they then draw the same tokens and make the same cache decisions,
+    so they call logits_fn the same number of times.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    device = next(model.parameters()).device
+    device = torch.device(device)
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(seed)
     x = torch.full((batch_size, seq_len), mask_id, dtype=torch.long, device=device)
@@ -45,7 +67,7 @@ def sample(model: torch.nn.Module, *, batch_size: int, seq_len: int, steps: int,
         x[:, : prefix.shape[1]] = prefix
 
     def denoise(x_t: torch.Tensor) -> torch.Tensor:
-        return subs_log_probs(model(x_t), x_t, mask_id).double().exp()
+        return subs_log_probs(logits_fn(x_t), x_t, mask_id).double().exp()
 
     timesteps = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
     p_x0, evaluations = None, 0

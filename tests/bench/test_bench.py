@@ -132,7 +132,9 @@ def test_mfu_against_a_hand_count():
     attention 2*64*192 + 2*64*64 (QKV, out) + 2*64*64 (QK^T) + 2*64*64 (AV) = 49,152
     MLP (h = 256) 2*64*256 + 2*256*64 = 65,536; head 2*64*512 = 65,536 -> forward 180,224, training 540,672."""
     cfg = ModelConfig(vocab_size=512, mask_token_id=511, d_model=64, layer_pattern="A", n_heads=4, mlp_ratio=4)
-    assert train_flops_per_token(cfg, 64) == 3 * 180_224 == 540_672
+    assert train_flops_per_token(cfg, 64, head_fraction=1.0) == 3 * 180_224 == 540_672
+    # training counts the head at the expected masked fraction (1 + eps) / 2 = 0.5005 only
+    assert train_flops_per_token(cfg, 64) == pytest.approx(3 * (114_688 + 0.5005 * 65_536))
     # 1,000 tokens/s on a 1 GFLOP/s device: 540,672 FLOP/s achieved -> 54.0672 %
     assert common.mfu(1000.0, 540_672, 1e9) == pytest.approx(0.540672)
     assert common.mfu(1000.0, 540_672, None) is None

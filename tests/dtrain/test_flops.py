@@ -36,7 +36,7 @@ def test_whole_model_and_training_factor():
     ids = torch.randint(0, 99, (2, L))
     got = counted_per_token(DiffusionLM(CFG), ids) + 4 * L * CFG.d_model   # + the attention block's SDPA
     assert flops.forward_flops_per_token(CFG, L) == pytest.approx(got, rel=0.05)
-    assert flops.train_flops_per_token(CFG, L) == 3 * flops.forward_flops_per_token(CFG, L)
+    assert flops.train_flops_per_token(CFG, L, head_fraction=1.0) == 3 * flops.forward_flops_per_token(CFG, L)
 
 
 def test_peak_table():

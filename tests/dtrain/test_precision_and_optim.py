@@ -72,3 +72,51 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_at(60, o, 110) == pytest.approx(1e-6 + 0.5 * (1e-4 - 1e-6) * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(110, o, 110) == pytest.approx(1e-6)
     assert lr_at(500, o, 110) == pytest.approx(1e-6)
+
+
+def test_pipeline_recomputes_checkpointed_blocks_under_the_forward_autocast(monkeypatch):
+    """bf16 autocast + activation checkpointing in the pipeline: the recomputation must run in bf16 like
+    the forward, so the gradients equal those of the un-checkpointed block exactly. DeepSpeed's default
+    checkpoint function recomputes in fp32, and its gradients differ."""
+    import deepspeed.pipe
+    import torch
+
+    from dtrain import pipeline
+    from model.blocks import Block
+
+    cfg = get_preset("tiny-diffumamba-h")
+    torch.manual_seed(0)
+    block = Block("M", cfg)
+    x = torch.randn(2, 16, cfg.d_model)
+
+    def grads(run):
+        block.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(block, xi)
+        out.float().square().sum().backward()
+        return [xi.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+
+    plain = grads(lambda b, xi: b(xi))
+    checkpointed = grads(lambda b, xi: pipeline.checkpoint_keeping_autocast(b, xi))
+    for a, b in zip(plain, checkpointed):
+        assert torch.equal(a, b)
+    from deepspeed.runtime.activation_checkpointing import checkpointing
+    deepspeed_default = grads(lambda b, xi: checkpointing.checkpoint(b, xi))   # recomputes in fp32
+    assert any(not torch.equal(a, b) for a, b in zip(plain, deepspeed_default))
+
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def fake_pipeline_module(**kwargs):
+        seen.update(kwargs)
+        raise Captured
+
+    monkeypatch.setattr(deepspeed.pipe, "PipelineModule", fake_pipeline_module)
+    with pytest.raises(Captured):
+        pipeline.build_pipeline_module(cfg, num_stages=2, partition_method="parameters", seed=0,
+                                       activation_checkpointing=True, loss_fn=pipeline.PipeLoss(cfg.mask_token_id))
+    assert seen["activation_checkpoint_func"] is pipeline.checkpoint_keeping_autocast
+    assert seen["activation_checkpoint_interval"] == 1

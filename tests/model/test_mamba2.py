@@ -204,3 +204,26 @@ def test_any_sequence_length(seqlen):
     torch.manual_seed(0)
     bi = BiMamba2(tiny_cfg(chunk_size=8))
     assert bi(torch.randn(1, seqlen, 32)).shape == (1, seqlen, 32)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_batches_past_the_kernels_32_bit_limit_are_split(monkeypatch, fuse):
+    """A batch whose widest mixer tensor would pass KERNEL_MAX_ELEMENTS runs in pieces below it, with the
+    same result as the whole batch (checked against the plain per-sequence computation, float64)."""
+    from model import mamba2
+    torch.manual_seed(0)
+    bi = randomize(BiMamba2(tiny_cfg(), fuse_directions=fuse)).double()
+    x = torch.randn(5, 13, 32, dtype=torch.float64)
+    want = torch.cat([plain_mixer(bi.fwd, s) + plain_mixer(bi.bwd, s.flip(1)).flip(1) for s in x.split(1)])
+    per_seq = 13 * bi.fwd.d_in_proj * (2 if fuse else 1)
+    pieces = []
+    real = bi._forward
+    monkeypatch.setattr(bi, "_forward", lambda part: pieces.append(part.shape[0]) or real(part))
+    monkeypatch.setattr(mamba2, "KERNEL_MAX_ELEMENTS", 2 * per_seq + 1)   # two sequences fit
+    got = bi(x)
+    assert pieces == [2, 2, 1]
+    assert ((got - want).norm() / want.norm()).item() < 1e-10
+    pieces.clear()
+    monkeypatch.setattr(mamba2, "KERNEL_MAX_ELEMENTS", 2 ** 31 - 1)
+    bi(x)
+    assert pieces == [5]
