@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# All three GPU benchmarks into one folder: inference (1 GPU), training (1 GPU), scaling (--gpus N).
+# The GPU benchmarks into one folder: inference (1 GPU), training (1 GPU), scaling (--gpus N) and,
+# with --gpus 4, train/resume/reshard (bench.layout_resume).
 #   bench/run_all.sh [OUT_DIR] [--gpus 2|4] [--smoke] [--resume]
 # Each step writes OUT_DIR/<name>.{md,json,png} as it goes; --resume continues a run that was cut short.
 set -euo pipefail
@@ -22,5 +23,8 @@ if [[ " ${common[*]} " == *" --smoke "* ]]; then
   "$py" -m bench.scaling --out "$out" "${common[@]}"
 else
   "$py" -m bench.scaling --gpus "$gpus" --out "$out" "${common[@]}"
+fi
+if [[ $gpus == 4 && " ${common[*]} " != *" --smoke "* ]]; then
+  "$py" -m bench.layout_resume --out "$out"   # train / resume / reshard / resume as PP=2 x DP=2
 fi
 echo "results: $out/{inference,training,scaling}.{md,json,png}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -71,11 +72,27 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
+    return rc
+
+
+def console_main() -> None:
+    """The `dtrain` command. A rank whose work is done (checkpoints written, logs closed) leaves without the
+    interpreter's finalisation: there, now and then, a native thread of torch.distributed / DeepSpeed
+    aborted a finished rank ("terminate called without an active exception", SIGABRT), and torchrun then
+    reported the whole run as failed."""
+    rc = main()
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        sys.exit(rc)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

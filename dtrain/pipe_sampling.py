@@ -29,14 +29,15 @@ from model.sampler import sample_with
 
 
 class PipelineLogits:
-    """x_t (B, L) -> logits (B, L, V) float32, identical on every rank; call it on all ranks together."""
+    """(x_t (B, L), score_mask) -> logits at score_mask (N, V) float32, identical on every rank; call it on
+    all ranks together. The pipeline computes and broadcasts the logits of every position."""
 
     def __init__(self, engine, vocab_size: int, device: torch.device):
         self.engine, self.vocab_size, self.device = engine, vocab_size, torch.device(device)
         # the last stage of data-parallel pipeline 0 (same model coordinate as this rank, if any)
         self.src = engine.grid.stage_to_global(engine.num_stages - 1, data=0)
 
-    def __call__(self, x_t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
         engine = self.engine
         # The last stage adds every forward's output to engine.total_loss, which eval_batch does not reset;
         # with compute_loss=False that output is the logits, so it must start from None (see sampling_mode).
@@ -54,7 +55,7 @@ class PipelineLogits:
         else:
             out = torch.empty(shape, dtype=torch.float32, device=self.device)
         dist.broadcast(out, src=self.src)
-        return out
+        return out[score_mask]
 
 
 @contextmanager

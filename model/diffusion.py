@@ -91,11 +91,17 @@ def mask_batch(x0: torch.Tensor, *, seed: int, step: int, positions: torch.Tenso
 
 
 # ---------------------------------------------------------------- SUBS parameterization
+def exclude_mask_logit(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """A copy of logits (..., V) in fp32 (fp64 stays fp64) with [MASK]'s logit at -inf: SUBS puts no mass
+    on [MASK]. One full-size copy, changed in place."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
+    x.select(-1, mask_id).fill_(float("-inf"))
+    return x
+
+
 def subs_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, mask_id: int) -> torch.Tensor:
     """log p_theta(x_0 | x_t) under SUBS: no mass on [MASK]; unmasked tokens carried over (log p = 0)."""
-    logits = logits.float().clone()
-    logits[..., mask_id] = float("-inf")
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(exclude_mask_logit(logits, mask_id), dim=-1)
     unmasked = input_ids != mask_id
     if unmasked.any():
         carried = torch.full_like(logp, float("-inf"))
@@ -120,8 +126,7 @@ def subs_target_nll(logits: torch.Tensor, targets: torch.Tensor, mask_id: int) -
     log-probability of the target without materialising the carried-over distribution. Computed in fp32
     (fp64 logits stay fp64) on one full-precision copy of the logits, besides cross_entropy's own softmax.
     """
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
-    x.select(-1, mask_id).fill_(float("-inf"))   # in place on the copy: no second full-size tensor
+    x = exclude_mask_logit(logits, mask_id)
     nll = F.cross_entropy(x.reshape(-1, x.shape[-1]), targets.reshape(-1), reduction="none")
     return nll.view(targets.shape)
 

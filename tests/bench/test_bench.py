@@ -146,7 +146,11 @@ def run_module(module: str, *args: str, timeout: int = 120) -> subprocess.Comple
     env.pop("RANK", None)
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
-    assert proc.returncode == 0, f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    if proc.returncode != 0:   # the trainer runs' own logs say why a torchrun launch failed
+        out = Path(args[args.index("--out") + 1]) if "--out" in args else None
+        logs = sorted(out.glob("*_logs/*.log")) if out else []
+        tails = "".join(f"\n--- {log}\n{log.read_text()[-4000:]}" for log in logs)
+        raise AssertionError(f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}{tails}")
     return proc
 
 
