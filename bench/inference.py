@@ -11,6 +11,7 @@ sequence length that runs out of memory: longer ones would too. Writes inference
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bench import common
+from model.flops import forward_flops_per_token
 from model.lm import DiffusionLM, count_parameters
 from model.presets import get_preset
 
@@ -77,6 +79,18 @@ def add_ratios(rows: list[dict]) -> None:
         r["vs_" + BASELINE] = r["tokens_per_s"] / b if r.get("tokens_per_s") and b else None
 
 
+def add_floor(rows: list[dict], peak_flops: float | None) -> None:
+    """The matmul FLOP floor of each row, model FLOPs of the forward (model/flops.py, logits at every
+    position) / the measured bf16 matmul peak, and the measured time over it."""
+    if not peak_flops:
+        return
+    for r in rows:
+        if r.get("ms"):
+            flops = forward_flops_per_token(get_preset(r["preset"]), r["seq_len"]) * r["batch"] * r["seq_len"]
+            r["floor_ms"] = flops / peak_flops * 1e3
+            r["vs_floor"] = r["ms"] / r["floor_ms"]
+
+
 def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batch_tokens=None,
           on_row=lambda rows: None, previous: list[dict] = ()) -> list[dict]:
     """Every (preset, batch, L); rows found in `previous` (an earlier, interrupted run) are kept as they are."""
@@ -119,6 +133,7 @@ def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batc
 COLUMNS = [("preset", "preset", ""), ("batch", "batch", "d"), ("L", "seq_len", ","), ("status", "status", ""),
            ("ms / forward", "ms", ".1f"), ("forwards/s", "forwards_per_s", ".2f"),
            ("tokens/s", "tokens_per_s", ",.0f"), ("vs DiffuTran", "vs_" + BASELINE, ".2f"),
+           ("matmul floor (ms)", "floor_ms", ".1f"), ("x floor", "vs_floor", ".2f"),
            ("peak mem (GiB)", "peak_mem_GiB", ".1f"), ("calls", "iters", "d")]
 
 
@@ -151,6 +166,25 @@ def plot(rows: list[dict], head: dict, path: Path) -> None:
     common.save_figure(fig, head, "denoising forward pass", path)
 
 
+NOTES = [("tokens/s = batch x L / median time of one forward pass; vs DiffuTran = tokens/s over the "
+          "DiffuTran preset's at the same batch and L"),
+         ("matmul floor = model FLOPs of the forward (model/flops.py: matmuls only, logits at every position) / "
+          "the bf16 matmul peak; x floor = ms / floor"),
+         "peak mem: torch.cuda.max_memory_allocated during the row"]
+
+
+def rewrite_floor(out_dir: Path, peak_flops: float) -> None:
+    """--plot-only --matmul-peak-tflops: the matmul-floor columns of an existing result, from a given peak."""
+    result = json.loads((out_dir / "inference.json").read_text())
+    head, rows = result["header"], result["rows"]
+    head["matmul_peak"] = (f"{peak_flops / 1e12:.3g} TFLOP/s (given afterwards: --plot-only "
+                           f"--matmul-peak-tflops {peak_flops / 1e12:g})")
+    head["matmul_peak_flops"] = peak_flops
+    add_floor(rows, peak_flops)
+    common.write_results(out_dir, "inference", f"Inference: denoising forward pass — {head['card']}", head,
+                         [("", common.markdown_table(COLUMNS, rows))], rows, NOTES)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny presets, L 64/128, batches 1/2, 1-2 calls")
@@ -164,9 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-row-seconds", type=float, default=20.0,
                     help="fewer timed calls (never under min(iters, 3)) and warm-up calls (never under 1) "
                          "when a row would take longer")
+    ap.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 torch.mm timed for the peak")
+    ap.add_argument("--matmul-peak-tflops", type=float,
+                    help="use this bf16 matmul peak instead of measuring it; with --plot-only, (re)computes the "
+                         "matmul-floor columns of OUT/inference.{json,md} from it")
     common.add_output_args(ap, "inference")
     args = ap.parse_args(argv)
+    given_peak = args.matmul_peak_tflops * 1e12 if args.matmul_peak_tflops else None
     if args.plot_only:
+        if given_peak:
+            rewrite_floor(args.out, given_peak)
         return common.replot(args.out, "inference", plot)
     device = common.pick_device(args.smoke)
     presets = args.presets or (SMOKE_PRESETS if args.smoke else PRESETS)
@@ -174,12 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batches or ([1, 2] if args.smoke else [1, 8])
     warmup, iters = (1, 2) if args.smoke else (args.warmup, args.iters)
     max_row_s = 0.0 if args.smoke else args.max_row_seconds
+    if given_peak:
+        peak = {"flops": given_peak, "text": f"{given_peak / 1e12:.3g} TFLOP/s (given: --matmul-peak-tflops)"}
+    else:
+        mm = common.matmul_peak(device, n=256, warmup=1, iters=2) if args.smoke else common.matmul_peak(device, args.matmul_n)
+        peak = {"flops": mm["flops"], "text": f"{mm['flops'] / 1e12:.3g} TFLOP/s measured (bf16 torch.mm "
+                                              f"{mm['n']}^3, {mm['ms']:.2f} ms)"}
     head = common.header(device, "bench.inference", dtype="bf16 weights (A_log, D, dt_bias fp32)",
                          timing=f"median of {iters} calls after {warmup} warm-up (fewer for rows slower than "
-                                f"--max-row-seconds {max_row_s:g}: never under 3 and 1; column `calls`)")
+                                f"--max-row-seconds {max_row_s:g}: never under 3 and 1; column `calls`)",
+                         matmul_peak=peak["text"], matmul_peak_flops=peak["flops"])
     title = f"Inference: denoising forward pass — {head['card']}"
-    notes = [("tokens/s = batch x L / median time of one forward pass; vs DiffuTran = tokens/s over the "
-              "DiffuTran preset's at the same batch and L"), "peak mem: torch.cuda.max_memory_allocated during the row"]
+    notes = NOTES
 
     previous = common.previous_rows(args.out, "inference", head, args.resume)
     planned = {(p, b, L) for p in presets for b in batches for L in seq_lens}
@@ -187,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(rows):
         add_ratios(rows)
+        add_floor(rows, peak["flops"])
         return common.write_results(args.out, "inference", title, head,
                                     [("", common.markdown_table(COLUMNS, rows))], rows, notes)
 

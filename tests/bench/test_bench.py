@@ -21,7 +21,8 @@ sys.path.insert(0, str(REPO))
 
 from bench import common, inference, scaling, training
 from model.config import ModelConfig
-from model.flops import train_flops_per_token
+from model.flops import forward_flops_per_token, train_flops_per_token
+from model.presets import get_preset
 
 # the small dataset the dtrain tests build (seq_len 32, vocab 512): shared, built once
 TEST_CACHE = Path(os.environ.get("DIFFUMAMBA_TEST_CACHE", Path.home() / ".cache" / "diffumamba-tests"))
@@ -90,7 +91,15 @@ def test_inference_resume_measures_only_missing_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(inference, "denoise", only_new)
     assert inference.main([*args, "--seq-lens", "32", "64", "--resume"]) == 0
     result = json.loads((tmp_path / "inference.json").read_text())
-    assert result["rows"][0] == first[0] and [r["seq_len"] for r in result["rows"]] == [32, 64]
+    def measured(r):   # the matmul-floor columns follow the peak in the header of the latest run
+        return {k: v for k, v in r.items() if k not in ("floor_ms", "vs_floor")}
+
+    assert measured(result["rows"][0]) == measured(first[0]) and [r["seq_len"] for r in result["rows"]] == [32, 64]
+    peak = result["header"]["matmul_peak_flops"]
+    for r in result["rows"]:
+        fpt = forward_flops_per_token(get_preset("tiny-diffumamba"), r["seq_len"])   # hand-checked in tests/dtrain
+        assert r["floor_ms"] == pytest.approx(fpt * r["seq_len"] / peak * 1e3)
+        assert r["vs_floor"] == pytest.approx(r["ms"] / r["floor_ms"])
     assert "1 rows from the run of" in result["header"]["resumed"]
     # a run split by --presets: the transformer's rows join the Mamba ones, and the ratios use both
     monkeypatch.setattr(inference, "denoise", real)
