@@ -74,3 +74,26 @@ def test_tiny_model_learns_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_its_formula(dtype):
+    """RMSNorm = x / sqrt(mean(x^2) + eps) * weight in fp32, cast back to the input dtype; checked against
+    the formula written out in float64 (values and gradients) on random inputs and weights."""
+    from model.blocks import RMSNorm
+    torch.manual_seed(0)
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = (3 * torch.randn(5, 7, 48)).to(dtype).requires_grad_(True)
+    got = norm(x)
+    assert got.dtype == dtype
+    x64, w64 = x.detach().double().requires_grad_(True), norm.weight.detach().double().requires_grad_(True)
+    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+    torch.testing.assert_close(got.double(), want, **tol)
+    g = torch.randn_like(want).to(dtype)   # the same (rounded) output gradient for both
+    got.backward(g)
+    want.backward(g.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    torch.testing.assert_close(norm.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
