@@ -84,6 +84,8 @@ class LoggingSection:
     peak_flops_per_gpu: float | None = None  # None: looked up from the GPU name (absent on CPU)
     num_samples: int = 2               # decoded text samples per evaluation (0: none)
     sample_steps: int = 64
+    profile_start: int | None = None   # torch.profiler trace of steps profile_start.. (one file per rank)
+    profile_steps: int = 2
 
 
 @dataclass
@@ -240,6 +242,9 @@ def _check(cfg: RunConfig) -> None:
     need(lg.t_buckets >= 1, "logging.t_buckets", f"must be >= 1, got {lg.t_buckets}")
     need(lg.num_samples >= 0, "logging.num_samples", f"must be >= 0, got {lg.num_samples}")
     need(lg.sample_steps >= 1, "logging.sample_steps", f"must be >= 1, got {lg.sample_steps}")
+    need(lg.profile_start is None or lg.profile_start >= 1, "logging.profile_start",
+         f"must be a step >= 1 (or null), got {lg.profile_start}")
+    need(lg.profile_steps >= 1, "logging.profile_steps", f"must be >= 1, got {lg.profile_steps}")
     for k in FROM_TOKENIZER:
         need(k not in cfg.model, f"model.{k}", "comes from the tokenizer; remove it from the config")
     b = cfg.builtin_data()

@@ -29,6 +29,7 @@ from dtrain.metrics import Metrics, rank0_print
 from dtrain.optim import lr_at, set_lr
 from dtrain.pipe_sampling import pipeline_sample
 from dtrain.pipeline import nan_unless_finite
+from dtrain.profiling import StepProfiler
 from model.diffusion import diffusion_loss_selected, elbo_perplexity, scored_positions
 from model.flops import expected_masked_fraction, peak_flops, train_flops_per_token
 from model.lm import DiffusionLM
@@ -299,13 +300,19 @@ class Trainer:
         metrics.start_step = self.state["step"]
         stop = StopFlag()
         stop.install()
+        profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.out_dir,
+                                dist.get_rank(), self.device)
         consecutive_bad, status = 0, "finished"
         try:
             while self.state["step"] < t.steps:
                 step = self.state["step"] + 1   # the step being taken, counted from 1 as in logs and checkpoints
                 set_lr(self.engine.optimizer, lr_at(step - 1, cfg.optim, t.steps))
                 wait0 = batches.wait if batches is not None else 0.0
+                profiler.before(step)
                 bad, norm = train_step(self.trainee, batches, t.grad_accum, step in cfg.debug.nan_at_steps, metrics)
+                trace = profiler.after(step)
+                if trace is not None:
+                    rank0_print(f"profile of steps {cfg.logging.profile_start}-{step}: {trace.parent}/rank*")
                 # one small all-reduce per step: agree on "bad step" and on "a stop signal arrived"
                 flags = torch.tensor([float(bad), float(stop.signal_name is not None)], device=self.device)
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -343,6 +350,7 @@ class Trainer:
                     (self.last_saved is None or Path(self.last_saved).name != final):
                 self.save()
         finally:
+            profiler.close()
             metrics.close()
         if status == "finished":
             rank0_print(f"done: {self.state['step']} steps, {self.state['tokens']} tokens, "
