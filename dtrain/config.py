@@ -64,6 +64,8 @@ class ParallelSection:
     pipeline_stages: int = 1           # >1: DeepSpeed PipelineModule, one LayerSpec per block
     partition_method: str = "parameters"
     backend: str | None = None      # None: nccl on CUDA, gloo on CPU
+    overlap_comm: bool | None = None   # ZeRO: reduce gradients during the backward pass (None: DeepSpeed's default)
+    reduce_bucket_size: int | None = None   # ZeRO: elements per gradient reduction (None: DeepSpeed's 5e8)
 
 
 @dataclass
@@ -236,6 +238,8 @@ def _check(cfg: RunConfig) -> None:
     need(p.partition_method in PARTITION_METHODS, "parallel.partition_method",
          f"must be one of {PARTITION_METHODS}, got {p.partition_method!r}")
     need(p.backend in (None, "nccl", "gloo"), "parallel.backend", f"must be nccl or gloo, got {p.backend!r}")
+    need(p.reduce_bucket_size is None or p.reduce_bucket_size >= 1, "parallel.reduce_bucket_size",
+         f"must be >= 1 (or null), got {p.reduce_bucket_size}")
     need(c.interval >= 0, "checkpoint.interval", f"must be >= 0, got {c.interval}")
     need(c.keep >= 0, "checkpoint.keep", f"must be >= 0, got {c.keep}")
     need(lg.log_interval >= 1, "logging.log_interval", f"must be >= 1, got {lg.log_interval}")

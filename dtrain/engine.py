@@ -111,6 +111,11 @@ def check_batch(cfg: RunConfig, world_size: int) -> int:
     return dp
 
 
+def zero_tuning(p) -> dict:
+    """The ZeRO communication settings the config sets (left out: DeepSpeed's defaults apply)."""
+    return {k: getattr(p, k) for k in ("overlap_comm", "reduce_bucket_size") if getattr(p, k) is not None}
+
+
 def deepspeed_config(cfg: RunConfig, dp_size: int, load_universal: bool = False) -> dict:
     t = cfg.train
     ds = {
@@ -118,7 +123,7 @@ def deepspeed_config(cfg: RunConfig, dp_size: int, load_universal: bool = False)
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch_size * t.grad_accum * dp_size,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, **zero_tuning(cfg.parallel)},
         "data_types": {"grad_accum_dtype": "fp32"},
         "steps_per_print": 2 ** 31,   # the trainer logs itself
         "wall_clock_breakdown": False,

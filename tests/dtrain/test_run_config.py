@@ -36,6 +36,9 @@ def test_overrides_are_typed_and_applied():
     ("train.activation_checkpointing=maybe", "train.activation_checkpointing"),
     ("model.vocab_size=100", "model.vocab_size"),
     ("model.mask_token_id=3", "model.mask_token_id"),
+    ("parallel.overlap_comm=sometimes", "parallel.overlap_comm"),
+    ("parallel.reduce_bucket_size=0", "parallel.reduce_bucket_size"),
+    ("logging.profile_steps=0", "logging.profile_steps"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -89,3 +92,10 @@ def test_shipped_configs_are_valid():
     for f in files:
         cfg = load_config(f)
         cfg.model_config(vocab_size=32768, mask_token_id=32767)
+
+
+def test_zero_communication_settings_reach_deepspeed_only_when_set():
+    from dtrain.engine import deepspeed_config
+    assert deepspeed_config(cfg_with(), dp_size=2)["zero_optimization"] == {"stage": 1}   # DeepSpeed's defaults
+    ds = deepspeed_config(cfg_with("parallel.overlap_comm=true", "parallel.reduce_bucket_size=50000000"), dp_size=2)
+    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True, "reduce_bucket_size": 50_000_000}

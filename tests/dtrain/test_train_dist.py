@@ -169,3 +169,17 @@ def test_pipeline_two_stages(tmp_path, dataset):
     first, last = (torch.load(ck / f"layer_{i:02d}-model_states.pt")["tok.weight"] for i in (0, 5))
     assert torch.equal(first, last)
     assert not torch.equal(first, plain_model(cfg, dataset).embed.tok.weight)
+
+
+def test_zero_overlap_comm_trains_to_the_same_losses(tmp_path, dataset):
+    """parallel.overlap_comm / reduce_bucket_size reach DeepSpeed and leave the numbers alone: ZeRO-2 with
+    the reduction overlapped and in small buckets logs the losses of the default run (fp32, 2 ranks)."""
+    runs = {}
+    for name, parallel in (("default", {}), ("overlap", {"overlap_comm": True, "reduce_bucket_size": 20000})):
+        cfg = base_config(tmp_path / name, dataset, parallel={"zero_stage": 2, **parallel},
+                          train={"steps": 4, "eval_interval": 0}, checkpoint={"interval": 0, "save_final": False},
+                          logging={"num_samples": 0})
+        check_ok(launch(cfg, tmp_path))
+        runs[name] = losses(scalars(tmp_path / name))
+    assert len(runs["default"]) == 4
+    assert runs["overlap"] == pytest.approx(runs["default"], rel=1e-5)
