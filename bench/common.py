@@ -152,6 +152,27 @@ def torchrun(nproc: int, dtrain_args: list[str], log_path: Path, *, timeout: flo
     return rc, log_path.read_text()
 
 
+def add_builtin_data_args(ap) -> None:
+    """--data-root / --data-vocab / --data-max-bytes: the built-in corpus the trainer runs read."""
+    ap.add_argument("--data-root", default=str(REPO / ".cache" / "builtin_data"))
+    ap.add_argument("--data-vocab", type=int, default=4096, help="tokenizer size for the built-in corpus")
+    ap.add_argument("--data-max-bytes", type=int)
+
+
+def smoke_builtin_data(args) -> None:
+    """A small corpus and tokenizer for CPU smoke runs."""
+    args.data_vocab, args.data_max_bytes = 512, args.data_max_bytes or 300_000
+
+
+def builtin_data_overrides(args) -> list[str]:
+    """dtrain overrides that train on the built-in corpus chosen by add_builtin_data_args."""
+    over = ["data.build_default=true", f"data.default_root={args.data_root}",
+            f"data.default_vocab_size={args.data_vocab}"]
+    if args.data_max_bytes:
+        over.append(f"data.default_max_bytes={args.data_max_bytes}")
+    return over
+
+
 def log_tail(text: str, lines: int = 3, chars: int = 300) -> str:
     return " / ".join(text.strip().splitlines()[-lines:])[-chars:]
 

@@ -180,9 +180,15 @@ def rewrite_floor(out_dir: Path, peak_flops: float) -> None:
     head["matmul_peak"] = (f"{peak_flops / 1e12:.3g} TFLOP/s (given afterwards: --plot-only "
                            f"--matmul-peak-tflops {peak_flops / 1e12:g})")
     head["matmul_peak_flops"] = peak_flops
-    add_floor(rows, peak_flops)
-    common.write_results(out_dir, "inference", f"Inference: denoising forward pass — {head['card']}", head,
-                         [("", common.markdown_table(COLUMNS, rows))], rows, NOTES)
+    save_results(out_dir, head, rows)
+
+
+def save_results(out_dir: Path, head: dict, rows: list[dict]) -> Path:
+    """OUT/inference.{json,md}, with the DiffuTran ratios and matmul-floor columns (from the header's peak)."""
+    add_ratios(rows)
+    add_floor(rows, head.get("matmul_peak_flops"))
+    return common.write_results(out_dir, "inference", f"Inference: denoising forward pass — {head['card']}", head,
+                                [("", common.markdown_table(COLUMNS, rows))], rows, NOTES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,23 +231,15 @@ def main(argv: list[str] | None = None) -> int:
                          timing=f"median of {iters} calls after {warmup} warm-up (fewer for rows slower than "
                                 f"--max-row-seconds {max_row_s:g}: never under 3 and 1; column `calls`)",
                          matmul_peak=peak["text"], matmul_peak_flops=peak["flops"])
-    title = f"Inference: denoising forward pass — {head['card']}"
-    notes = NOTES
 
     previous = common.previous_rows(args.out, "inference", head, args.resume)
     planned = {(p, b, L) for p in presets for b in batches for L in seq_lens}
     others = [r for r in previous if (r["preset"], r["batch"], r["seq_len"]) not in planned]  # other --presets
 
-    def save(rows):
-        add_ratios(rows)
-        add_floor(rows, peak["flops"])
-        return common.write_results(args.out, "inference", title, head,
-                                    [("", common.markdown_table(COLUMNS, rows))], rows, notes)
-
     rows = others + sweep(presets, batches, seq_lens, device, warmup, iters,
                           max_row_s, args.max_batch_tokens,
-                          on_row=lambda new: save(others + new), previous=previous)
-    common.print_results(save(rows))
+                          on_row=lambda new: save_results(args.out, head, others + new), previous=previous)
+    common.print_results(save_results(args.out, head, rows))
     plot(rows, head, args.out / "inference.png")
     return 0
 

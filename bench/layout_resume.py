@@ -61,13 +61,9 @@ def overrides(args, phase: str, dp: int, pp: int, ga: int) -> list[str]:
             f"parallel.pipeline_stages={pp}", "parallel.zero_stage=1",
             f"checkpoint.interval={args.steps // 2}", "checkpoint.keep=0",
             f"train.eval_interval={args.steps // 2}", "train.eval_iters=2", "logging.num_samples=0",
-            f"optim.warmup_steps={args.steps // 4}",
-            "data.build_default=true", f"data.default_root={args.data_root}",
-            f"data.default_vocab_size={args.data_vocab}"]
+            f"optim.warmup_steps={args.steps // 4}", *common.builtin_data_overrides(args)]
     if args.seq_len:
         over.append(f"data.seq_len={args.seq_len}")
-    if args.data_max_bytes:
-        over.append(f"data.default_max_bytes={args.data_max_bytes}")
     return over + list(args.override)
 
 
@@ -116,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--grad-accum", type=int, default=1, help="of the DP layout; PP=2 doubles it")
     ap.add_argument("--seq-len", type=int, help="default: the config's")
-    ap.add_argument("--data-root", default=str(common.REPO / ".cache" / "builtin_data"))
-    ap.add_argument("--data-vocab", type=int, default=4096)
-    ap.add_argument("--data-max-bytes", type=int)
+    common.add_builtin_data_args(ap)
     ap.add_argument("--reshard-workers", type=int, default=8)
     ap.add_argument("--loss-tol", type=float, default=0.02, help="max |loss_B - loss_A| (default for bf16 on a GPU)")
     ap.add_argument("--mean-tol", type=float, default=0.05, help="max relative difference of C's mean loss vs A's")
@@ -133,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         args.config = args.config or common.REPO / "configs" / "tiny_cpu.yaml"
         args.procs, args.steps, args.micro_batch = 2, min(args.steps, 8), 2
         args.seq_len = args.seq_len or 64
-        args.data_vocab, args.data_max_bytes = 512, args.data_max_bytes or 300_000
+        common.smoke_builtin_data(args)
         args.loss_tol = min(args.loss_tol, 1e-4)   # fp32 on a CPU: B repeats A
         args.override = ["data.num_workers=0", *args.override]
     else:

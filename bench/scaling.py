@@ -85,10 +85,7 @@ def shared_overrides(args) -> list[str]:
     if args.data:
         over += [f"data.path={args.data}", "data.build_default=false"]
     else:
-        over += ["data.build_default=true", f"data.default_root={args.data_root}",
-                 f"data.default_vocab_size={args.data_vocab}"]
-        if args.data_max_bytes:
-            over.append(f"data.default_max_bytes={args.data_max_bytes}")
+        over += common.builtin_data_overrides(args)
     return over + list(args.override)
 
 
@@ -158,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grad-accum", type=int, help="default: the config's (micro-batches per pipeline step)")
     ap.add_argument("--seq-len", type=int, help="default: the config's")
     ap.add_argument("--data", help="a built dataset (dshards build); default: the built-in corpus")
-    ap.add_argument("--data-root", default=str(common.REPO / ".cache" / "builtin_data"))
-    ap.add_argument("--data-vocab", type=int, default=4096, help="tokenizer size for the built-in corpus")
-    ap.add_argument("--data-max-bytes", type=int)
+    common.add_builtin_data_args(ap)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
     common.add_output_args(ap, "scaling", resume_help="keep the layouts already measured in OUT/scaling.json (same card); run the others")
     ap.add_argument("override", nargs="*", help="more dtrain overrides for every run: model.d_model=512 ...")
@@ -173,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.log_interval = min(args.steps, 4), 1
         args.micro_batch, args.grad_accum = args.micro_batch or 2, args.grad_accum or 2
         args.seq_len = args.seq_len or 64
-        args.data_vocab, args.data_max_bytes = 512, args.data_max_bytes or 300_000
+        common.smoke_builtin_data(args)
         args.override = ["train.precision=bf16", "data.num_workers=0", *args.override]
     else:
         if not torch.cuda.is_available() or torch.cuda.device_count() < args.gpus:
