@@ -3,14 +3,18 @@
 On the same weights and inputs, BiMamba2's output and the gradients of its input and of every
 parameter are computed twice:
     kernel path     the model in bf16 or fp32 on the GPU, Triton scan + norm, causal-conv1d kernel
-                    (or its F.conv1d fallback, forced), directions fused into one launch or not;
+                    (or its F.conv1d fallback, forced), directions fused into one launch or not, and
+                    with separate directions mamba_ssm's fused mixer (conv + scan + norm + out_proj in
+                    one autograd function) or, forced, those pieces one by one;
     reference path  the same (rounded) weights in float64, every kernel forced to the reference.
 The relative error ||a - b|| / ||b|| must stay under 2e-2 for bf16 and 5e-3 for fp32 (tf32 inside the
 Triton kernels). For scale, the table also shows the error of the reference path run in the kernel
 path's own dtype ("ref same dtype"): a kernel should be about as close as that. A few bf16 gradients
 (dt_bias: a long sum with heavy cancellation) sit near 2e-2 even on the reference path, so a row also
 passes when its error is within 1.25x of that same-dtype reference error.
-Then it times forward + backward of the mixer at d_model 2048 on 32K tokens, for each path.
+Then two model-level checks (the fp32 RMSNorm of the blocks, F.rms_norm on the GPU, against the float64
+formula; DiffusionLM's logits at masked positions only against the same rows of the full logits), and it
+times forward + backward of the mixer at d_model 2048 on 32K tokens, for each path.
 
     python bench/gpu_validate.py --out gpu_validate.md               # on an H100
     python bench/gpu_validate.py --device cpu --out /tmp/smoke.md    # CPU smoke run: reference vs reference
@@ -31,8 +35,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import kernels
+from model.blocks import RMSNorm
 from model.config import MambaConfig, ModelConfig
+from model.lm import DiffusionLM
 from model.mamba2 import BiMamba2
+from model.presets import get_preset
 
 DEFAULT_SIZES = {
     "cuda": {"batch": 2, "seqlen": 1000, "d_model": 256, "d_state": 64, "headdim": 64, "chunk_size": 256,
@@ -82,7 +89,7 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def validate_one(cfg, precision, conv_kernel, fused, device, batch, seqlen):
+def validate_one(cfg, precision, forced, fused, device, batch, seqlen):
     """Rows (tensor, max_abs, rel, rel of the same-dtype reference, pass) for one configuration."""
     dtype, autocast = PRECISIONS[precision]
     master = make_model(cfg, fused, device)
@@ -93,7 +100,6 @@ def validate_one(cfg, precision, conv_kernel, fused, device, batch, seqlen):
     x = torch.randn(batch, seqlen, cfg.d_model, generator=gen).to(device)
     grad_out = torch.randn(batch, seqlen, cfg.d_model, generator=gen).to(device)
 
-    forced = () if conv_kernel else ("conv",)
     with kernels.use_reference_kernels(*forced) if forced else contextlib.nullcontext():
         used = kernels.describe(device)
         out, grads = forward_backward(model, x.to(dtype), grad_out.to(dtype), autocast)
@@ -112,35 +118,84 @@ def validate_one(cfg, precision, conv_kernel, fused, device, batch, seqlen):
 
 
 def run_validation(args, device, lines):
-    configs = []
+    configs = []   # (directions, groups, precision, kernels forced to the reference, directions fused)
     for precision in ("bf16", "fp32"):
-        for conv_kernel in (True, False):
+        for forced in ((), ("conv",), ("mixer",)):
             for fused in (True, False):
-                configs.append(("independent", 1, precision, conv_kernel, fused))
-    configs += [("independent", 1, "amp-bf16", True, True),
-                ("tied_projections", 1, "bf16", True, True),
-                ("tied_projections", 1, "fp32", True, False),
-                ("independent", 2, "bf16", True, True)]
+                if not (forced == ("mixer",) and fused):    # fused directions never use the fused mixer
+                    configs.append(("independent", 1, precision, forced, fused))
+    configs += [("independent", 1, "amp-bf16", (), True),
+                ("independent", 1, "amp-bf16", (), False),
+                ("tied_projections", 1, "bf16", (), True),
+                ("tied_projections", 1, "fp32", (), False),
+                ("independent", 2, "bf16", (), True),
+                ("independent", 2, "bf16", (), False)]
     all_pass = True
     lines.append(f"## Kernel path vs float64 reference (batch {args.batch}, seqlen {args.seqlen}, "
                  f"d_model {args.d_model}, d_state {args.d_state}, headdim {args.headdim}, "
                  f"chunk {args.chunk_size})\n")
-    lines.append("| directions | groups | precision | conv | fused | scan/norm | tensor | max abs | rel | "
+    lines.append("| directions | groups | precision | conv | fused | scan/norm | mixer | tensor | max abs | rel | "
                  "ref same dtype | tol | ok |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for directions, ngroups, precision, conv_kernel, fused in configs:
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for directions, ngroups, precision, forced, fused in configs:
         cfg = make_cfg(args.d_model, directions, ngroups, args.d_state, args.headdim, args.chunk_size)
-        used, rows = validate_one(cfg, precision, conv_kernel, fused, device, args.batch, args.seqlen)
+        used, rows = validate_one(cfg, precision, forced, fused, device, args.batch, args.seqlen)
+        # the fused mixer runs only for separate, independent directions with conv channels % 8 == 0
+        mixer = used["mixer"] if not fused and directions == "independent" else "n/a"
         worst = max(rows, key=lambda r: r[2] / TOLERANCE[precision])
         ok = all(r[4] for r in rows)
         all_pass &= ok
         print(f"{directions:16s} g={ngroups} {precision:8s} conv={used['conv']:9s} fused={fused!s:5s} "
-              f"scan={used['scan']:9s}: worst {worst[0]} rel {worst[2]:.2e} "
+              f"scan={used['scan']:9s} mixer={mixer:9s}: worst {worst[0]} rel {worst[2]:.2e} "
               f"(same-dtype ref {worst[3]:.2e}) {'ok' if ok else 'FAIL'}", flush=True)
         for name, max_abs, rel, rel_same, passed in rows:
             lines.append(f"| {directions} | {ngroups} | {precision} | {used['conv']} | {fused} | "
-                         f"{used['scan']}/{used['norm']} | {name} | {max_abs:.2e} | {rel:.2e} | "
+                         f"{used['scan']}/{used['norm']} | {mixer} | {name} | {max_abs:.2e} | {rel:.2e} | "
                          f"{rel_same:.2e} | {TOLERANCE[precision]:.0e} | {'ok' if passed else 'FAIL'} |")
+    lines.append("")
+    return all_pass
+
+
+def run_model_checks(device, lines) -> bool:
+    """The blocks' RMSNorm against the float64 formula, and DiffusionLM's logits at masked positions only
+    (score_mask, the training path) against the same rows of its full logits, on the kernel path."""
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    d = 2048 if device.type == "cuda" else 64
+    checks = []
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+        norm = RMSNorm(d).to(device)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.2 * torch.randn(d, generator=gen))
+        x = (3 * torch.randn(4, 512, d, generator=gen)).to(device, dtype)
+        x64 = x.double()
+        want = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
+        checks.append(("RMSNorm (F.rms_norm in fp32) vs float64 formula", dtype, norm(x), want, tol))
+
+    preset = "240m-diffumamba-h" if device.type == "cuda" else "tiny-diffumamba-h"
+    torch.manual_seed(3)
+    model = DiffusionLM(get_preset(preset).replace(layer_pattern="MA")).to(device, torch.bfloat16).eval()
+    ids = torch.randint(0, model.cfg.vocab_size - 1, (2, 1024 if device.type == "cuda" else 32), generator=gen)
+    score_mask = torch.rand(ids.shape, generator=gen) < 0.5
+    ids[score_mask] = model.cfg.mask_token_id
+    ids, score_mask = ids.to(device), score_mask.to(device)
+    with torch.no_grad():
+        full, selected = model(ids), model(ids, score_mask)
+    checks.append((f"logits at masked positions vs full logits ({preset}, pattern MA)", torch.bfloat16,
+                   selected, full[score_mask], 1e-2))
+
+    lines.append("## Model pieces on the kernel path\n")
+    lines.append("| check | dtype | max abs | rel | tol | ok |")
+    lines.append("|---|---|---|---|---|---|")
+    all_pass = True
+    for what, dtype, got, want, tol in checks:
+        got, want = got.double().cpu(), want.double().cpu()
+        rel = rel_err(got, want)
+        ok = got.shape == want.shape and rel <= tol
+        all_pass &= ok
+        row = (f"| {what} | {str(dtype)[6:]} | {(got - want).abs().max().item():.2e} | {rel:.2e} | {tol:.0e} | "
+               f"{'ok' if ok else 'FAIL'} |")
+        print(row, flush=True)
+        lines.append(row)
     lines.append("")
     return all_pass
 
@@ -171,6 +226,7 @@ def run_timing(args, device, lines):
     lines.append("| path | ms / iter | tokens / s | peak GiB |")
     lines.append("|---|---|---|---|")
     paths = [("kernels, directions fused", True, ()), ("kernels, directions separate", False, ()),
+             ("kernels, directions separate, mixer pieces (fused mixer off)", False, ("mixer",)),
              ("kernels, conv fallback, fused", True, ("conv",)), ("reference (pure PyTorch)", False, None)]
     for label, fused, forced in paths:
         model = make_model(cfg, fused, device).to(dtype)
@@ -217,6 +273,7 @@ def main(argv=None):
              f"- import errors: {kernels.IMPORT_ERRORS or 'none'}\n"]
     print("\n".join(lines), flush=True)
     all_pass = run_validation(args, device, lines)
+    all_pass &= run_model_checks(device, lines)
     if not args.skip_bench:
         run_timing(args, device, lines)
     lines.append(f"**{'PASS' if all_pass else 'FAIL'}**")

@@ -10,6 +10,11 @@ grows with DP), on the built-in corpus unless --data names a dataset. Throughput
 console line (`step 12/12 | ... | tok/s 9021 | ...`, dtrain/metrics.py), all ranks together; the first
 log interval (warm-up) is dropped. Efficiency = tokens/s per GPU of the layout / tokens/s of 1 GPU.
 Writes scaling.{json,md,png} and each run's log under scaling_logs/.
+
+--profile-steps K runs K more steps after the measured ones and traces them on every rank
+(logging.profile_start); the tokens/s still come from the first --steps steps. Each layout's traces go
+through bench.trace_breakdown: scaling_profiles/<layout>.md, and the mean over ranks of GPU compute,
+idle and exposed-NCCL time per step in the table, which is where a layout's lost efficiency went.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench import common
+from bench import common, trace_breakdown
 
 # name: (processes, pipeline stages); data-parallel size = processes / stages
 LAYOUTS = {"1": (1, 1), "dp2": (2, 1), "pp2": (2, 2), "dp4": (4, 1), "pp2dp2": (4, 2)}
@@ -42,6 +47,11 @@ def parse_log(text: str) -> list[dict]:
     """The trainer's progress lines: step, total steps, tokens/s of the interval (all ranks), MFU if logged."""
     return [{"step": int(m[1]), "steps": int(m[2]), "tokens_per_s": float(m[3]),
              "mfu": float(m[4]) / 100 if m[4] else None} for m in LOG_LINE.finditer(text)]
+
+
+def measured_lines(lines: list[dict], steps: int) -> list[dict]:
+    """The progress lines of the measured steps (traced steps after them run slower)."""
+    return [ln for ln in lines if ln["step"] <= steps]
 
 
 def steady_tokens_per_s(lines: list[dict]) -> float | None:
@@ -75,11 +85,14 @@ def overrides(args, layout: str) -> list[str]:
 
 def shared_overrides(args) -> list[str]:
     """The same in every run: no evaluation, checkpoints, samples or TensorBoard; ZeRO-1; batch and data."""
-    over = [f"train.steps={args.steps}", f"logging.log_interval={args.log_interval}", "train.eval_interval=0",
+    over = [f"train.steps={args.steps + args.profile_steps}", f"logging.log_interval={args.log_interval}",
+            "train.eval_interval=0",
             "train.global_batch_size=null", "checkpoint.interval=0", "checkpoint.save_final=false",
             "logging.tensorboard=false", "logging.num_samples=0", "parallel.zero_stage=1"]
     over += [f"train.{k}={v}" for k, v in (("micro_batch_size", args.micro_batch), ("grad_accum", args.grad_accum))
              if v is not None]
+    if args.profile_steps:
+        over += [f"logging.profile_start={args.steps + 1}", f"logging.profile_steps={args.profile_steps}"]
     if args.seq_len is not None:
         over.append(f"data.seq_len={args.seq_len}")
     if args.data:
@@ -97,9 +110,9 @@ def launch(args, layout: str, log_path: Path) -> tuple[int | str, str]:
                            timeout=args.timeout, cpu=args.smoke)
 
 
-def result_row(layout: str, rc, text: str, wall_s: float) -> dict:
+def result_row(layout: str, rc, text: str, wall_s: float, steps: int) -> dict:
     n, pp = LAYOUTS[layout]
-    lines = parse_log(text)
+    lines = measured_lines(parse_log(text), steps)
     tps = steady_tokens_per_s(lines)
     row = {"layout": describe(layout), "key": layout, "gpus": n, "dp": n // pp, "pp": pp, "wall_s": wall_s,
            "log_lines": len(lines)}
@@ -114,6 +127,27 @@ def result_row(layout: str, rc, text: str, wall_s: float) -> dict:
     return row
 
 
+def profile_summary(args, layout: str) -> dict:
+    """Break down the layout's traces (scaling_profiles/<layout>.md); the per-step means over ranks."""
+    folder = args.out / "scaling_runs" / layout / "profile"
+    files = sorted(folder.glob("*.json.gz")) if folder.is_dir() else []
+    if not files:
+        return {"profile": f"no trace in {folder}"}
+    try:
+        results = [(f.name, trace_breakdown.breakdown(trace_breakdown.load_events(f),
+                                                      trace_breakdown.steps_of(f, None))) for f in files]
+    except ValueError as e:                 # a CPU run (--smoke) traces no GPU kernel
+        return {"profile": f"{e} in {folder}"}
+    path = args.out / "scaling_profiles" / f"{layout}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {describe(layout)}: GPU time of the traced steps\n\n" + trace_breakdown.markdown(results))
+    mean = lambda key, part: sum(r[part][key] for _, r in results) / len(results)
+    return {"profile": str(path.relative_to(args.out)), "gpu_step_ms": mean("window", "per_step_ms"),
+            "compute_pct": mean("compute_busy", "pct"), "idle_pct": mean("idle", "pct"),
+            "nccl_exposed_pct": mean("nccl_exposed", "pct"), "p2p_ms": mean("nccl_p2p", "per_step_ms"),
+            "collective_ms": mean("nccl_collective", "per_step_ms")}
+
+
 def add_efficiency(rows: list[dict]) -> None:
     base = next((r.get("tokens_per_s_per_gpu") for r in rows if r["gpus"] == 1), None)
     for r in rows:
@@ -124,6 +158,11 @@ COLUMNS = [("layout", "layout", ""), ("GPUs", "gpus", "d"), ("DP", "dp", "d"), (
            ("status", "status", ""), ("tokens/s (all GPUs)", "tokens_per_s", ",.0f"),
            ("tokens/s/GPU", "tokens_per_s_per_gpu", ",.0f"), ("efficiency vs 1 GPU", "efficiency", ".1%"),
            ("MFU (trainer, data-sheet peak)", "mfu_trainer", ".1%"), ("run wall (s)", "wall_s", ".0f")]
+# with --profile-steps: the traced steps' GPU time, mean over ranks (bench/trace_breakdown.py)
+PROFILE_COLUMNS = [("layout", "layout", ""), ("GPU window / step (ms)", "gpu_step_ms", ",.0f"),
+                   ("compute busy", "compute_pct", ".1f"), ("idle", "idle_pct", ".1f"),
+                   ("NCCL exposed", "nccl_exposed_pct", ".1f"), ("p2p kernels / step (ms)", "p2p_ms", ",.0f"),
+                   ("collectives / step (ms)", "collective_ms", ",.0f"), ("breakdown", "profile", "")]
 
 
 def plot(rows: list[dict], head: dict, path: Path) -> None:
@@ -148,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), help="default: by --gpus; '1' is the baseline")
     ap.add_argument("--config", type=Path, help="default: configs/1p3b_diffumamba.yaml (--smoke: tiny_cpu.yaml)")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="trace this many more steps on every rank after the measured ones and break them down")
     ap.add_argument("--log-interval", type=int, default=4,
                     help="the first interval is dropped as warm-up (on a fresh machine it includes the Triton "
                          "kernels' compilation; at 8 steps the 1-GPU run was still speeding up)")
@@ -188,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(rows):
         add_efficiency(rows)
-        return common.write_results(args.out, "scaling", title, head, [("", common.markdown_table(COLUMNS, rows))],
-                                    rows, notes)
+        tables = [("", common.markdown_table(COLUMNS, rows))]
+        profiled = [r for r in rows if "gpu_step_ms" in r]
+        if profiled:
+            tables.append(("GPU time of the traced steps (% of the GPU window, mean over ranks)",
+                           common.markdown_table(PROFILE_COLUMNS, profiled)))
+        return common.write_results(args.out, "scaling", title, head, tables, rows, notes)
 
     previous = common.previous_rows(args.out, "scaling", head, args.resume)
     done = {r["key"]: r for r in previous if r["status"] == "ok"}
@@ -200,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.time()
         rc, text = launch(args, layout, args.out / "scaling_logs" / f"{layout}.log")
-        rows.append(result_row(layout, rc, text, time.time() - t0))
+        rows.append(result_row(layout, rc, text, time.time() - t0, args.steps))
+        if args.profile_steps and rows[-1]["status"] == "ok":
+            rows[-1].update(profile_summary(args, layout))
         print(f"{describe(layout)}: {rows[-1]['status']}"
               + (f", {rows[-1]['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in rows[-1] else ""), flush=True)
         save(rows)

@@ -9,7 +9,9 @@ engine from dtrain.engine.build and dtrain.loop.train_step, on random tokens mas
 For each L the largest micro-batch that fits is found by halving from a cap on OOM (grad_accum 1).
 MFU = tokens/s x model FLOPs per token (model/flops.py, fwd + bwd = 3 x fwd) / peak, against the
 measured bf16 matmul peak of the card (8192^3 torch.mm) and against its data-sheet peak.
-Writes training.{json,md,png}.
+Writes training.{json,md,png}. --profile traces 2 more steps of each measured row (torch.profiler) and
+breaks their GPU time down by kernel kind (bench/trace_breakdown.py): training_profiles/<preset>_L<L>.md,
+and a second table of ms per step by kind, to show what keeps MFU below the matmul peak.
 """
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from bench import common
+from bench import common, trace_breakdown
 from dtrain import engine as dengine
 from dtrain.config import load_config
 from dtrain.loop import train_step
+from dtrain.profiling import StepProfiler
 from model.diffusion import mask_batch
 from model.flops import peak_flops, train_flops_per_token
 from model.lm import DiffusionLM, count_parameters
@@ -100,7 +103,8 @@ class Trial:
             out.append({k: v.to(self.device) for k, v in b.items()})
         return out
 
-    def measure(self, seq_len: int, micro_batch: int, warmup: int, iters: int, inject_oom_tokens: int | None):
+    def measure(self, seq_len: int, micro_batch: int, warmup: int, iters: int, inject_oom_tokens: int | None,
+                profile_dir: Path | None = None):
         common.free_memory(self.device)   # cached blocks of another shape would only fragment memory
         if self.trainee is None:
             self.build(seq_len, micro_batch)
@@ -111,13 +115,40 @@ class Trial:
         metrics = NoMetrics()
         sec = common.median(common.time_calls(lambda: train_step(self.trainee, batches, 1, False, metrics),
                                               self.device, warmup, iters))
-        return {"step_ms": sec * 1e3, "tokens_per_s": micro_batch * seq_len / sec,
-                "peak_mem_GiB": common.peak_mem_gib(self.device), "leftover_GiB_at_build": self.leftover_gib}
+        got = {"step_ms": sec * 1e3, "tokens_per_s": micro_batch * seq_len / sec,
+               "peak_mem_GiB": common.peak_mem_gib(self.device), "leftover_GiB_at_build": self.leftover_gib}
+        if profile_dir is not None:
+            got.update(self.profile(profile_dir, batches, metrics))
+        return got
+
+    def profile(self, out_dir: Path, batches, metrics, steps: int = 2) -> dict:
+        """Trace `steps` more steps; their GPU time by kernel kind (ms per step), see bench/trace_breakdown."""
+        profiler = StepProfiler(1, steps, out_dir, 0, self.device)
+        trace = None
+        for step in range(1, steps + 1):
+            profiler.before(step)
+            train_step(self.trainee, batches, 1, False, metrics)
+            trace = profiler.after(step) or trace
+        try:
+            result = trace_breakdown.breakdown(trace_breakdown.load_events(trace), steps)
+        except ValueError as e:                          # a CPU run (--smoke) has no GPU kernel to break down
+            return {"profile": f"{e} in {trace}"}
+        md = out_dir.with_suffix(".md")
+        md.write_text(f"# {out_dir.name}: GPU time of {steps} traced steps\n\n"
+                      + trace_breakdown.markdown([(trace.name, result)]))
+        return {"profile": md.name, **profile_columns(result)}
 
 
-def attempt(trial: Trial, seq_len: int, micro_batch: int, *, warmup: int, iters: int, inject: int | None):
+def profile_columns(result: dict) -> dict:
+    """A trace_breakdown result -> the row's GPU idle % and ms per step of each kernel kind."""
+    return {"gpu_idle_pct": result["pct"]["idle"], **{f"ms_{k}": result["per_step_ms"][k] for k in PROFILE_KINDS}}
+
+
+def attempt(trial: Trial, seq_len: int, micro_batch: int, *, warmup: int, iters: int, inject: int | None,
+            profile_root: Path | None = None):
     """One micro-batch size: its measurement, or OOM (and the engine is dropped, to be rebuilt)."""
-    got = common.guarded(trial.measure, trial.device, seq_len, micro_batch, warmup, iters, inject)
+    profile_dir = profile_root / f"{trial.preset}_L{seq_len}" if profile_root is not None else None
+    got = common.guarded(trial.measure, trial.device, seq_len, micro_batch, warmup, iters, inject, profile_dir)
     if got is common.OOM:
         trial.close()
     return got
@@ -140,7 +171,7 @@ def power_of_two_at_most(x: int) -> int:
 
 
 def sweep(presets, seq_lens, device, *, cap_tokens, warmup, iters, ac, peak, spec_peak, inject_oom_tokens=None,
-          on_row=lambda rows: None, previous: list[dict] = ()) -> list[dict]:
+          on_row=lambda rows: None, previous: list[dict] = (), profile_root: Path | None = None) -> list[dict]:
     """Every (preset, L); rows found in `previous` (an earlier, interrupted run) are kept as they are."""
     done = {(r["preset"], r["seq_len"]): r for r in previous}
     rows = []
@@ -161,7 +192,8 @@ def sweep(presets, seq_lens, device, *, cap_tokens, warmup, iters, ac, peak, spe
                 start = min(start, best_prev)
             t0 = time.perf_counter()
             mb, got, attempts = largest_fitting(
-                functools.partial(attempt, trial, seq_len, warmup=warmup, iters=iters, inject=inject_oom_tokens),
+                functools.partial(attempt, trial, seq_len, warmup=warmup, iters=iters, inject=inject_oom_tokens,
+                                  profile_root=profile_root),
                 start)
             cfg, model_cfg = trial.cfg, trial.model_cfg
             row = {"preset": name, "seq_len": seq_len, "zero_stage": cfg.parallel.zero_stage,
@@ -187,6 +219,13 @@ COLUMNS = [("preset", "preset", ""), ("L", "seq_len", ","), ("status", "status",
            ("tried", "attempts", ""), ("step (ms)", "step_ms", ".0f"), ("tokens/s/GPU", "tokens_per_s", ",.0f"),
            ("model TFLOP/s", "tflops", ".1f"), ("MFU (measured peak)", "mfu", ".1%"),
            ("MFU (spec peak)", "mfu_spec", ".1%"), ("peak mem (GiB)", "peak_mem_GiB", ".1f")]
+# --profile: GPU time of a traced step by kernel kind (bench/trace_breakdown.py's categories)
+PROFILE_KINDS = ("gemm", "attention", "ssm_scan", "conv1d", "norm", "optimizer", "memcpy_memset",
+                 "elementwise_other")
+PROFILE_COLUMNS = ([("preset", "preset", ""), ("L", "seq_len", ","), ("step (ms)", "step_ms", ".0f"),
+                    ("GPU idle %", "gpu_idle_pct", ".1f")]
+                   + [(f"{kind} (ms)", f"ms_{kind}", ".1f") for kind in PROFILE_KINDS]
+                   + [("breakdown", "profile", "")])
 
 
 def plot(rows: list[dict], head: dict, path: Path) -> None:
@@ -219,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=5, help="timed optimizer steps (median)")
     ap.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 torch.mm timed for the peak")
+    ap.add_argument("--profile", action="store_true",
+                    help="trace 2 more steps of each row; GPU time by kernel kind in a second table")
     ap.add_argument("--inject-oom-tokens", type=int, help="testing: fake an OOM above this many tokens per "
                                                           "micro-batch (default in --smoke: 128)")
     common.add_output_args(ap, "training")
@@ -252,15 +293,20 @@ def main(argv: list[str] | None = None) -> int:
               "`tried` lists the attempts")]
 
     def save(rows):
-        return common.write_results(args.out, "training", title, head,
-                                    [("", common.markdown_table(COLUMNS, rows))], rows, notes)
+        tables = [("", common.markdown_table(COLUMNS, rows))]
+        profiled = [r for r in rows if "ms_gemm" in r]
+        if profiled:
+            tables.append(("GPU time of a traced step by kernel kind (ms; kinds on different streams can overlap)",
+                           common.markdown_table(PROFILE_COLUMNS, profiled)))
+        return common.write_results(args.out, "training", title, head, tables, rows, notes)
 
     previous = common.previous_rows(args.out, "training", head, args.resume)
     planned = {(p, L) for p in presets for L in seq_lens}
     others = [r for r in previous if (r["preset"], r["seq_len"]) not in planned]   # other --presets
     rows = others + sweep(presets, seq_lens, device, cap_tokens=cap, warmup=warmup, iters=iters,
                           ac=args.activation_checkpointing, peak=mm["flops"], spec_peak=spec,
-                          inject_oom_tokens=inject, on_row=lambda new: save(others + new), previous=previous)
+                          inject_oom_tokens=inject, on_row=lambda new: save(others + new), previous=previous,
+                          profile_root=args.out / "training_profiles" if args.profile else None)
     common.print_results(save(rows))
     plot(rows, head, args.out / "training.png")
     return 0

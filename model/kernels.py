@@ -3,12 +3,14 @@
     chunk_scan     mamba_ssm's Triton `mamba_chunk_scan_combined`   else  model.ssd.ssd_chunked
     causal_conv1d  causal-conv1d's CUDA `causal_conv1d_fn`          else  F.conv1d, left-padded
     rmsnorm_gated  mamba_ssm's Triton `rmsnorm_fn`                  else  the same math in torch
+    fused_mixer    mamba_ssm's `mamba_split_conv1d_scan_combined`: conv + scan + gated norm + out_proj of
+                   one Mamba-2 direction in one autograd function    else  the caller composes the above
     flash_attn_func  flash-attn's kernel, or None
 
 A kernel is used only on CUDA tensors and only when its package imports. The reference path can be
 forced, for tests that run both paths on the same weights:
     with use_reference_kernels():            # every kernel
-    with use_reference_kernels("conv"):      # just the conv (names: scan, conv, norm, attn)
+    with use_reference_kernels("conv"):      # just the conv (names: scan, conv, norm, attn, mixer)
     DIFFUMAMBA_KERNELS=reference             # every kernel, for the whole process
     DIFFUMAMBA_KERNELS=reference:conv,norm   # some of them
 
@@ -33,7 +35,7 @@ from einops import rearrange
 
 from model import ssd
 
-KERNEL_NAMES = ("scan", "conv", "norm", "attn")
+KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
 
 
@@ -91,18 +93,21 @@ def import_skipping_package_init(module_name: str):
 
 
 def load_mamba_triton():
-    """(mamba_chunk_scan_combined, rmsnorm_fn) from mamba_ssm's Triton modules; ImportError if absent."""
+    """(mamba_chunk_scan_combined, rmsnorm_fn, mamba_split_conv1d_scan_combined) from mamba_ssm's Triton
+    modules; ImportError if absent. The third is None when mamba_ssm found no causal-conv1d to call."""
     ssd_combined = import_skipping_package_init("mamba_ssm.ops.triton.ssd_combined")
     layernorm_gated = import_skipping_package_init("mamba_ssm.ops.triton.layernorm_gated")
-    return ssd_combined.mamba_chunk_scan_combined, layernorm_gated.rmsnorm_fn
+    has_conv = getattr(ssd_combined, "causal_conv1d_fwd_function", None) is not None
+    fused = getattr(ssd_combined, "mamba_split_conv1d_scan_combined", None) if has_conv else None
+    return ssd_combined.mamba_chunk_scan_combined, layernorm_gated.rmsnorm_fn, fused
 
 
 IMPORT_ERRORS: dict[str, str] = {}  # why a kernel is missing, for logs
 
 try:
-    _mamba_chunk_scan_combined, _rmsnorm_fn = load_mamba_triton()
+    _mamba_chunk_scan_combined, _rmsnorm_fn, _mamba_split_conv1d_scan_combined = load_mamba_triton()
 except Exception as e:  # noqa: BLE001 - Triton itself can fail at import on machines without a GPU
-    _mamba_chunk_scan_combined, _rmsnorm_fn = None, None
+    _mamba_chunk_scan_combined, _rmsnorm_fn, _mamba_split_conv1d_scan_combined = None, None, None
     IMPORT_ERRORS["mamba_ssm"] = repr(e)
 
 try:
@@ -121,7 +126,7 @@ HAS_MAMBA_TRITON = _mamba_chunk_scan_combined is not None
 HAS_CAUSAL_CONV1D = _causal_conv1d_fn is not None
 HAS_FLASH_ATTN = flash_attn_func is not None
 _AVAILABLE = {"scan": HAS_MAMBA_TRITON, "norm": HAS_MAMBA_TRITON, "conv": HAS_CAUSAL_CONV1D,
-              "attn": HAS_FLASH_ATTN}
+              "attn": HAS_FLASH_ATTN, "mixer": _mamba_split_conv1d_scan_combined is not None}
 
 
 # ---------------------------------------------------------------- choosing a path
@@ -157,16 +162,24 @@ def use_reference_kernels(*names: str):
         _forced_reference.update(saved)
 
 
+# The fused mixer runs the conv, scan and norm kernels: forcing any of them to the reference forces it too.
+_ALSO_NEEDS = {"mixer": ("scan", "conv", "norm")}
+
+
+def _on(name: str, on_gpu: bool) -> bool:
+    return (_AVAILABLE[name] and on_gpu and not reference_forced(name)
+            and all(_on(n, on_gpu) for n in _ALSO_NEEDS.get(name, ())))
+
+
 def uses_kernel(name: str, tensor: torch.Tensor) -> bool:
     """True when kernel `name` would run on `tensor`: installed, tensor on CUDA, not forced off."""
-    return _AVAILABLE[name] and tensor.is_cuda and not reference_forced(name)
+    return _on(name, tensor.is_cuda)
 
 
 def describe(device: torch.device | str = "cuda") -> dict[str, str]:
     """Which implementation each kernel uses on `device`, e.g. for a startup log line."""
     on_gpu = torch.device(device).type == "cuda"
-    return {name: "kernel" if _AVAILABLE[name] and on_gpu and not reference_forced(name) else "reference"
-            for name in KERNEL_NAMES}
+    return {name: "kernel" if _on(name, on_gpu) else "reference" for name in KERNEL_NAMES}
 
 
 # ---------------------------------------------------------------- the scan
@@ -227,6 +240,25 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=Fals
         return _rmsnorm_fn(x, weight, None, z=z, eps=eps, group_size=group_size,
                            norm_before_gate=norm_before_gate)
     return rmsnorm_gated_reference(x, z, weight, eps, group_size, norm_before_gate)
+
+
+# ---------------------------------------------------------------- one fused Mamba-2 direction
+def fused_mixer_usable(zxbcdt: torch.Tensor, conv_channels: int, conv_width: int) -> bool:
+    """Whether Mamba2Mixer may hand its in_proj output to fused_mixer: the kernel is there and on, and
+    the shapes suit causal-conv1d's channel-last path (channels a multiple of 8, width 2 to 4)."""
+    return uses_kernel("mixer", zxbcdt) and conv_channels % 8 == 0 and 2 <= conv_width <= 4
+
+
+def fused_mixer(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, norm_eps, out_weight,
+                headdim, ngroups):
+    """out_proj(RMSNorm(SSD(silu(conv(xBC))) * silu(z))) from zxbcdt = in_proj(u) = [z, xBC, dt], one
+    direction, the same function as Mamba2Mixer's pieces (norm over groups, gate before the norm).
+    One autograd function: its backward recomputes the conv and the norm output instead of keeping
+    them, and writes the gradients of z, xBC and dt into one buffer (no concatenation)."""
+    return _mamba_split_conv1d_scan_combined(
+        zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, activation="silu",
+        rmsnorm_weight=norm_weight, rmsnorm_eps=norm_eps, outproj_weight=out_weight, outproj_bias=None,
+        headdim=headdim, ngroups=ngroups, norm_before_gate=False)
 
 
 def flash_attn_usable(tensor: torch.Tensor) -> bool:

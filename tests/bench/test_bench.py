@@ -4,6 +4,7 @@ The benchmarks' numbers are not checked here (speed is measured, never asserted)
 produces its table and a JSON of finite numbers, records an out-of-memory row instead of crashing, does
 the MFU arithmetic right, and reads the trainer's own progress line.
 """
+import gzip
 import importlib.util
 import json
 import math
@@ -168,7 +169,7 @@ def test_training_smoke_through_the_deepspeed_engine(tmp_path):
     search halves (rebuilding the engine) and lands on 2 and 1 sequences at L 64 and 128; at L 256 nothing
     fits (an OOM row) and L 512 is skipped."""
     proc = run_module("bench.training", "--smoke", "--out", str(tmp_path), "--presets", "tiny-diffumamba-h",
-                      "--seq-lens", "64", "128", "256", "512")
+                      "--seq-lens", "64", "128", "256", "512", "--profile")
     result = json.loads((tmp_path / "training.json").read_text())
     head, rows = result["header"], result["rows"]
     check_header(head, "bench.training")
@@ -183,9 +184,23 @@ def test_training_smoke_through_the_deepspeed_engine(tmp_path):
             training.run_config(r["preset"], r["seq_len"], 1, "config").model_config(512, 511), r["seq_len"])
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["train_flops_per_token"] / head["matmul_peak_flops"])
         assert r["tflops"] == pytest.approx(r["tokens_per_s"] * r["train_flops_per_token"] / 1e12)
+        # --profile traced 2 more steps; a CPU trace has no GPU kernel to break down
+        trace = tmp_path / "training_profiles" / f"tiny-diffumamba-h_L{r['seq_len']}" / "profile" / "rank0_steps1-2.json.gz"
+        assert trace.is_file() and "no GPU kernel events" in r["profile"]
     md = (tmp_path / "training.md").read_text()
     assert table_header(md) == [c[0] for c in training.COLUMNS]
     assert md in proc.stdout
+
+
+def test_training_profile_columns_are_the_breakdowns_ms_per_step():
+    events = [{"ph": "X", "cat": "kernel", "name": n, "ts": t, "dur": d, "pid": 0, "tid": 7}
+              for n, t, d in [("nvjet_gemm", 0, 300), ("_chunk_scan_bwd_dx_kernel", 300, 100),
+                              ("multi_tensor_apply_kernel", 500, 100)]]
+    from bench import trace_breakdown
+    got = training.profile_columns(trace_breakdown.breakdown(events, steps=2))
+    assert got["gpu_idle_pct"] == pytest.approx(100 * 100 / 600)      # 500..600 free of a 600 us window
+    assert (got["ms_gemm"], got["ms_ssm_scan"], got["ms_optimizer"]) == pytest.approx((0.15, 0.05, 0.05))
+    assert got["ms_attention"] == 0 and set(got) == {"gpu_idle_pct"} | {f"ms_{k}" for k in training.PROFILE_KINDS}
 
 
 def test_parser_reads_the_trainers_console_line(capsys):
@@ -207,9 +222,10 @@ def test_parser_reads_the_trainers_console_line(capsys):
 
 @pytest.mark.slow
 def test_scaling_smoke_one_process_and_a_two_stage_pipeline(tmp_path):
-    """`dtrain train` under torchrun with gloo: the 1-process baseline and PP=2 on two processes."""
+    """`dtrain train` under torchrun with gloo: the 1-process baseline and PP=2 on two processes, each with
+    one traced step after the 4 measured ones."""
     run_module("bench.scaling", "--smoke", "--layouts", "1", "pp2", "--out", str(tmp_path), "--seq-len", "32",
-               "--data-root", str(TEST_CACHE / "builtin"), timeout=240)
+               "--data-root", str(TEST_CACHE / "builtin"), "--profile-steps", "1", timeout=240)
     result = json.loads((tmp_path / "scaling.json").read_text())
     check_header(result["header"], "bench.scaling")
     rows = result["rows"]
@@ -218,10 +234,37 @@ def test_scaling_smoke_one_process_and_a_two_stage_pipeline(tmp_path):
     for r in rows:
         assert finite_numbers(r) and r["tokens_per_s"] > 0 and r["log_lines"] == 4, r
         log = (tmp_path / "scaling_logs" / f"{r['key']}.log").read_text()
-        assert r["tokens_per_s"] == pytest.approx(scaling.steady_tokens_per_s(scaling.parse_log(log)))
+        assert "step 5/5" in log                                  # the traced step ran, not measured
+        assert r["tokens_per_s"] == pytest.approx(scaling.steady_tokens_per_s(scaling.parse_log(log)[:4]))
+        traces = sorted((tmp_path / "scaling_runs" / r["key"] / "profile").glob("rank*_steps5-5.json.gz"))
+        assert len(traces) == r["gpus"] and "no GPU kernel events" in r["profile"]   # a CPU trace
     assert rows[0]["efficiency"] == 1.0
     assert rows[1]["efficiency"] == pytest.approx(rows[1]["tokens_per_s"] / 2 / rows[0]["tokens_per_s"])
     assert table_header((tmp_path / "scaling.md").read_text()) == [c[0] for c in scaling.COLUMNS]
+
+
+def test_scaling_profile_summary_averages_the_ranks_traces(tmp_path):
+    """Two ranks' traces of 2 steps: rank 0 computes 600 us and waits 400 us in a p2p receive, rank 1
+    computes 800 us with an all-reduce of 300 us, 100 us of it under compute."""
+    def kernel(name, start, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": start, "dur": dur, "pid": 0, "tid": 7}
+    traces = {"rank0_steps21-22.json.gz": [kernel("sm90_xmma_gemm", 0, 600),
+                                            kernel("ncclDevKernel_SendRecv", 600, 400)],
+              "rank1_steps21-22.json.gz": [kernel("_chunk_scan_fwd_kernel", 0, 800),
+                                            kernel("ncclDevKernel_AllReduce_Sum_f32", 700, 300)]}
+    folder = tmp_path / "scaling_runs" / "pp2dp2" / "profile"
+    folder.mkdir(parents=True)
+    for name, events in traces.items():
+        with gzip.open(folder / name, "wt") as f:
+            json.dump({"traceEvents": events}, f)
+    got = scaling.profile_summary(SimpleNamespace(out=tmp_path), "pp2dp2")
+    # windows 1000 us and 1000 us over 2 steps; compute 60% and 80%; exposed NCCL 40% and 20%
+    assert got["gpu_step_ms"] == pytest.approx(0.5) and got["compute_pct"] == pytest.approx(70.0)
+    assert got["idle_pct"] == pytest.approx(0.0) and got["nccl_exposed_pct"] == pytest.approx(30.0)
+    assert got["p2p_ms"] == pytest.approx(0.4 / 2 / 2) and got["collective_ms"] == pytest.approx(0.3 / 2 / 2)
+    md = (tmp_path / got["profile"]).read_text()
+    assert md.startswith("# PP=2 x DP=2") and "rank1_steps21-22.json.gz" in md
+    assert "no trace" in scaling.profile_summary(SimpleNamespace(out=tmp_path), "dp4")["profile"]
 
 
 @pytest.mark.slow

@@ -15,11 +15,13 @@ GPU_PACKAGES = ("mamba_ssm", "causal_conv1d", "flash_attn")
 
 SCAN_MARKER = "fake mamba_chunk_scan_combined"
 NORM_MARKER = "fake rmsnorm_fn"
+FUSED_MARKER = "fake mamba_split_conv1d_scan_combined"
 
 
 # ---------------------------------------------------------------- a fake mamba_ssm on disk
-def write_fake_mamba_ssm(root, init_body: str, ops_init_body: str = ""):
-    """A package shaped like mamba_ssm: Triton modules importing siblings by absolute name."""
+def write_fake_mamba_ssm(root, init_body: str, ops_init_body: str = "", with_conv: bool = False):
+    """A package shaped like mamba_ssm: Triton modules importing siblings by absolute name. with_conv:
+    ssd_combined found causal-conv1d (its fused split-conv-scan function is usable)."""
     files = {
         "mamba_ssm/__init__.py": init_body,
         "mamba_ssm/ops/__init__.py": ops_init_body,
@@ -30,7 +32,9 @@ def write_fake_mamba_ssm(root, init_body: str, ops_init_body: str = ""):
         "mamba_ssm/ops/triton/ssd_combined.py": (
             "from mamba_ssm.utils.torch import custom_fwd\n"
             "from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn\n"
-            f"def mamba_chunk_scan_combined(*args, **kwargs):\n    return {SCAN_MARKER!r}\n"),
+            f"def mamba_chunk_scan_combined(*args, **kwargs):\n    return {SCAN_MARKER!r}\n"
+            f"causal_conv1d_fwd_function = {'object()' if with_conv else 'None'}\n"
+            f"def mamba_split_conv1d_scan_combined(*args, **kwargs):\n    return {FUSED_MARKER!r}\n"),
     }
     for rel, text in files.items():
         path = root / rel
@@ -61,17 +65,18 @@ def test_loader_skips_a_package_init_that_needs_selective_scan_cuda(clean_mamba_
     with pytest.raises(ModuleNotFoundError, match="selective_scan_cuda"):
         importlib.import_module("mamba_ssm")                  # the situation on our GPU machines
 
-    scan, norm = kernels.load_mamba_triton()
+    scan, norm, fused = kernels.load_mamba_triton()
     assert scan() == SCAN_MARKER and norm() == NORM_MARKER
+    assert fused is None                                      # this mamba_ssm found no causal-conv1d
     top = sys.modules["mamba_ssm"]
     assert getattr(top, "__stub_parent__", False) and not hasattr(top, "__file__")
     assert sys.modules["mamba_ssm.ops.triton.ssd_combined"].custom_fwd == "custom_fwd"  # siblings resolve
 
 
 def test_loader_uses_the_plain_import_when_it_works(clean_mamba_ssm_modules):
-    write_fake_mamba_ssm(clean_mamba_ssm_modules, init_body="RAN_INIT = True\n")
-    scan, norm = kernels.load_mamba_triton()
-    assert scan() == SCAN_MARKER and norm() == NORM_MARKER
+    write_fake_mamba_ssm(clean_mamba_ssm_modules, init_body="RAN_INIT = True\n", with_conv=True)
+    scan, norm, fused = kernels.load_mamba_triton()
+    assert scan() == SCAN_MARKER and norm() == NORM_MARKER and fused() == FUSED_MARKER
     assert sys.modules["mamba_ssm"].RAN_INIT is True
 
 
@@ -194,6 +199,77 @@ def test_kernel_branch_receives_valid_arguments(monkeypatch, directions, fuse, d
         assert calls == [("conv", 2 * bi.fwd.conv_dim), ("scan", 2 * heads), ("norm", 2 * cfg.d_inner)]
     else:
         assert calls == [("conv", bi.fwd.conv_dim), ("scan", heads), ("norm", cfg.d_inner)] * 2
+
+
+def split_conv1d_scan_contract(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=None,
+                               seq_idx=None, dt_limit=(0.0, float("inf")), return_final_states=False,
+                               activation="silu", rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None,
+                               outproj_bias=None, headdim=None, ngroups=1, norm_before_gate=True):
+    """mamba_ssm's mamba_split_conv1d_scan_combined as its docstring and mamba_split_conv1d_scan_ref define
+    it, written out step by step (sequential recurrence, explicit conv taps), for the cases we call."""
+    assert activation == "silu" and not norm_before_gate and outproj_bias is None and D.dim() == 1
+    nheads = D.shape[0]
+    dim = nheads * headdim
+    dstate = (conv1d_weight.shape[0] - dim) // ngroups // 2
+    b, length, _ = zxbcdt.shape
+    z, xBC, dt = zxbcdt.split([dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
+    width = conv1d_weight.shape[1]
+    padded = F.pad(xBC.transpose(1, 2), (width - 1, 0))
+    conv = sum(padded[..., k:k + length] * conv1d_weight[:, k:k + 1] for k in range(width)) + conv1d_bias[:, None]
+    x, B, C = F.silu(conv).transpose(1, 2).split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
+    x = x.reshape(b, length, nheads, headdim)
+    group = torch.arange(nheads) // (nheads // ngroups)
+    B, C = B.reshape(b, length, ngroups, dstate)[:, :, group], C.reshape(b, length, ngroups, dstate)[:, :, group]
+    dt = F.softplus(dt + dt_bias)                                          # (b, l, h)
+    state, ys = torch.zeros(b, nheads, headdim, dstate, dtype=x.dtype), []
+    for t in range(length):
+        decay = torch.exp(dt[:, t, :, None, None] * A[:, None, None])
+        state = decay * state + dt[:, t, :, None, None] * x[:, t, :, :, None] * B[:, t, :, None, :]
+        ys.append((state * C[:, t, :, None, :]).sum(-1) + D[:, None] * x[:, t])
+    y = torch.stack(ys, dim=1).reshape(b, length, dim) * F.silu(z)         # gate, then the norm
+    y = y.reshape(b, length, ngroups, dim // ngroups)
+    y = (y * torch.rsqrt(y.square().mean(-1, keepdim=True) + rmsnorm_eps)).reshape(b, length, dim)
+    return (y * rmsnorm_weight) @ outproj_weight.T
+
+
+@pytest.mark.parametrize("directions,fuse,d_state,expect_fused", [
+    ("independent", False, 4, True),          # the 1.3B case: one fused call per direction
+    ("independent", False, 3, False),         # 70 conv channels: causal-conv1d's channel-last path refuses
+    ("independent", True, 4, False),          # directions fused: their own kernel calls
+    ("tied_projections", False, 4, False)])   # shared projections: out_proj after the sum
+def test_fused_mixer_receives_the_mixers_arguments(monkeypatch, directions, fuse, d_state, expect_fused):
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, layer_pattern="M", mamba=MambaConfig(
+        d_state=d_state, headdim=8, chunk_size=8, ngroups=2, directions=directions))
+    bi = BiMamba2(cfg, fuse_directions=fuse).double()
+    with torch.no_grad():                     # non-trivial norm weights and D, so a swapped argument shows
+        for name, p in bi.named_parameters():
+            if name.endswith(("norm.weight", ".D")):
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    want = bi(x)                                                           # the pieces, on the CPU
+    calls = []
+
+    def fused(*args, **kwargs):
+        calls.append(args[0].shape)
+        return split_conv1d_scan_contract(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_mamba_split_conv1d_scan_combined", fused)
+    monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: name == "mixer")
+    got = bi(x)
+    assert len(calls) == (2 if expect_fused else 0)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_forcing_a_piece_of_the_fused_mixer_forces_the_mixer(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.setattr(kernels, "_AVAILABLE", dict.fromkeys(kernels.KERNEL_NAMES, True))
+    assert kernels.describe("cuda")["mixer"] == "kernel" and kernels.describe("cpu")["mixer"] == "reference"
+    for piece in ("scan", "conv", "norm"):
+        with kernels.use_reference_kernels(piece):
+            assert kernels.describe("cuda")["mixer"] == "reference"
+    monkeypatch.setitem(kernels._AVAILABLE, "conv", False)                # causal-conv1d not installed
+    assert kernels.describe("cuda")["mixer"] == "reference"
 
 
 # ---------------------------------------------------------------- the GPU validation script, CPU smoke run

@@ -1,0 +1,197 @@
+"""Where the GPU time of the traced training steps went, from the Chrome traces that torch.profiler writes
+(dtrain/profiling.py: <out_dir>/profile/rank<R>_steps<A>-<B>.json.gz, one per rank).
+
+    python -m bench.trace_breakdown runs/x/profile                  # every *.json / *.json.gz in the folder
+    python -m bench.trace_breakdown rank0_steps20-21.json.gz --steps 2 --out breakdown.md
+
+Only GPU events count (kernels, memcpy, memset; CPU operators are ignored). Over the GPU window, from the
+first GPU event's start to the last one's end, of each trace:
+    busy             the union of all GPU event intervals; idle = window - busy: the GPU did nothing,
+                     waiting on the CPU (launch overhead, Python), on data, or in a pipeline bubble with no
+                     NCCL kernel
+    compute busy     the union of the non-NCCL events
+    nccl exposed     time where an NCCL kernel runs and no compute kernel does: communication not hidden
+    nccl overlapped  NCCL time under compute
+    categories       summed durations by kernel name (RULES below); summed over streams, so they can add up
+                     to more than the window
+Pipeline bubbles: an NCCL p2p receive kernel is launched early and spins until the sender's data arrives, so
+most of a pipeline bubble shows up as exposed `nccl_p2p` time, not as idle time.
+
+Times are per step: divided by --steps, else by B - A + 1 from the file name's `steps<A>-<B>`, else by 1.
+Prints a markdown table (one row per trace) and each trace's top 10 kernels; --out also writes it to a file.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+# Kernel name -> category: the first rule whose substrings match wins (lower-case, substring).
+# (category, any of these substrings, and also this one if not None)
+# The named kernels come before gemm, whose "kernel2" / "matmul" / "cutlass" are loose matches.
+RULES = [
+    ("nccl_p2p", ("sendrecv", "send", "recv"), "nccl"),
+    ("nccl_collective", ("nccl",), None),
+    ("ssm_scan", ("_chunk_", "_state_passing", "_bmm_chunk"), None),  # mamba-ssm's Triton kernels
+    ("conv1d", ("causal_conv1d",), None),
+    # before gemm: flash-attention / fmha kernels are often cutlass kernels too
+    ("attention", ("flash", "fmha", "attention", "sdpa"), None),
+    ("norm", ("_layer_norm", "rms_norm", "layer_norm", "rmsnorm"), None),
+    ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "kernel2", "matmul"), None),
+    ("optimizer", ("multi_tensor_apply", "adam", "_foreach"), None),
+]
+MEMORY = "memcpy_memset"  # the gpu_memcpy / gpu_memset events, whatever their name
+OTHER = "elementwise_other"
+CATEGORIES = ("nccl_p2p", "nccl_collective", "gemm", "attention", "ssm_scan", "conv1d", "norm", "optimizer",
+              MEMORY, OTHER)
+GPU_CATS = {"kernel": None, "gpu_memcpy": MEMORY, "gpu_memset": MEMORY}  # event "cat" -> fixed category
+STEPS_IN_NAME = re.compile(r"steps(\d+)-(\d+)")
+TOP = 10
+
+
+def load_events(path) -> list[dict]:
+    """The trace's events; a SystemExit naming the file when it is missing or not a Chrome trace."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip magic: accept a .json.gz whatever its name
+            raw = gzip.decompress(raw)
+        trace = json.loads(raw)
+    except FileNotFoundError:
+        raise SystemExit(f"no such trace file: {path}") from None
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:  # bad gzip, bad JSON
+        raise SystemExit(f"cannot read {path} as a Chrome trace (JSON or gzipped JSON): {err}") from None
+    events = trace.get("traceEvents") if isinstance(trace, dict) else trace  # the format allows a bare list
+    if not isinstance(events, list):
+        raise SystemExit(f"{path} is not a Chrome trace: no 'traceEvents' list")
+    return events
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, anyof, also in RULES:
+        if any(s in low for s in anyof) and (also is None or also in low):
+            return cat
+    return OTHER
+
+
+def union_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
+def breakdown(events: list[dict], steps: int = 1) -> dict:
+    """The GPU time of one trace: totals in ms, percentages of the GPU window, ms per step (totals / steps),
+    and every kernel name's total ms and count, largest first. ValueError when there is no GPU event."""
+    gpu = []  # (start us, end us, category, name)
+    for ev in events:
+        kind = str(ev.get("cat", "")).lower()
+        if ev.get("ph") == "X" and kind in GPU_CATS:
+            start, name = float(ev["ts"]), str(ev.get("name", "?"))
+            gpu.append((start, start + float(ev.get("dur", 0)), GPU_CATS[kind] or category(name), name))
+    if not gpu:
+        raise ValueError("no GPU kernel events")
+    window = max(e for _, e, _, _ in gpu) - min(s for s, _, _, _ in gpu)
+    busy = union_us([(s, e) for s, e, _, _ in gpu])
+    compute_busy = union_us([(s, e) for s, e, c, _ in gpu if not c.startswith("nccl")])
+    nccl_busy = union_us([(s, e) for s, e, c, _ in gpu if c.startswith("nccl")])
+    nccl_exposed = busy - compute_busy  # the part of the union that only NCCL kernels cover
+    totals = {"window": window, "busy": busy, "idle": window - busy, "compute_busy": compute_busy,
+              "nccl_exposed": nccl_exposed, "nccl_overlapped": nccl_busy - nccl_exposed}
+    cat_us, per_name = dict.fromkeys(CATEGORIES, 0.0), defaultdict(lambda: [0.0, 0])
+    for s, e, c, name in gpu:
+        cat_us[c] += e - s
+        per_name[name][0] += e - s
+        per_name[name][1] += 1
+    totals_ms = {k: v / 1e3 for k, v in totals.items()}
+    categories_ms = {k: v / 1e3 for k, v in cat_us.items()}
+    pct = {k: 100 * v / window if window else 0.0 for k, v in {**totals, **cat_us}.items() if k != "window"}
+    return {
+        "steps": steps,
+        "totals_ms": totals_ms,
+        "categories_ms": categories_ms,
+        "pct": pct,
+        "per_step_ms": {k: v / steps for k, v in {**totals_ms, **categories_ms}.items()},
+        "kernels": sorted(((n, us / 1e3, count) for n, (us, count) in per_name.items()), key=lambda k: -k[1]),
+    }
+
+
+def markdown(results: list[tuple[str, dict]]) -> str:
+    """One row per trace, then each trace's top kernels."""
+    head = ["trace", "window ms/step", "compute busy %", "idle %", "nccl exposed %", "nccl overlapped %"]
+    lines = ["## GPU time per traced step", "",
+             "Category columns: ms per step, summed over streams (they can add up to more than the window).",
+             "",
+             "| " + " | ".join(head + [f"{c} ms" for c in CATEGORIES]) + " |",
+             "|" + "---|" * (len(head) + len(CATEGORIES))]
+    for name, r in results:
+        cells = [name, f"{r['per_step_ms']['window']:.3f}"]
+        cells += [f"{r['pct'][k]:.1f}" for k in ("compute_busy", "idle", "nccl_exposed", "nccl_overlapped")]
+        cells += [f"{r['per_step_ms'][c]:.3f}" for c in CATEGORIES]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, r in results:
+        lines += ["", f"### {name}: top {TOP} kernels ({r['steps']} steps)", "",
+                  "| kernel | ms/step | count |", "|---|---|---|"]
+        for kernel, ms, count in r["kernels"][:TOP]:
+            lines.append(f"| {kernel[:60].replace('|', '/')} | {ms / r['steps']:.3f} | {count} |")
+    return "\n".join(lines) + "\n"
+
+
+def trace_files(paths: list[str]) -> list[Path]:
+    """The given files, and every *.json / *.json.gz in the given folders (sorted)."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.name.endswith((".json", ".json.gz")) and f.is_file())
+            if not found:
+                raise SystemExit(f"no *.json or *.json.gz traces in {p}")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise SystemExit(f"no such trace file: {p}")
+    return files
+
+
+def steps_of(path: Path, steps: int | None) -> int:
+    """--steps if given, else B - A + 1 from the name's `steps<A>-<B>`, else 1."""
+    if steps is not None:
+        return steps
+    m = STEPS_IN_NAME.search(path.name)
+    return int(m[2]) - int(m[1]) + 1 if m and int(m[2]) >= int(m[1]) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.trace_breakdown", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="+", metavar="PATH", help="trace (.json / .json.gz) or folder of them")
+    ap.add_argument("--steps", type=int, help="traced steps per trace (default: from the file name, else 1)")
+    ap.add_argument("--out", type=Path, help="also write the markdown here")
+    args = ap.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        ap.error("--steps must be at least 1")
+    results = []
+    for path in trace_files(args.paths):
+        try:
+            results.append((path.name, breakdown(load_events(path), steps_of(path, args.steps))))
+        except ValueError:  # only breakdown's "no GPU events": load_events turns its own into SystemExit
+            raise SystemExit(f"no GPU kernel events in {path}: was it traced on a GPU?") from None
+    text = markdown(results)
+    print(text, end="")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
