@@ -133,7 +133,7 @@ class Trial:
             result = trace_breakdown.breakdown(trace_breakdown.load_events(trace), steps)
         except ValueError as e:                          # a CPU run (--smoke) has no GPU kernel to break down
             return {"profile": f"{e} in {trace}"}
-        md = out_dir.with_suffix(".md")
+        md = out_dir.parent / f"{out_dir.name}.md"        # not with_suffix: "1.3b-..." has a dot
         md.write_text(f"# {out_dir.name}: GPU time of {steps} traced steps\n\n"
                       + trace_breakdown.markdown([(trace.name, result)]))
         return {"profile": md.name, **profile_columns(result)}

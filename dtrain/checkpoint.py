@@ -228,12 +228,7 @@ class CheckpointManager:
             raise RuntimeError(f"DeepSpeed could not load universal checkpoint {path}")
         for g, wd in zip(engine.optimizer.param_groups, decay):
             g["weight_decay"] = wd
-        # ... and hands every group the same `step` tensor, which torch's Adam increments in place once per
-        # group: give each group its own copy, or the bias correction runs ahead
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-        for state in inner.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
+        place_adam_steps(getattr(engine.optimizer, "optimizer", engine.optimizer))
         states = sorted(path.glob("trainer_rank*.pt"))
         if not states:
             raise FileNotFoundError(f"{path}: no trainer_rank*.pt (step, tokens, data-loader state)")
@@ -246,6 +241,21 @@ class CheckpointManager:
                     state["loader"] = other["loader"]
                     break
         return state
+
+
+def place_adam_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter its own Adam `step` tensor, where torch's AdamW wants it. DeepSpeed's universal
+    load hands every group the same tensor, which torch's Adam increments in place once per parameter (the
+    bias correction would run ahead), and leaves it on the CPU, where the fused AdamW refuses it ("state_steps
+    is on cpu, different from other tensors on cuda"): fused and capturable AdamW keep it as float32 on the
+    parameter's device, as torch's own Optimizer.load_state_dict puts it."""
+    for group in optimizer.param_groups:
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and torch.is_tensor(state.get("step")):
+                step = state["step"].detach().clone()
+                state["step"] = step.to(device=p.device, dtype=torch.float32) if on_device else step
 
 
 def read_trainer_config(path: str | Path) -> dict:

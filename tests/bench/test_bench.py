@@ -192,6 +192,19 @@ def test_training_smoke_through_the_deepspeed_engine(tmp_path):
     assert md in proc.stdout
 
 
+def test_training_profile_of_a_1p3b_row_is_written_under_its_own_name(tmp_path, monkeypatch):
+    """Trial.profile names the breakdown after the row's folder; a preset name with a dot (1.3b) must not
+    lose its tail (all 1.3B rows once overwrote one "1.md")."""
+    from bench import trace_breakdown
+    events = [{"ph": "X", "cat": "kernel", "name": "nvjet_gemm", "ts": 0, "dur": 300, "pid": 0, "tid": 7}]
+    monkeypatch.setattr(training, "train_step", lambda *args: None)
+    monkeypatch.setattr(trace_breakdown, "load_events", lambda path: events)
+    trial = training.Trial("tiny-diffumamba", torch.device("cpu"), "config")
+    rows = [trial.profile(tmp_path / f"1.3b-diffumamba-h_L{L}", None, None) for L in (1024, 2048)]
+    assert [r["profile"] for r in rows] == ["1.3b-diffumamba-h_L1024.md", "1.3b-diffumamba-h_L2048.md"]
+    assert all((tmp_path / r["profile"]).is_file() and r["ms_gemm"] == pytest.approx(0.15) for r in rows)
+
+
 def test_training_profile_columns_are_the_breakdowns_ms_per_step():
     events = [{"ph": "X", "cat": "kernel", "name": n, "ts": t, "dur": d, "pid": 0, "tid": 7}
               for n, t, d in [("nvjet_gemm", 0, 300), ("_chunk_scan_bwd_dx_kernel", 300, 100),

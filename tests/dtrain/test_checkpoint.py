@@ -6,9 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, base_config, train_command
 
-from dtrain.checkpoint import LATEST, MARKER, resolve
+from dtrain.checkpoint import LATEST, MARKER, place_adam_steps, resolve
 
 
 def make(root: Path, step: int, complete: bool) -> Path:
@@ -49,6 +50,24 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
+def test_adam_steps_after_a_universal_load_are_per_parameter_and_where_adamw_wants_them():
+    """As DeepSpeed's universal load leaves them: one CPU step tensor shared by every parameter. A fused
+    (or capturable) group needs float32 steps on its parameters' device (meta here, standing for cuda);
+    a plain group keeps them on the CPU. Every parameter gets its own tensor of the same value."""
+    shared = torch.tensor(24.0, dtype=torch.float64)
+    fused_params = [torch.nn.Parameter(torch.empty(3, device="meta")) for _ in range(2)]
+    plain_params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = torch.optim.SGD(plain_params, lr=0.1)            # any Optimizer: groups and state are what matter
+    opt.param_groups = [{"params": fused_params, "fused": True}, {"params": plain_params, "fused": None}]
+    opt.state = {p: {"step": shared, "exp_avg": None} for p in fused_params + plain_params}
+    place_adam_steps(opt)
+    steps = [opt.state[p]["step"] for p in fused_params + plain_params]
+    assert [(s.device.type, s.dtype) for s in steps] == [("meta", torch.float32)] * 2 + [("cpu", torch.float64)]
+    assert len({id(s) for s in steps} | {id(shared)}) == 4 and steps[2].item() == 24.0
+    steps[2].add_(1)                                       # an in-place Adam increment touches one parameter
+    assert shared.item() == 24.0
+
+
 def test_sigusr1_on_one_rank_checkpoints_and_exits_cleanly(tmp_path, dataset):
     cfg = base_config(tmp_path / "sig", dataset, train={"steps": 100000, "eval_interval": 0},
                       checkpoint={"interval": 0}, logging={"num_samples": 0})
