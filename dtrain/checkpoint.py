@@ -248,14 +248,14 @@ def place_adam_steps(optimizer: torch.optim.Optimizer) -> None:
     load hands every group the same tensor, which torch's Adam increments in place once per parameter (the
     bias correction would run ahead), and leaves it on the CPU, where the fused AdamW refuses it ("state_steps
     is on cpu, different from other tensors on cuda"): fused and capturable AdamW keep it as float32 on the
-    parameter's device, as torch's own Optimizer.load_state_dict puts it."""
-    for group in optimizer.param_groups:
-        on_device = bool(group.get("fused") or group.get("capturable"))
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if state and torch.is_tensor(state.get("step")):
-                step = state["step"].detach().clone()
-                state["step"] = step.to(device=p.device, dtype=torch.float32) if on_device else step
+    parameter's device, as torch's own Optimizer.load_state_dict puts it.
+    Every state is visited, not only those of the groups' current params: ZeRO-3 swaps its flat partitions
+    in and out of param_groups around each step, so most states belong to no group at load time."""
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    for p, state in optimizer.state.items():
+        if torch.is_tensor(state.get("step")):
+            step = state["step"].detach().clone()
+            state["step"] = step.to(device=p.device, dtype=torch.float32) if on_device else step
 
 
 def read_trainer_config(path: str | Path) -> dict:

@@ -51,21 +51,31 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_adam_steps_after_a_universal_load_are_per_parameter_and_where_adamw_wants_them():
-    """As DeepSpeed's universal load leaves them: one CPU step tensor shared by every parameter. A fused
-    (or capturable) group needs float32 steps on its parameters' device (meta here, standing for cuda);
-    a plain group keeps them on the CPU. Every parameter gets its own tensor of the same value."""
+    """As DeepSpeed's universal load leaves them: one CPU step tensor shared by every parameter, including
+    parameters that are in no group at the moment (ZeRO-3's swapped-out partitions). A fused (or capturable)
+    AdamW needs float32 steps on the parameters' device (meta here, standing for cuda); a plain one keeps
+    them where they are. Every parameter gets its own tensor of the same value."""
+    def optimizer(fused, params, swapped_out):
+        opt = torch.optim.SGD(params, lr=0.1)              # any Optimizer: groups and state are what matter
+        opt.param_groups = [{"params": params, "fused": fused}]
+        opt.state = {p: {"step": shared, "exp_avg": None} for p in params + swapped_out}
+        return opt
+
     shared = torch.tensor(24.0, dtype=torch.float64)
-    fused_params = [torch.nn.Parameter(torch.empty(3, device="meta")) for _ in range(2)]
-    plain_params = [torch.nn.Parameter(torch.zeros(3))]
-    opt = torch.optim.SGD(plain_params, lr=0.1)            # any Optimizer: groups and state are what matter
-    opt.param_groups = [{"params": fused_params, "fused": True}, {"params": plain_params, "fused": None}]
-    opt.state = {p: {"step": shared, "exp_avg": None} for p in fused_params + plain_params}
-    place_adam_steps(opt)
-    steps = [opt.state[p]["step"] for p in fused_params + plain_params]
-    assert [(s.device.type, s.dtype) for s in steps] == [("meta", torch.float32)] * 2 + [("cpu", torch.float64)]
-    assert len({id(s) for s in steps} | {id(shared)}) == 4 and steps[2].item() == 24.0
+    on_gpu = [torch.nn.Parameter(torch.empty(3, device="meta")) for _ in range(3)]
+    fused = optimizer(True, on_gpu[:1], on_gpu[1:])
+    place_adam_steps(fused)
+    steps = [fused.state[p]["step"] for p in on_gpu]
+    assert [(s.device.type, s.dtype) for s in steps] == [("meta", torch.float32)] * 3
+
+    on_cpu = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+    plain = optimizer(None, on_cpu[:1], on_cpu[1:])
+    place_adam_steps(plain)
+    steps = [plain.state[p]["step"] for p in on_cpu]
+    assert [(s.device.type, s.dtype) for s in steps] == [("cpu", torch.float64)] * 3
+    assert len({id(s) for s in steps} | {id(shared)}) == 4 and all(s.item() == 24.0 for s in steps)
     steps[2].add_(1)                                       # an in-place Adam increment touches one parameter
-    assert shared.item() == 24.0
+    assert shared.item() == 24.0 and steps[1].item() == 24.0
 
 
 def test_sigusr1_on_one_rank_checkpoints_and_exits_cleanly(tmp_path, dataset):
