@@ -107,11 +107,12 @@ def breakdown(events: list[dict], steps: int = 1) -> dict:
     nccl_exposed = busy - compute_busy  # the part of the union that only NCCL kernels cover
     totals = {"window": window, "busy": busy, "idle": window - busy, "compute_busy": compute_busy,
               "nccl_exposed": nccl_exposed, "nccl_overlapped": nccl_busy - nccl_exposed}
-    cat_us, per_name = dict.fromkeys(CATEGORIES, 0.0), defaultdict(lambda: [0.0, 0])
+    cat_us, per_name = dict.fromkeys(CATEGORIES, 0.0), defaultdict(lambda: [0.0, 0, OTHER])
     for s, e, c, name in gpu:
         cat_us[c] += e - s
         per_name[name][0] += e - s
         per_name[name][1] += 1
+        per_name[name][2] = c
     totals_ms = {k: v / 1e3 for k, v in totals.items()}
     categories_ms = {k: v / 1e3 for k, v in cat_us.items()}
     pct = {k: 100 * v / window if window else 0.0 for k, v in {**totals, **cat_us}.items() if k != "window"}
@@ -121,7 +122,8 @@ def breakdown(events: list[dict], steps: int = 1) -> dict:
         "categories_ms": categories_ms,
         "pct": pct,
         "per_step_ms": {k: v / steps for k, v in {**totals_ms, **categories_ms}.items()},
-        "kernels": sorted(((n, us / 1e3, count) for n, (us, count) in per_name.items()), key=lambda k: -k[1]),
+        # (name, total ms, count, category), largest first
+        "kernels": sorted(((n, us / 1e3, count, c) for n, (us, count, c) in per_name.items()), key=lambda k: -k[1]),
     }
 
 
@@ -139,10 +141,12 @@ def markdown(results: list[tuple[str, dict]]) -> str:
         cells += [f"{r['per_step_ms'][c]:.3f}" for c in CATEGORIES]
         lines.append("| " + " | ".join(cells) + " |")
     for name, r in results:
-        lines += ["", f"### {name}: top {TOP} kernels ({r['steps']} steps)", "",
-                  "| kernel | ms/step | count |", "|---|---|---|"]
-        for kernel, ms, count in r["kernels"][:TOP]:
-            lines.append(f"| {kernel[:60].replace('|', '/')} | {ms / r['steps']:.3f} | {count} |")
+        # the top kernels overall, then those of the catch-all kinds, whose names say what they are
+        for title, kinds in ((f"top {TOP} kernels", CATEGORIES), (f"top {TOP} of {OTHER} and {MEMORY}", (OTHER, MEMORY))):
+            lines += ["", f"### {name}: {title} ({r['steps']} steps)", "",
+                      "| kernel | kind | ms/step | count |", "|---|---|---|---|"]
+            for kernel, ms, count, kind in [k for k in r["kernels"] if k[3] in kinds][:TOP]:
+                lines.append(f"| {kernel[:80].replace('|', '/')} | {kind} | {ms / r['steps']:.3f} | {count} |")
     return "\n".join(lines) + "\n"
 
 

@@ -89,7 +89,7 @@ def test_breakdown_numbers_by_hand():
     assert r["pct"]["nccl_overlapped"] == pytest.approx(10.0)
     assert r["pct"]["compute_busy"] == pytest.approx(44.0)
     assert r["pct"]["gemm"] == pytest.approx(20.0)
-    assert r["kernels"][-1] == ("Memcpy DtoD (Device -> Device)", pytest.approx(0.010), 1)
+    assert r["kernels"][-1] == ("Memcpy DtoD (Device -> Device)", pytest.approx(0.010), 1, "memcpy_memset")
     assert {k[0] for k in r["kernels"]} == {ev["name"] for ev in EVENTS[:6]}
 
 
@@ -102,7 +102,7 @@ def test_per_step_division_and_kernel_counts():
     assert r["per_step_ms"]["compute_busy"] == pytest.approx((COMPUTE + 120) / 1e3 / 4)
     assert r["per_step_ms"]["nccl_exposed"] == pytest.approx(EXPOSED / 1e3 / 4)
     assert r["per_step_ms"]["ssm_scan"] == pytest.approx(0.180 / 4)
-    assert r["kernels"][0] == ("_chunk_scan_fwd_kernel", pytest.approx(0.180), 3)
+    assert r["kernels"][0] == ("_chunk_scan_fwd_kernel", pytest.approx(0.180), 3, "ssm_scan")
 
 
 def test_steps_from_file_name():
@@ -132,9 +132,14 @@ def test_cli_directory_and_out(tmp_path, capsys):
     assert (cells["gemm ms"], cells["nccl_p2p ms"], cells["ssm_scan ms"]) == ("0.050", "0.050", "0.030")
     assert (cells["memcpy_memset ms"], cells["norm ms"]) == ("0.005", "0.000")
     assert "### rank0_steps20-21.json: top 10 kernels (2 steps)" in text
-    assert "| _chunk_scan_fwd_kernel | 0.030 | 1 |" in text
+    assert "| _chunk_scan_fwd_kernel | ssm_scan | 0.030 | 1 |" in text
+    # the catch-all kinds get their own list: only element-wise and memory kernels in it
+    other = text.split("### rank0_steps20-21.json: top 10 of elementwise_other and memcpy_memset (2 steps)")[1]
+    other = other.split("###")[0]
+    kinds = {split_row(ln)[1] for ln in other.splitlines() if ln.startswith("| ") and not ln.startswith("| kernel")}
+    assert kinds and kinds <= {"elementwise_other", "memcpy_memset"}
     long_row = next(ln for ln in text.splitlines() if ln.startswith("| void at::native::vectorized"))
-    assert len(long_row.split("|")[1].strip()) == 60
+    assert len(long_row.split("|")[1].strip()) == 80
 
 
 def test_cli_steps_flag(tmp_path, capsys):
