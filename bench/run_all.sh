@@ -18,11 +18,12 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 "$py" -m bench.inference --out "$out" "${common[@]}"
-"$py" -m bench.training --out "$out" "${common[@]}"
 if [[ " ${common[*]} " == *" --smoke "* ]]; then
+  "$py" -m bench.training --out "$out" "${common[@]}"
   "$py" -m bench.scaling --out "$out" "${common[@]}"
-else
-  "$py" -m bench.scaling --gpus "$gpus" --out "$out" "${common[@]}"
+else   # with kernel breakdowns of traced steps (training_profiles/, scaling_profiles/)
+  "$py" -m bench.training --out "$out" --profile "${common[@]}"
+  "$py" -m bench.scaling --gpus "$gpus" --out "$out" --profile-steps 2 "${common[@]}"
 fi
 if [[ $gpus == 4 && " ${common[*]} " != *" --smoke "* ]]; then
   "$py" -m bench.layout_resume --out "$out"   # train / resume / reshard / resume as PP=2 x DP=2
