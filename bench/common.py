@@ -234,6 +234,16 @@ def markdown_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> str
     return "\n".join(lines)
 
 
+def tables_with_profile(columns, rows: list[dict], profile_columns, caption: str, key: str) -> list[tuple[str, str]]:
+    """write_results' tables: every row, then (under caption) the rows that a profile's breakdown filled
+    in (those with `key`); no second table when none has it (no profile, or a CPU run's)."""
+    tables = [("", markdown_table(columns, rows))]
+    profiled = [r for r in rows if key in r]
+    if profiled:
+        tables.append((caption, markdown_table(profile_columns, profiled)))
+    return tables
+
+
 def header_lines(head: dict) -> list[str]:
     kernels = ", ".join(f"{k}: {v}" for k, v in head["kernels"].items())
     lines = [f"card: {head['card']}", f"command: `{head['command']}`", f"date: {head['date']}",

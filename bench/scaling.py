@@ -134,13 +134,11 @@ def profile_summary(args, layout: str) -> dict:
     if not files:
         return {"profile": f"no trace in {folder}"}
     try:
-        results = [(f.name, trace_breakdown.breakdown(trace_breakdown.load_events(f),
-                                                      trace_breakdown.steps_of(f, None))) for f in files]
+        results = trace_breakdown.breakdown_files(files)
     except ValueError as e:                 # a CPU run (--smoke) traces no GPU kernel
-        return {"profile": f"{e} in {folder}"}
+        return {"profile": str(e)}
     path = args.out / "scaling_profiles" / f"{layout}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {describe(layout)}: GPU time of the traced steps\n\n" + trace_breakdown.markdown(results))
+    trace_breakdown.write_markdown(path, f"{describe(layout)}: GPU time of the traced steps", results)
     mean = lambda key, part: sum(r[part][key] for _, r in results) / len(results)
     return {"profile": str(path.relative_to(args.out)), "gpu_step_ms": mean("window", "per_step_ms"),
             "compute_pct": mean("compute_busy", "pct"), "idle_pct": mean("idle", "pct"),
@@ -229,11 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(rows):
         add_efficiency(rows)
-        tables = [("", common.markdown_table(COLUMNS, rows))]
-        profiled = [r for r in rows if "gpu_step_ms" in r]
-        if profiled:
-            tables.append(("GPU time of the traced steps (% of the GPU window, mean over ranks)",
-                           common.markdown_table(PROFILE_COLUMNS, profiled)))
+        tables = common.tables_with_profile(COLUMNS, rows, PROFILE_COLUMNS,
+                                            "GPU time of the traced steps (% of the GPU window, mean over ranks)",
+                                            "gpu_step_ms")
         return common.write_results(args.out, "scaling", title, head, tables, rows, notes)
 
     previous = common.previous_rows(args.out, "scaling", head, args.resume)

@@ -174,6 +174,23 @@ def steps_of(path: Path, steps: int | None) -> int:
     return int(m[2]) - int(m[1]) + 1 if m and int(m[2]) >= int(m[1]) else 1
 
 
+def breakdown_files(files: list[Path], steps: int | None = None) -> list[tuple[str, dict]]:
+    """(file name, breakdown) of each trace; ValueError naming the file when one has no GPU kernel."""
+    results = []
+    for path in files:
+        try:
+            results.append((path.name, breakdown(load_events(path), steps_of(path, steps))))
+        except ValueError:  # only breakdown's "no GPU events": load_events turns its own into SystemExit
+            raise ValueError(f"no GPU kernel events in {path}: was it traced on a GPU?") from None
+    return results
+
+
+def write_markdown(path: Path, title: str, results: list[tuple[str, dict]]) -> None:
+    """`# title` and markdown(results) into path (its folder created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\n\n" + markdown(results))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.trace_breakdown", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,12 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         ap.error("--steps must be at least 1")
-    results = []
-    for path in trace_files(args.paths):
-        try:
-            results.append((path.name, breakdown(load_events(path), steps_of(path, args.steps))))
-        except ValueError:  # only breakdown's "no GPU events": load_events turns its own into SystemExit
-            raise SystemExit(f"no GPU kernel events in {path}: was it traced on a GPU?") from None
+    try:
+        results = breakdown_files(trace_files(args.paths), args.steps)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     text = markdown(results)
     print(text, end="")
     if args.out:

@@ -130,13 +130,12 @@ class Trial:
             train_step(self.trainee, batches, 1, False, metrics)
             trace = profiler.after(step) or trace
         try:
-            result = trace_breakdown.breakdown(trace_breakdown.load_events(trace), steps)
+            results = trace_breakdown.breakdown_files([trace], steps)
         except ValueError as e:                          # a CPU run (--smoke) has no GPU kernel to break down
-            return {"profile": f"{e} in {trace}"}
+            return {"profile": str(e)}
         md = out_dir.parent / f"{out_dir.name}.md"        # not with_suffix: "1.3b-..." has a dot
-        md.write_text(f"# {out_dir.name}: GPU time of {steps} traced steps\n\n"
-                      + trace_breakdown.markdown([(trace.name, result)]))
-        return {"profile": md.name, **profile_columns(result)}
+        trace_breakdown.write_markdown(md, f"{out_dir.name}: GPU time of {steps} traced steps", results)
+        return {"profile": md.name, **profile_columns(results[0][1])}
 
 
 def profile_columns(result: dict) -> dict:
@@ -220,8 +219,7 @@ COLUMNS = [("preset", "preset", ""), ("L", "seq_len", ","), ("status", "status",
            ("model TFLOP/s", "tflops", ".1f"), ("MFU (measured peak)", "mfu", ".1%"),
            ("MFU (spec peak)", "mfu_spec", ".1%"), ("peak mem (GiB)", "peak_mem_GiB", ".1f")]
 # --profile: GPU time of a traced step by kernel kind (bench/trace_breakdown.py's categories)
-PROFILE_KINDS = ("gemm", "attention", "ssm_scan", "conv1d", "norm", "optimizer", "memcpy_memset",
-                 "elementwise_other")
+PROFILE_KINDS = tuple(k for k in trace_breakdown.CATEGORIES if not k.startswith("nccl"))   # one process: no NCCL
 PROFILE_COLUMNS = ([("preset", "preset", ""), ("L", "seq_len", ","), ("step (ms)", "step_ms", ".0f"),
                     ("GPU idle %", "gpu_idle_pct", ".1f")]
                    + [(f"{kind} (ms)", f"ms_{kind}", ".1f") for kind in PROFILE_KINDS]
@@ -293,11 +291,9 @@ def main(argv: list[str] | None = None) -> int:
               "`tried` lists the attempts")]
 
     def save(rows):
-        tables = [("", common.markdown_table(COLUMNS, rows))]
-        profiled = [r for r in rows if "ms_gemm" in r]
-        if profiled:
-            tables.append(("GPU time of a traced step by kernel kind (ms; kinds on different streams can overlap)",
-                           common.markdown_table(PROFILE_COLUMNS, profiled)))
+        tables = common.tables_with_profile(
+            COLUMNS, rows, PROFILE_COLUMNS, "GPU time of a traced step by kernel kind (ms; kinds on different "
+                                            "streams can overlap)", "ms_gemm")
         return common.write_results(args.out, "training", title, head, tables, rows, notes)
 
     previous = common.previous_rows(args.out, "training", head, args.resume)
