@@ -12,9 +12,11 @@ Triton kernels). For scale, the table also shows the error of the reference path
 path's own dtype ("ref same dtype"): a kernel should be about as close as that. A few bf16 gradients
 (dt_bias: a long sum with heavy cancellation) sit near 2e-2 even on the reference path, so a row also
 passes when its error is within 1.25x of that same-dtype reference error.
-Then two model-level checks (the fp32 RMSNorm of the blocks, F.rms_norm on the GPU, against the float64
-formula; DiffusionLM's logits at masked positions only against the same rows of the full logits), and it
-times forward + backward of the mixer at d_model 2048 on 32K tokens, for each path.
+Then model-level checks: the blocks' residual add + norm (mamba_ssm's Triton layer_norm_fn: RMSNorm and
+LayerNorm, bf16 branch output + fp32 stream) and the compiled SwiGLU against float64 formulas, values and
+gradients; a whole DiffusionLM's loss and gradients on the kernel path (fp32) against the float64 reference
+path; its logits at masked positions only against the same rows of the full logits. Last it times forward
++ backward of the mixer at d_model 2048 on 32K tokens, for each path.
 
     python bench/gpu_validate.py --out gpu_validate.md               # on an H100
     python bench/gpu_validate.py --device cpu --out /tmp/smoke.md    # CPU smoke run: reference vs reference
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import os
 import sys
 import time
@@ -35,8 +38,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import kernels
-from model.blocks import RMSNorm
+from model.blocks import AddNorm
 from model.config import MambaConfig, ModelConfig
+from model.diffusion import mask_batch
 from model.lm import DiffusionLM
 from model.mamba2 import BiMamba2
 from model.presets import get_preset
@@ -156,20 +160,91 @@ def run_validation(args, device, lines):
     return all_pass
 
 
-def run_model_checks(device, lines) -> bool:
-    """The blocks' RMSNorm against the float64 formula, and DiffusionLM's logits at masked positions only
-    (score_mask, the training path) against the same rows of its full logits, on the kernel path."""
-    gen = torch.Generator(device="cpu").manual_seed(2)
+def outputs_and_grads(fn, inputs, params=()):
+    """fn(*inputs) -> tuple of outputs; the outputs and the gradients of inputs and params for fixed random
+    output gradients (drawn in float64 and rounded to each output's dtype, so both paths get the same)."""
+    leaves = [t.detach().requires_grad_(True) for t in inputs] + list(params)
+    outs = fn(*leaves[:len(inputs)])
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    grads = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype) for o in outs]
+    for p in params:
+        p.grad = None
+    torch.autograd.backward(outs, grads)
+    return list(outs), [t.grad for t in leaves]
+
+
+def add_norm_float64(hidden, residual, weights, eps, kind):
+    """(norm(hidden + residual), hidden + residual), the formula written out."""
+    x = hidden + residual
+    if kind == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weights[0]
+    return (y + weights[1] if kind == "layernorm" else y), hidden + residual
+
+
+def piece_checks(device, gen) -> list:
+    """AddNorm and SwiGLU on the kernel path vs their float64 formulas (values and gradients)."""
     d = 2048 if device.type == "cuda" else 64
     checks = []
+    for kind in ("rmsnorm", "layernorm"):
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            norm = AddNorm(d, kind=kind).to(device)
+            with torch.no_grad():
+                for p in norm.parameters():
+                    p.copy_(1 + 0.2 * torch.randn(d, generator=gen))
+            hidden = (3 * torch.randn(4, 512, d, generator=gen)).to(device, dtype)
+            residual = (3 * torch.randn(4, 512, d, generator=gen)).to(device)
+            got, got_grads = outputs_and_grads(norm, [hidden, residual], list(norm.parameters()))
+            w = [p.detach().double().requires_grad_(True) for p in norm.parameters()]
+            formula = functools.partial(add_norm_float64, weights=w, eps=norm.eps, kind=kind)
+            want, want_grads = outputs_and_grads(formula, [hidden.double(), residual.double()], w)
+            names = ["output", "stream", "grad hidden", "grad residual", "grad weight", "grad bias"]
+            for name, a, b in zip(names, got + got_grads, want + want_grads):
+                checks.append((f"AddNorm {kind} (kernel: {kernels.describe(device)['add_norm']}): {name}",
+                               dtype, a, b, tol))
     for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
-        norm = RMSNorm(d).to(device)
-        with torch.no_grad():
-            norm.weight.copy_(1 + 0.2 * torch.randn(d, generator=gen))
-        x = (3 * torch.randn(4, 512, d, generator=gen)).to(device, dtype)
-        x64 = x.double()
-        want = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
-        checks.append(("RMSNorm (F.rms_norm in fp32) vs float64 formula", dtype, norm(x), want, tol))
+        h = torch.randn(4, 512, 2 * d, generator=gen).to(device, dtype)
+
+        def swiglu64(x):
+            gate, up = x.chunk(2, dim=-1)
+            return (gate * torch.sigmoid(gate) * up,)
+        got, got_grads = outputs_and_grads(lambda x: (kernels.swiglu(x),), [h])
+        want, want_grads = outputs_and_grads(swiglu64, [h.double()])
+        for name, a, b in zip(["output", "grad h"], got + got_grads, want + want_grads):
+            checks.append((f"SwiGLU (kernel: {kernels.describe(device)['swiglu']}): {name}", dtype, a, b, tol))
+    return checks
+
+
+def run_model_checks(device, lines) -> bool:
+    """The blocks' pieces against float64 formulas, a whole model's loss and gradients against the float64
+    reference path, and DiffusionLM's logits at masked positions only (score_mask, the training path)
+    against the same rows of its full logits, on the kernel path."""
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    checks = piece_checks(device, gen)
+
+    # the whole model, fp32 on the kernel path (tf32 inside the Triton kernels) vs float64 reference path
+    torch.manual_seed(4)
+    small = get_preset("tiny-diffumamba-h").replace(d_model=256, layer_pattern="MAM", vocab_size=1024,
+                                                    mask_token_id=1023)
+    model = DiffusionLM(small).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen).to(device))
+    x0 = torch.randint(0, 1023, (2, 512), generator=gen)
+    batch = {k: v.to(device) for k, v in mask_batch(x0, seed=0, step=0, positions=torch.arange(2),
+                                                    global_batch_size=2, mask_id=1023).items()}
+    reference = copy.deepcopy(model).double()
+    loss = model.loss(batch)[0]
+    loss.backward()
+    with kernels.use_reference_kernels():
+        loss_ref = reference.loss(batch)[0]
+        loss_ref.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    grads_ref = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    checks.append(("DiffusionLM (pattern MAM, d 256) loss: fp32 kernel path vs float64 reference",
+                   torch.float32, loss.reshape(1), loss_ref.reshape(1), 5e-3))
+    checks.append(("DiffusionLM (pattern MAM, d 256) all gradients: fp32 kernel path vs float64 reference",
+                   torch.float32, grads, grads_ref, 5e-3))
 
     preset = "240m-diffumamba-h" if device.type == "cuda" else "tiny-diffumamba-h"
     torch.manual_seed(3)

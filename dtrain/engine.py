@@ -137,8 +137,8 @@ def deepspeed_config(cfg: RunConfig, dp_size: int, load_universal: bool = False)
     return ds
 
 
-def _checkpointed_forward(forward, x):
-    return torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False)
+def _checkpointed_forward(forward, *inputs):
+    return torch.utils.checkpoint.checkpoint(forward, *inputs, use_reentrant=False)
 
 
 def enable_activation_checkpointing(model: DiffusionLM) -> None:

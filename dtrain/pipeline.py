@@ -2,6 +2,9 @@
 
     [Embedding] [Block 0] ... [Block n-1] [final norm] [output projection]
 
+A pipeline layer takes the previous layer's output as its one argument: the blocks pass the pair
+(hidden, residual) of model.blocks, so two tensors (bf16 and fp32 under autocast) cross a stage boundary.
+
 With tied embeddings the first and the last layer are TiedLayerSpecs of the same key: each end stage holds
 its own copy of the token embedding and DeepSpeed all-reduces the two gradients, so the copies stay equal.
 The layers are the model's own modules (model.lm / model.blocks) and are initialised by copying a
@@ -23,15 +26,30 @@ from model.lm import DiffusionLM, Embedding, Head
 TIED_KEY = "embed"
 
 
+def unpack(stream) -> tuple:
+    """The previous layer's output as (hidden, residual): the embedding gives hidden alone."""
+    return stream if isinstance(stream, tuple) else (stream, None)
+
+
+class PipeBlock(Block):
+    def forward(self, stream):
+        return super().forward(*unpack(stream))
+
+
 class FinalNorm(nn.Module):
-    """The head's norm as its own pipeline layer (the projection is the tied embedding)."""
+    """The head's add + norm as its own pipeline layer (the projection is the tied embedding)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = make_norm(cfg)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.norm(h)
+    def forward(self, stream) -> torch.Tensor:
+        return self.norm(*unpack(stream))[0]
+
+
+class PipeHead(Head):
+    def forward(self, stream) -> torch.Tensor:
+        return super().forward(*unpack(stream))
 
 
 class TiedEmbedding(Embedding):
@@ -48,11 +66,11 @@ class TiedEmbedding(Embedding):
 
 def layer_specs(cfg: ModelConfig) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
-    blocks = [LayerSpec(Block, kind, cfg) for kind in cfg.layer_pattern]
+    blocks = [LayerSpec(PipeBlock, kind, cfg) for kind in cfg.layer_pattern]
     if cfg.tie_embeddings:
         return [TiedLayerSpec(TIED_KEY, TiedEmbedding, cfg, tied_weight_attr="tok.weight"), *blocks,
                 LayerSpec(FinalNorm, cfg), TiedLayerSpec(TIED_KEY, TiedEmbedding, cfg, tied_weight_attr="tok.weight")]
-    return [LayerSpec(Embedding, cfg), *blocks, LayerSpec(Head, cfg)]
+    return [LayerSpec(Embedding, cfg), *blocks, LayerSpec(PipeHead, cfg)]
 
 
 def model_prefix(layer_idx: int, cfg: ModelConfig) -> dict[str, str]:
@@ -118,7 +136,7 @@ def build_pipeline_module(cfg: ModelConfig, *, num_stages: int, partition_method
                           partition_method=partition_method,
                           activation_checkpoint_interval=1 if activation_checkpointing else 0,
                           activation_checkpoint_func=checkpoint_keeping_autocast,
-                          checkpointable_layers=["Block"])
+                          checkpointable_layers=["PipeBlock"])
     # start from the weights a single-process DiffusionLM gets with this seed
     torch.manual_seed(seed)
     reference = DiffusionLM(cfg).state_dict()

@@ -1,4 +1,15 @@
-"""Block = norm -> mixer -> residual -> norm -> MLP -> residual (pre-norm).
+"""Block = pre-norm mixer and MLP, each with a residual connection, written on the pair
+(hidden, residual) as mamba_ssm's Block does:
+
+    residual = residual + hidden          hidden: the previous block's MLP output (block 0: the embedding)
+    hidden   = mixer(norm(residual))
+    residual = residual + hidden
+    hidden   = mlp(norm(residual))        -> (hidden, residual)
+
+This is x + mixer(norm(x)), then + mlp(norm(.)), with each residual add moved into the following norm:
+AddNorm does both in one pass (one fused kernel on a GPU, kernels.add_norm), keeps the residual stream
+in fp32 and hands the next matmul its input already in the compute dtype. The head's norm adds the last
+block's output.
 
 The mixer is chosen by the block's letter in the layer pattern: "M" a bidirectional Mamba-2 mixer,
 "A" bidirectional attention. Everything else is shared, so the families differ only in their pattern.
@@ -9,25 +20,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import kernels
 from model.config import ModelConfig
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+class AddNorm(nn.Module):
+    """(norm(residual + hidden), residual + hidden); RMSNorm (x / sqrt(mean(x^2) + eps) * weight) or
+    LayerNorm, computed in fp32. The normalised output has hidden's dtype, the new residual is fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, kind: str = "rmsnorm"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.is_rms_norm = eps, kind == "rmsnorm"
         self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = None if self.is_rms_norm else nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (one fused op where torch has a kernel for
-        it, instead of six passes over the activations)."""
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None):
+        return kernels.add_norm(hidden, residual, self.weight, self.bias, self.eps, self.is_rms_norm)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+def make_norm(cfg: ModelConfig) -> AddNorm:
+    return AddNorm(cfg.d_model, cfg.norm_eps, cfg.norm)
 
 
 class MLP(nn.Module):
@@ -43,8 +55,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc_in(x)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = kernels.swiglu(h)
         else:
             h = F.gelu(h, approximate="tanh")
         return self.fc_out(h)
@@ -69,6 +80,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None):
+        """(hidden, residual) -> (hidden, residual); see the module docstring."""
+        h, residual = self.mixer_norm(hidden, residual)
+        h, residual = self.mlp_norm(self.mixer(h), residual)
+        return self.mlp(h), residual

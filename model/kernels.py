@@ -3,6 +3,9 @@
     chunk_scan     mamba_ssm's Triton `mamba_chunk_scan_combined`   else  model.ssd.ssd_chunked
     causal_conv1d  causal-conv1d's CUDA `causal_conv1d_fn`          else  F.conv1d, left-padded
     rmsnorm_gated  mamba_ssm's Triton `rmsnorm_fn`                  else  the same math in torch
+    add_norm       mamba_ssm's Triton `layer_norm_fn` (residual add + RMSNorm/LayerNorm in one pass, its
+                   Block's fused_add_norm)                          else  the same math in torch
+    swiglu         silu(gate) * up through torch.compile (one kernel forward, one backward)  else  eager
     fused_mixer    mamba_ssm's `mamba_split_conv1d_scan_combined`: conv + scan + gated norm + out_proj of
                    one Mamba-2 direction in one autograd function    else  the caller composes the above
     flash_attn_func  flash-attn's kernel, or None
@@ -10,7 +13,7 @@
 A kernel is used only on CUDA tensors and only when its package imports. The reference path can be
 forced, for tests that run both paths on the same weights:
     with use_reference_kernels():            # every kernel
-    with use_reference_kernels("conv"):      # just the conv (names: scan, conv, norm, attn, mixer)
+    with use_reference_kernels("conv"):      # just the conv (names: KERNEL_NAMES)
     DIFFUMAMBA_KERNELS=reference             # every kernel, for the whole process
     DIFFUMAMBA_KERNELS=reference:conv,norm   # some of them
 
@@ -28,6 +31,7 @@ import importlib.util
 import os
 import sys
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +39,7 @@ from einops import rearrange
 
 from model import ssd
 
-KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer")
+KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
 
 
@@ -93,21 +97,24 @@ def import_skipping_package_init(module_name: str):
 
 
 def load_mamba_triton():
-    """(mamba_chunk_scan_combined, rmsnorm_fn, mamba_split_conv1d_scan_combined) from mamba_ssm's Triton
-    modules; ImportError if absent. The third is None when mamba_ssm found no causal-conv1d to call."""
+    """(mamba_chunk_scan_combined, rmsnorm_fn, mamba_split_conv1d_scan_combined, layer_norm_fn) from
+    mamba_ssm's Triton modules; ImportError if absent. The third is None when mamba_ssm found no
+    causal-conv1d to call."""
     ssd_combined = import_skipping_package_init("mamba_ssm.ops.triton.ssd_combined")
     layernorm_gated = import_skipping_package_init("mamba_ssm.ops.triton.layernorm_gated")
+    layer_norm = import_skipping_package_init("mamba_ssm.ops.triton.layer_norm")
     has_conv = getattr(ssd_combined, "causal_conv1d_fwd_function", None) is not None
     fused = getattr(ssd_combined, "mamba_split_conv1d_scan_combined", None) if has_conv else None
-    return ssd_combined.mamba_chunk_scan_combined, layernorm_gated.rmsnorm_fn, fused
+    return ssd_combined.mamba_chunk_scan_combined, layernorm_gated.rmsnorm_fn, fused, layer_norm.layer_norm_fn
 
 
 IMPORT_ERRORS: dict[str, str] = {}  # why a kernel is missing, for logs
 
 try:
-    _mamba_chunk_scan_combined, _rmsnorm_fn, _mamba_split_conv1d_scan_combined = load_mamba_triton()
+    (_mamba_chunk_scan_combined, _rmsnorm_fn, _mamba_split_conv1d_scan_combined,
+     _layer_norm_fn) = load_mamba_triton()
 except Exception as e:  # noqa: BLE001 - Triton itself can fail at import on machines without a GPU
-    _mamba_chunk_scan_combined, _rmsnorm_fn, _mamba_split_conv1d_scan_combined = None, None, None
+    _mamba_chunk_scan_combined = _rmsnorm_fn = _mamba_split_conv1d_scan_combined = _layer_norm_fn = None
     IMPORT_ERRORS["mamba_ssm"] = repr(e)
 
 try:
@@ -125,8 +132,11 @@ except Exception as e:  # noqa: BLE001
 HAS_MAMBA_TRITON = _mamba_chunk_scan_combined is not None
 HAS_CAUSAL_CONV1D = _causal_conv1d_fn is not None
 HAS_FLASH_ATTN = flash_attn_func is not None
+# torch.compile generates Triton kernels on a GPU: usable where Triton imports (it ships with CUDA torch)
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 _AVAILABLE = {"scan": HAS_MAMBA_TRITON, "norm": HAS_MAMBA_TRITON, "conv": HAS_CAUSAL_CONV1D,
-              "attn": HAS_FLASH_ATTN, "mixer": _mamba_split_conv1d_scan_combined is not None}
+              "attn": HAS_FLASH_ATTN, "mixer": _mamba_split_conv1d_scan_combined is not None,
+              "add_norm": _layer_norm_fn is not None, "swiglu": HAS_TRITON}
 
 
 # ---------------------------------------------------------------- choosing a path
@@ -264,3 +274,58 @@ def fused_mixer(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_
 def flash_attn_usable(tensor: torch.Tensor) -> bool:
     """Whether an attention block may call flash_attn_func on this tensor."""
     return uses_kernel("attn", tensor)
+
+
+# ---------------------------------------------------------------- residual add + norm
+def add_norm_reference(hidden, residual, weight, bias, eps, is_rms_norm):
+    """stream = residual + hidden (just hidden when residual is None), kept in fp32 (fp64 for a float64
+    model); out = RMSNorm or LayerNorm of the stream, computed in that precision, in hidden's dtype."""
+    stream_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    stream = hidden.to(stream_dtype) if residual is None else residual.to(stream_dtype) + hidden
+    shape, w = (stream.shape[-1],), weight.to(stream_dtype)
+    if is_rms_norm:
+        out = F.rms_norm(stream, shape, w, eps)
+    else:
+        out = F.layer_norm(stream, shape, w, None if bias is None else bias.to(stream_dtype), eps)
+    return out.to(hidden.dtype), stream
+
+
+def add_norm(hidden, residual, weight, bias=None, eps=1e-5, is_rms_norm=True):
+    """(norm(residual + hidden) in hidden's dtype, residual + hidden in fp32); residual may be None.
+    hidden (..., d) is a branch output (bf16 under autocast), residual the fp32 residual stream.
+    On a GPU one Triton kernel reads both once and writes both results (and one kernel does the
+    backward), instead of an add, a norm and a cast for the next matmul, each a pass over the stream."""
+    if uses_kernel("add_norm", hidden) and hidden.dtype != torch.float64:
+        return _layer_norm_fn(hidden, weight, bias, residual=residual, eps=eps, prenorm=True,
+                              residual_in_fp32=True, is_rms_norm=is_rms_norm)
+    return add_norm_reference(hidden, residual, weight, bias, eps, is_rms_norm)
+
+
+# ---------------------------------------------------------------- SwiGLU
+def swiglu_reference(h):
+    """h = [gate, up] along the last dim -> silu(gate) * up."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+_swiglu_compiled = None
+
+
+def swiglu(h):
+    """silu(gate) * up of h = [gate, up]. On a GPU torch.compile fuses it: one kernel forward, and one
+    backward that writes the gradient of h directly (eager runs five, keeps silu(gate) for the backward
+    and concatenates the two halves' gradients). If compiling fails, the eager path takes over for the
+    rest of the process, with a warning (and "swiglu" in IMPORT_ERRORS, so describe() shows it)."""
+    global _swiglu_compiled
+    if uses_kernel("swiglu", h):
+        if _swiglu_compiled is None:
+            _swiglu_compiled = torch.compile(swiglu_reference, dynamic=None)
+        try:
+            return _swiglu_compiled(h)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not stop training
+            _AVAILABLE["swiglu"] = False
+            IMPORT_ERRORS["swiglu"] = f"torch.compile failed: {e!r}"[:500]
+            warnings.warn(f"SwiGLU: torch.compile failed, running the eager path instead ({e!r})"[:500])
+    return swiglu_reference(h)

@@ -28,23 +28,26 @@ class Embedding(nn.Module):
 
 
 class Head(nn.Module):
-    """Final norm + projection to the vocabulary; `weight` may be the embedding's (tied)."""
+    """Final add + norm (of the last block's (hidden, residual) pair) and projection to the vocabulary;
+    `weight` may be the embedding's (tied)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = make_norm(cfg)
         self.proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
-    def forward(self, h: torch.Tensor, score_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
+                score_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, d) -> logits (B, L, V); with score_mask (bool (B, L)) only the selected positions ->
         (N, V), in row-major order of the True entries. Norm and projection act position by position, so
         these are exactly the selected rows of the full logits."""
         if score_mask is not None:
-            if score_mask.dtype != torch.bool or score_mask.shape != h.shape[:-1]:
-                raise ValueError(f"score_mask must be a bool tensor of shape {tuple(h.shape[:-1])}, "
+            if score_mask.dtype != torch.bool or score_mask.shape != hidden.shape[:-1]:
+                raise ValueError(f"score_mask must be a bool tensor of shape {tuple(hidden.shape[:-1])}, "
                                  f"got {score_mask.dtype} {tuple(score_mask.shape)}")
-            h = h[score_mask]
-        return self.proj(self.norm(h))
+            hidden = hidden[score_mask]
+            residual = None if residual is None else residual[score_mask]
+        return self.proj(self.norm(hidden, residual)[0])
 
 
 class DiffusionLM(nn.Module):
@@ -78,10 +81,10 @@ class DiffusionLM(nn.Module):
         """Logits (B, L, V) at every position; with score_mask (bool (B, L)) only at its True positions,
         (N, V) in row-major order (training: score_mask = model.diffusion.scored_positions(batch, mask_id),
         loss from model.diffusion.diffusion_loss_selected)."""
-        h = self.embed(input_ids)
+        hidden, residual = self.embed(input_ids), None
         for block in self.blocks:
-            h = block(h)
-        return self.head(h, score_mask)
+            hidden, residual = block(hidden, residual)
+        return self.head(hidden, residual, score_mask)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """diffusion_loss of this batch, with the head run at the scored (masked) positions only."""
@@ -90,7 +93,8 @@ class DiffusionLM(nn.Module):
         return diffusion_loss_selected(self(batch["input_ids"], score_mask), batch, mask_id, score_mask)
 
     def pipeline_layers(self) -> list[nn.Module]:
-        """The stack as a flat list [embed, block_0, ..., block_{n-1}, head] (same module objects)."""
+        """The stack as a flat list [embed, block_0, ..., block_{n-1}, head] (same module objects). Each
+        block returns the pair (hidden, residual), which the next block or the head takes as its inputs."""
         return [self.embed, *self.blocks, self.head]
 
 

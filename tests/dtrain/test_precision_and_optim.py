@@ -87,22 +87,22 @@ def test_pipeline_recomputes_checkpointed_blocks_under_the_forward_autocast(monk
     cfg = get_preset("tiny-diffumamba-h")
     torch.manual_seed(0)
     block = Block("M", cfg)
-    x = torch.randn(2, 16, cfg.d_model)
+    x = torch.randn(2, 2, 16, cfg.d_model)     # a block's inputs: the pair (hidden, residual)
 
     def grads(run):
         block.zero_grad()
-        xi = x.clone().requires_grad_(True)
+        pair = [t.clone().requires_grad_(True) for t in x]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = run(block, xi)
-        out.float().square().sum().backward()
-        return [xi.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+            hidden, residual = run(block, *pair)
+        (hidden.float() + residual).square().sum().backward()
+        return [t.grad.clone() for t in pair] + [p.grad.clone() for p in block.parameters()]
 
-    plain = grads(lambda b, xi: b(xi))
-    checkpointed = grads(lambda b, xi: pipeline.checkpoint_keeping_autocast(b, xi))
+    plain = grads(lambda b, *pair: b(*pair))
+    checkpointed = grads(lambda b, *pair: pipeline.checkpoint_keeping_autocast(b, *pair))
     for a, b in zip(plain, checkpointed):
         assert torch.equal(a, b)
     from deepspeed.runtime.activation_checkpointing import checkpointing
-    deepspeed_default = grads(lambda b, xi: checkpointing.checkpoint(b, xi))   # recomputes in fp32
+    deepspeed_default = grads(lambda b, *pair: checkpointing.checkpoint(b, *pair))   # recomputes in fp32
     assert any(not torch.equal(a, b) for a, b in zip(plain, deepspeed_default))
 
     seen = {}

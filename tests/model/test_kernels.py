@@ -16,6 +16,7 @@ GPU_PACKAGES = ("mamba_ssm", "causal_conv1d", "flash_attn")
 SCAN_MARKER = "fake mamba_chunk_scan_combined"
 NORM_MARKER = "fake rmsnorm_fn"
 FUSED_MARKER = "fake mamba_split_conv1d_scan_combined"
+ADD_NORM_MARKER = "fake layer_norm_fn"
 
 
 # ---------------------------------------------------------------- a fake mamba_ssm on disk
@@ -29,6 +30,9 @@ def write_fake_mamba_ssm(root, init_body: str, ops_init_body: str = "", with_con
         "mamba_ssm/utils/__init__.py": "",
         "mamba_ssm/utils/torch.py": "custom_fwd = 'custom_fwd'\n",
         "mamba_ssm/ops/triton/layernorm_gated.py": f"def rmsnorm_fn(*args, **kwargs):\n    return {NORM_MARKER!r}\n",
+        "mamba_ssm/ops/triton/layer_norm.py": (
+            "from mamba_ssm.utils.torch import custom_fwd\n"
+            f"def layer_norm_fn(*args, **kwargs):\n    return {ADD_NORM_MARKER!r}\n"),
         "mamba_ssm/ops/triton/ssd_combined.py": (
             "from mamba_ssm.utils.torch import custom_fwd\n"
             "from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn\n"
@@ -65,8 +69,8 @@ def test_loader_skips_a_package_init_that_needs_selective_scan_cuda(clean_mamba_
     with pytest.raises(ModuleNotFoundError, match="selective_scan_cuda"):
         importlib.import_module("mamba_ssm")                  # the situation on our GPU machines
 
-    scan, norm, fused = kernels.load_mamba_triton()
-    assert scan() == SCAN_MARKER and norm() == NORM_MARKER
+    scan, norm, fused, add_norm = kernels.load_mamba_triton()
+    assert scan() == SCAN_MARKER and norm() == NORM_MARKER and add_norm() == ADD_NORM_MARKER
     assert fused is None                                      # this mamba_ssm found no causal-conv1d
     top = sys.modules["mamba_ssm"]
     assert getattr(top, "__stub_parent__", False) and not hasattr(top, "__file__")
@@ -75,8 +79,9 @@ def test_loader_skips_a_package_init_that_needs_selective_scan_cuda(clean_mamba_
 
 def test_loader_uses_the_plain_import_when_it_works(clean_mamba_ssm_modules):
     write_fake_mamba_ssm(clean_mamba_ssm_modules, init_body="RAN_INIT = True\n", with_conv=True)
-    scan, norm, fused = kernels.load_mamba_triton()
+    scan, norm, fused, add_norm = kernels.load_mamba_triton()
     assert scan() == SCAN_MARKER and norm() == NORM_MARKER and fused() == FUSED_MARKER
+    assert add_norm() == ADD_NORM_MARKER
     assert sys.modules["mamba_ssm"].RAN_INIT is True
 
 
@@ -292,3 +297,57 @@ def test_gpu_validate_smoke_run_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_validate, "SAME_DTYPE_SLACK", 0.0)
     assert gpu_validate.main(["--device", "cpu", "--out", str(out), "--skip-bench"]) == 1
     assert "FAIL" in out.read_text()
+
+
+# ---------------------------------------------------------------- add + norm and SwiGLU dispatch
+def test_add_norm_hands_the_kernel_mamba_ssms_prenorm_contract(monkeypatch):
+    """On the kernel path AddNorm calls layer_norm_fn(hidden, weight, bias, residual=..., eps=...,
+    prenorm=True, residual_in_fp32=True, is_rms_norm=...) and returns its (output, new residual) pair."""
+    from model.blocks import AddNorm
+    calls = []
+
+    def fake_layer_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
+                           is_rms_norm=False):
+        calls.append({"residual": residual is not None, "eps": eps, "prenorm": prenorm,
+                      "residual_in_fp32": residual_in_fp32, "is_rms_norm": is_rms_norm, "bias": bias is not None})
+        return kernels.add_norm_reference(x, residual, weight, bias, eps, is_rms_norm)
+
+    monkeypatch.setattr(kernels, "_layer_norm_fn", fake_layer_norm_fn)
+    monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: name == "add_norm")
+    hidden, residual = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    for kind in ("rmsnorm", "layernorm"):
+        norm = AddNorm(16, eps=1e-3, kind=kind)
+        _, stream = norm(hidden, residual)
+        torch.testing.assert_close(stream, hidden + residual)
+        assert calls[-1] == {"residual": True, "eps": 1e-3, "prenorm": True, "residual_in_fp32": True,
+                             "is_rms_norm": kind == "rmsnorm", "bias": kind == "layernorm"}
+    norm(hidden.double())                                       # float64 models stay on the reference
+    assert len(calls) == 2
+
+
+def test_swiglu_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: kernels._AVAILABLE[name])
+    monkeypatch.setitem(kernels._AVAILABLE, "swiglu", True)
+    monkeypatch.setattr(kernels, "_swiglu_compiled", None)
+    monkeypatch.setattr(kernels, "IMPORT_ERRORS", {})
+    compiled_calls = []
+
+    def fake_compile(fn, **kwargs):
+        def run(h):
+            compiled_calls.append(h.shape)
+            return fn(h)
+        return run
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    h = torch.randn(3, 8)
+    want = F.silu(h[:, :4]) * h[:, 4:]
+    torch.testing.assert_close(kernels.swiglu(h), want)
+    assert compiled_calls == [h.shape]
+
+    def broken(h):
+        raise RuntimeError("no C compiler")
+    monkeypatch.setattr(kernels, "_swiglu_compiled", broken)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        torch.testing.assert_close(kernels.swiglu(h), want)
+    assert not kernels._AVAILABLE["swiglu"] and "no C compiler" in kernels.IMPORT_ERRORS["swiglu"]
+    torch.testing.assert_close(kernels.swiglu(h), want)         # eager from now on, no second warning
+    assert compiled_calls == [h.shape]
