@@ -30,7 +30,7 @@ from dtrain.optim import lr_at, set_lr
 from dtrain.pipe_sampling import pipeline_sample
 from dtrain.pipeline import nan_unless_finite
 from dtrain.profiling import StepProfiler
-from model.diffusion import diffusion_loss_selected, elbo_perplexity, scored_positions
+from model.diffusion import diffusion_loss_selected, elbo_perplexity, scored_index
 from model.flops import expected_masked_fraction, peak_flops, train_flops_per_token
 from model.lm import DiffusionLM
 from model.sampler import sample
@@ -82,11 +82,21 @@ def open_loader(data_cfg, split: str, cfg: RunConfig, trainee: Trainee, mask_id:
                              mask_id=mask_id, seed=cfg.run.seed)
 
 
+def to_device(batch: dict, device: torch.device, mask_id: int) -> dict:
+    """The batch on the device (asynchronous from pinned memory), with its scored_index made here on the
+    host: selecting the scored positions by a bool mask on the GPU would stall the host every micro-batch
+    (model.diffusion.scored_index)."""
+    batch = dict(batch, scored_index=scored_index(batch, mask_id))
+    if device.type == "cuda":
+        batch["scored_index"] = batch["scored_index"].pin_memory()
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 class TimedBatches:
     """Iterator over a loader that records the time spent waiting for batches and moves them to the device."""
 
-    def __init__(self, loader, device):
-        self.loader, self.device = loader, device
+    def __init__(self, loader, device, mask_id: int):
+        self.loader, self.device, self.mask_id = loader, device, mask_id
         self.it = iter(loader)
         self.wait = 0.0
 
@@ -105,13 +115,13 @@ class TimedBatches:
                 raise RuntimeError("data: the stream ended before train.steps (data.epochs reached); raise "
                                    "data.epochs or set it to null") from None
         self.wait += time.perf_counter() - t0
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return to_device(batch, self.device, self.mask_id)
 
 
 def pipe_batches(batches: Iterator[dict]) -> Iterator[tuple]:
     """(inputs, labels) for PipelineEngine: input_ids to the first stage, the rest to the last."""
     for b in batches:
-        yield b["input_ids"], (b["input_ids"], b["targets"], b["t"], b["loss_mask"])
+        yield b["input_ids"], (b["input_ids"], b["targets"], b["t"], b["loss_mask"], b["scored_index"])
 
 
 # ------------------------------------------------------------------ one step
@@ -129,10 +139,9 @@ def train_step(trainee: Trainee, batches: TimedBatches | None, ga: int, poison: 
         stats, bad = [], False   # `bad` comes from was_step_applied() below
         for _ in range(ga):
             batch = next(batches)
-            mask_id = trainee.model_cfg.mask_token_id
-            score_mask = scored_positions(batch, mask_id)   # the head runs at masked real positions only
-            logits = engine(batch["input_ids"], score_mask=score_mask)
-            loss, s = diffusion_loss_selected(logits, batch, mask_id, score_mask)
+            mask_id, scored = trainee.model_cfg.mask_token_id, batch["scored_index"]
+            logits = engine(batch["input_ids"], score_mask=scored)   # the head runs at scored positions only
+            loss, s = diffusion_loss_selected(logits, batch, mask_id, scored)
             # DeepSpeed's step reports whether it was applied through was_step_applied()
             engine.backward(nan_unless_finite(loss, poison))
             engine.step()
@@ -157,7 +166,7 @@ def evaluate(trainee: Trainee, data_cfg, cfg: RunConfig) -> dict:
     if trainee.reads_data:
         # the validation stream wraps around whatever data.epochs says: eval_iters decides how much is read
         val = open_loader(data_cfg.replace(epochs=None), "val", cfg, trainee, mask_id)
-        batches = TimedBatches(val, trainee.device)
+        batches = TimedBatches(val, trainee.device, mask_id)
     engine.eval()
     for _ in range(cfg.train.eval_iters):
         if trainee.pipeline:
@@ -169,9 +178,8 @@ def evaluate(trainee: Trainee, data_cfg, cfg: RunConfig) -> dict:
             stats = []
             for _ in range(ga):
                 batch = next(batches)
-                score_mask = scored_positions(batch, mask_id)
-                logits = engine(batch["input_ids"], score_mask=score_mask)
-                stats.append(diffusion_loss_selected(logits, batch, mask_id, score_mask)[1])
+                logits = engine(batch["input_ids"], score_mask=batch["scored_index"])
+                stats.append(diffusion_loss_selected(logits, batch, mask_id, batch["scored_index"])[1])
         for s in stats:
             sums += torch.tensor([s["nelbo_per_seq"].double().sum().item(), s["tokens_per_seq"].double().sum().item()],
                                  dtype=torch.float64)
@@ -289,7 +297,8 @@ class Trainer:
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self.restore()
-        batches = TimedBatches(self.loader, self.device) if self.loader is not None else None
+        batches = (TimedBatches(self.loader, self.device, self.trainee.model_cfg.mask_token_id)
+                   if self.loader is not None else None)
         tokens_per_step = t.micro_batch_size * t.grad_accum * self.trainee.dp_size * self.seq_len
         peak = cfg.logging.peak_flops_per_gpu or (
             peak_flops(torch.cuda.get_device_name()) if self.device.type == "cuda" else None)

@@ -3,13 +3,14 @@
     [Embedding] [Block 0] ... [Block n-1] [final norm] [output projection]
 
 A pipeline layer takes the previous layer's output as its one argument: the blocks pass the pair
-(hidden, residual) of model.blocks, so two tensors (bf16 and fp32 under autocast) cross a stage boundary.
+(hidden, residual) of model.blocks, except across a stage boundary (see PipeBlock).
 
 With tied embeddings the first and the last layer are TiedLayerSpecs of the same key: each end stage holds
 its own copy of the token embedding and DeepSpeed all-reduces the two gradients, so the copies stay equal.
 The layers are the model's own modules (model.lm / model.blocks) and are initialised by copying a
 DiffusionLM built with the run seed, so a pipelined run starts from exactly the weights of a plain one.
-Inputs: the first stage reads input_ids; the last stage reads (input_ids, targets, t, loss_mask) as labels.
+Inputs: the first stage reads input_ids; the last stage reads (input_ids, targets, t, loss_mask, scored_index)
+as labels.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from model.blocks import Block, make_norm
 from model.config import ModelConfig
-from model.diffusion import diffusion_loss
+from model.diffusion import diffusion_loss_selected
 from model.lm import DiffusionLM, Embedding, Head
 
 TIED_KEY = "embed"
@@ -32,8 +33,21 @@ def unpack(stream) -> tuple:
 
 
 class PipeBlock(Block):
+    """A block as a pipeline layer. DeepSpeed (0.19.8) runs one backward pass through the whole stage per
+    tensor a stage sends, so the last block of a stage sends the residual stream as one fp32 tensor,
+    hidden + residual (mark_stage_end); the next stage starts from it as block 0 does from the embedding."""
+    ends_stage = False
+
     def forward(self, stream):
-        return super().forward(*unpack(stream))
+        hidden, residual = super().forward(*unpack(stream))
+        return hidden + residual if self.ends_stage else (hidden, residual)
+
+
+def mark_stage_end(pipe) -> None:
+    """Let this stage's last layer send one tensor when it is a block (every stage but the last)."""
+    last = pipe.forward_funcs[-1] if pipe.forward_funcs else None
+    if isinstance(last, PipeBlock):
+        last.ends_stage = True
 
 
 class FinalNorm(nn.Module):
@@ -114,9 +128,11 @@ class PipeLoss:
         self.poison = False   # set by the trainer to turn this step's loss into NaN (fault injection)
 
     def __call__(self, logits: torch.Tensor, labels: tuple) -> torch.Tensor:
-        input_ids, targets, t, loss_mask = labels
-        loss, stats = diffusion_loss(logits, {"input_ids": input_ids, "targets": targets, "t": t,
-                                              "loss_mask": loss_mask}, self.mask_id)
+        input_ids, targets, t, loss_mask, scored = labels
+        rows, cols = scored                # made on the host: no device sync to find the scored rows
+        loss, stats = diffusion_loss_selected(logits[rows, cols], {"input_ids": input_ids, "targets": targets,
+                                                                   "t": t, "loss_mask": loss_mask},
+                                              self.mask_id, (rows, cols))
         self.stats.append(stats)
         return nan_unless_finite(loss, self.poison)
 
@@ -137,6 +153,7 @@ def build_pipeline_module(cfg: ModelConfig, *, num_stages: int, partition_method
                           activation_checkpoint_interval=1 if activation_checkpointing else 0,
                           activation_checkpoint_func=checkpoint_keeping_autocast,
                           checkpointable_layers=["PipeBlock"])
+    mark_stage_end(pipe)
     # start from the weights a single-process DiffusionLM gets with this seed
     torch.manual_seed(seed)
     reference = DiffusionLM(cfg).state_dict()

@@ -119,6 +119,23 @@ def scored_positions(batch: dict, mask_id: int) -> torch.Tensor:
     return (batch["input_ids"] == mask_id) & (batch["loss_mask"] > 0)
 
 
+def scored_index(batch: dict, mask_id: int) -> torch.Tensor:
+    """(2, N) int64: the rows and columns of scored_positions, in row-major order. Any `score_mask` argument
+    takes it in place of the bool mask. Made where the batch is made (the host), it lets the model and the
+    loss pick the scored rows without waiting for the device: with a bool mask on the GPU, N is known only
+    after a device-to-host copy, which stalls the host in the middle of every micro-batch."""
+    return torch.stack(scored_positions(batch, mask_id).nonzero(as_tuple=True))
+
+
+def rows_and_cols(score_mask: torch.Tensor | tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of a bool (B, L) score_mask's True entries (one device sync), or of a scored_index
+    (2, N) / (rows, cols) pair as given."""
+    if isinstance(score_mask, torch.Tensor) and score_mask.dtype == torch.bool:
+        return score_mask.nonzero(as_tuple=True)
+    rows, cols = score_mask
+    return rows, cols
+
+
 def subs_target_nll(logits: torch.Tensor, targets: torch.Tensor, mask_id: int) -> torch.Tensor:
     """-log p_theta(target | x_t) at masked positions under SUBS; logits (..., V), targets (...) -> (...).
 
@@ -145,15 +162,15 @@ def _nelbo(nll: torch.Tensor, rows: torch.Tensor, batch: dict) -> tuple[torch.Te
 
 
 def diffusion_loss_selected(logits: torch.Tensor, batch: dict, mask_id: int,
-                            score_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                            score_mask: torch.Tensor | tuple | None = None) -> tuple[torch.Tensor, dict]:
     """diffusion_loss from the logits of the scored positions only: logits (N, V) are the rows of
-    scored_positions(batch, mask_id) (or of score_mask, that same mask computed by the caller) in row-major
-    order, as DiffusionLM.forward(input_ids, score_mask=...) returns them. Same (loss, stats) as
-    diffusion_loss on the full (B, L, V) logits.
+    scored_positions(batch, mask_id) (or of score_mask, that same mask or its scored_index, computed by the
+    caller) in row-major order, as DiffusionLM.forward(input_ids, score_mask=...) returns them. Same
+    (loss, stats) as diffusion_loss on the full (B, L, V) logits.
     """
     if score_mask is None:
         score_mask = scored_positions(batch, mask_id)
-    rows, cols = score_mask.nonzero(as_tuple=True)
+    rows, cols = rows_and_cols(score_mask)
     if logits.dim() != 2 or logits.shape[0] != rows.numel():
         raise ValueError(f"expected logits of the {rows.numel()} scored positions, (N, V); got {tuple(logits.shape)}")
     return _nelbo(subs_target_nll(logits, batch["targets"][rows, cols], mask_id), rows, batch)

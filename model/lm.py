@@ -15,7 +15,7 @@ from torch import nn
 
 from model.blocks import Block, make_norm
 from model.config import ModelConfig
-from model.diffusion import diffusion_loss_selected, scored_positions
+from model.diffusion import diffusion_loss_selected, rows_and_cols, scored_positions
 
 
 class Embedding(nn.Module):
@@ -37,16 +37,20 @@ class Head(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
-                score_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, d) -> logits (B, L, V); with score_mask (bool (B, L)) only the selected positions ->
-        (N, V), in row-major order of the True entries. Norm and projection act position by position, so
-        these are exactly the selected rows of the full logits."""
+                score_mask: torch.Tensor | tuple | None = None) -> torch.Tensor:
+        """(B, L, d) -> logits (B, L, V); with score_mask (bool (B, L), or the (2, N) scored_index of its
+        True entries) only the selected positions -> (N, V), in row-major order of the True entries. Norm
+        and projection act position by position, so these are exactly the selected rows of the full
+        logits."""
         if score_mask is not None:
-            if score_mask.dtype != torch.bool or score_mask.shape != hidden.shape[:-1]:
-                raise ValueError(f"score_mask must be a bool tensor of shape {tuple(hidden.shape[:-1])}, "
-                                 f"got {score_mask.dtype} {tuple(score_mask.shape)}")
-            hidden = hidden[score_mask]
-            residual = None if residual is None else residual[score_mask]
+            is_mask = isinstance(score_mask, torch.Tensor) and score_mask.dtype == torch.bool
+            if (score_mask.shape != hidden.shape[:-1]) if is_mask else len(score_mask) != 2:
+                raise ValueError(f"score_mask must be a bool tensor of shape {tuple(hidden.shape[:-1])} or "
+                                 f"its (rows, cols) index pair, got {type(score_mask).__name__} "
+                                 f"{tuple(getattr(score_mask, 'shape', ()))}")
+            index = rows_and_cols(score_mask)              # one device sync for a mask, none for an index
+            hidden = hidden[index]
+            residual = None if residual is None else residual[index]
         return self.proj(self.norm(hidden, residual)[0])
 
 
@@ -77,10 +81,10 @@ class DiffusionLM(nn.Module):
                 is_residual_out = name.endswith(("out_proj.weight", "fc_out.weight"))
                 nn.init.normal_(p, std=residual_std if is_residual_out else std)
 
-    def forward(self, input_ids: torch.Tensor, score_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, V) at every position; with score_mask (bool (B, L)) only at its True positions,
-        (N, V) in row-major order (training: score_mask = model.diffusion.scored_positions(batch, mask_id),
-        loss from model.diffusion.diffusion_loss_selected)."""
+    def forward(self, input_ids: torch.Tensor, score_mask: torch.Tensor | tuple | None = None) -> torch.Tensor:
+        """Logits (B, L, V) at every position; with score_mask (bool (B, L), or its (2, N) index pair) only at
+        its True positions, (N, V) in row-major order. Training passes the batch's scored_index (made on
+        the host, model.diffusion.scored_index) and takes the loss from diffusion_loss_selected."""
         hidden, residual = self.embed(input_ids), None
         for block in self.blocks:
             hidden, residual = block(hidden, residual)
@@ -89,7 +93,8 @@ class DiffusionLM(nn.Module):
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """diffusion_loss of this batch, with the head run at the scored (masked) positions only."""
         mask_id = self.cfg.mask_token_id
-        score_mask = scored_positions(batch, mask_id)
+        score_mask = batch.get("scored_index")
+        score_mask = scored_positions(batch, mask_id) if score_mask is None else score_mask
         return diffusion_loss_selected(self(batch["input_ids"], score_mask), batch, mask_id, score_mask)
 
     def pipeline_layers(self) -> list[nn.Module]:

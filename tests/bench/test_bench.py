@@ -192,6 +192,30 @@ def test_training_smoke_through_the_deepspeed_engine(tmp_path):
     assert md in proc.stdout
 
 
+FREES_ENGINE = r"""
+import gc, itertools, weakref, torch
+from bench import training
+from dtrain import engine as dengine
+from dtrain.loop import train_step
+dengine.setup_distributed()
+trial = training.Trial("tiny-diffumamba-h", torch.device("cpu"), "config")
+trial.build(64, 2)
+alive = weakref.ref(trial.trainee.engine.module)
+train_step(trial.trainee, itertools.cycle(trial.batches(2, 64)), 1, False, training.NoMetrics())
+trial.build(64, 1)                       # a rebuild (after an OOM) closes the old engine first
+gc.collect()
+print("FREED" if alive() is None else "LEAKED")
+"""
+
+
+def test_a_rebuilt_trial_frees_the_old_engine():
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", FREES_ENGINE], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("FREED"), proc.stdout[-2000:]
+
+
 def test_training_profile_of_a_1p3b_row_is_written_under_its_own_name(tmp_path, monkeypatch):
     """Trial.profile names the breakdown after the row's folder; a preset name with a dot (1.3b) must not
     lose its tail (all 1.3B rows once overwrote one "1.md")."""

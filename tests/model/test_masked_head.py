@@ -207,3 +207,55 @@ def test_head_fraction_in_the_flop_count():
         3 * (114_688 + 0.55 * 65_536))
     with pytest.raises(ValueError):
         flops.forward_flops_per_token(cfg, 64, head_fraction=1.5)
+
+
+SYNCING_OPS = {"nonzero", "_local_scalar_dense", "is_nonzero", "masked_select", "equal"}
+
+
+def ops_needing_device_values(run) -> set:
+    """The aten ops of run() that need a tensor's values on the host (on a GPU: the host waits for the
+    device): nonzero, item, bool(), masked_select, and indexing by a bool mask (a nonzero inside)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = set()
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in SYNCING_OPS:
+                seen.add(name)
+            if name.startswith("index") and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                for a in args if isinstance(a, (list, tuple)) for i in a):
+                seen.add(f"{name} by a bool mask")
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        run()
+    return seen
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_selecting_by_the_host_made_index_never_waits_for_the_device(preset):
+    """Training selects the scored positions with the batch's scored_index, made on the host: forward,
+    loss and backward then run no op that needs device values on the host, so the host can queue the next
+    micro-batch while the GPU works. Selecting by the bool mask does need them (one nonzero), and both
+    give the same loss and gradients."""
+    from model.diffusion import scored_index
+    model = make_model(preset, tied=True, seed=13)
+    batch = make_batch(model.cfg, seed=14, padded=True)
+    mask_id = model.cfg.mask_token_id
+    results = {}
+
+    def step(score):
+        def run():
+            model.zero_grad()
+            loss, _ = diffusion_loss_selected(model(batch["input_ids"], score), batch, mask_id, score)
+            loss.backward()
+            results[score.dtype] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+        return run
+
+    assert ops_needing_device_values(step(scored_index(batch, mask_id))) == set()
+    assert ops_needing_device_values(step(scored_positions(batch, mask_id))) == {"nonzero"}
+    (loss_i, grads_i), (loss_m, grads_m) = results[torch.int64], results[torch.bool]
+    torch.testing.assert_close(loss_i, loss_m, **TIGHT)
+    for a, b in zip(grads_i, grads_m):
+        torch.testing.assert_close(a, b, **TIGHT)
