@@ -13,8 +13,8 @@ path's own dtype ("ref same dtype"): a kernel should be about as close as that. 
 (dt_bias: a long sum with heavy cancellation) sit near 2e-2 even on the reference path, so a row also
 passes when its error is within 1.25x of that same-dtype reference error.
 Then model-level checks: the blocks' residual add + norm (mamba_ssm's Triton layer_norm_fn: RMSNorm and
-LayerNorm, bf16 branch output + fp32 stream) and the compiled SwiGLU against float64 formulas, values and
-gradients; a whole DiffusionLM's loss and gradients on the kernel path (fp32) against the float64 reference
+LayerNorm, bf16 branch output + fp32 stream), the compiled SwiGLU and rotary embedding against float64
+formulas, values and gradients; a whole DiffusionLM's loss and gradients on the kernel path (fp32) against the float64 reference
 path; its logits at masked positions only against the same rows of the full logits. Last it times forward
 + backward of the mixer at d_model 2048 on 32K tokens, for each path.
 
@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import kernels
+from model.attention import apply_rotary, rotary_tables, rotate
 from model.blocks import AddNorm
 from model.config import MambaConfig, ModelConfig
 from model.diffusion import mask_batch
@@ -182,6 +183,14 @@ def add_norm_float64(hidden, residual, weights, eps, kind):
     return (y + weights[1] if kind == "layernorm" else y), hidden + residual
 
 
+def rotate_with(fn, cos, sin, q, k):
+    return fn(q, k, cos, sin)
+
+
+def rotate_float64(q, k, cos, sin):
+    return apply_rotary(q, cos.double(), sin.double()), apply_rotary(k, cos.double(), sin.double())
+
+
 def piece_checks(device, gen) -> list:
     """AddNorm and SwiGLU on the kernel path vs their float64 formulas (values and gradients)."""
     d = 2048 if device.type == "cuda" else 64
@@ -212,6 +221,15 @@ def piece_checks(device, gen) -> list:
         want, want_grads = outputs_and_grads(swiglu64, [h.double()])
         for name, a, b in zip(["output", "grad h"], got + got_grads, want + want_grads):
             checks.append((f"SwiGLU (kernel: {kernels.describe(device)['swiglu']}): {name}", dtype, a, b, tol))
+        # rotary embedding of q and k, strided views of one qkv projection as in the attention block
+        heads, head_dim = (16, 128) if device.type == "cuda" else (4, 16)
+        q, k, _ = torch.randn(2, 512, 3, heads, head_dim, generator=gen).to(device, dtype).unbind(2)
+        cos, sin = rotary_tables(512, head_dim, 10000.0, device)
+        got, got_grads = outputs_and_grads(functools.partial(rotate_with, rotate, cos, sin), [q, k])
+        want, want_grads = outputs_and_grads(functools.partial(rotate_with, rotate_float64, cos, sin),
+                                             [q.double(), k.double()])
+        for name, a, b in zip(["q", "k", "grad q", "grad k"], got + got_grads, want + want_grads):
+            checks.append((f"rotary q, k (kernel: {kernels.describe(device)['rotary']}): {name}", dtype, a, b, tol))
     return checks
 
 

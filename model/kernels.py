@@ -6,6 +6,8 @@
     add_norm       mamba_ssm's Triton `layer_norm_fn` (residual add + RMSNorm/LayerNorm in one pass, its
                    Block's fused_add_norm)                          else  the same math in torch
     swiglu         silu(gate) * up through torch.compile (one kernel forward, one backward)  else  eager
+    rotary         the attention's rotary embedding of q and k, the same way (model/attention.py)
+    flip           the bidirectional mixer's time reversals, the same way (model/mamba2.py)
     fused_mixer    mamba_ssm's `mamba_split_conv1d_scan_combined`: conv + scan + gated norm + out_proj of
                    one Mamba-2 direction in one autograd function    else  the caller composes the above
     flash_attn_func  flash-attn's kernel, or None
@@ -39,7 +41,7 @@ from einops import rearrange
 
 from model import ssd
 
-KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu")
+KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
 
 
@@ -136,7 +138,8 @@ HAS_FLASH_ATTN = flash_attn_func is not None
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 _AVAILABLE = {"scan": HAS_MAMBA_TRITON, "norm": HAS_MAMBA_TRITON, "conv": HAS_CAUSAL_CONV1D,
               "attn": HAS_FLASH_ATTN, "mixer": _mamba_split_conv1d_scan_combined is not None,
-              "add_norm": _layer_norm_fn is not None, "swiglu": HAS_TRITON}
+              "add_norm": _layer_norm_fn is not None, "swiglu": HAS_TRITON, "rotary": HAS_TRITON,
+              "flip": HAS_TRITON}
 
 
 # ---------------------------------------------------------------- choosing a path
@@ -301,31 +304,36 @@ def add_norm(hidden, residual, weight, bias=None, eps=1e-5, is_rms_norm=True):
     return add_norm_reference(hidden, residual, weight, bias, eps, is_rms_norm)
 
 
-# ---------------------------------------------------------------- SwiGLU
+# ---------------------------------------------------------------- element-wise chains, compiled
+class CompiledOnGPU:
+    """fn(*tensors) through torch.compile when the first tensor is on a GPU and kernel `name` is on, the
+    eager fn elsewhere. A chain of element-wise ops becomes one kernel forward and one backward (eager runs
+    one kernel per op and keeps the intermediates for the backward). If compiling fails, the eager fn runs
+    for the rest of the process, with a warning (and `name` in IMPORT_ERRORS, so describe() shows it)."""
+
+    def __init__(self, name: str, fn):
+        self.name, self.fn, self.compiled = name, fn, None
+
+    def __call__(self, *tensors):
+        if uses_kernel(self.name, tensors[0]):
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, dynamic=None)
+            try:
+                return self.compiled(*tensors)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a compiler failure must not stop training
+                _AVAILABLE[self.name] = False
+                IMPORT_ERRORS[self.name] = f"torch.compile failed: {e!r}"[:500]
+                warnings.warn(f"{self.name}: torch.compile failed, running the eager path instead ({e!r})"[:500])
+        return self.fn(*tensors)
+
+
 def swiglu_reference(h):
     """h = [gate, up] along the last dim -> silu(gate) * up."""
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
-_swiglu_compiled = None
-
-
-def swiglu(h):
-    """silu(gate) * up of h = [gate, up]. On a GPU torch.compile fuses it: one kernel forward, and one
-    backward that writes the gradient of h directly (eager runs five, keeps silu(gate) for the backward
-    and concatenates the two halves' gradients). If compiling fails, the eager path takes over for the
-    rest of the process, with a warning (and "swiglu" in IMPORT_ERRORS, so describe() shows it)."""
-    global _swiglu_compiled
-    if uses_kernel("swiglu", h):
-        if _swiglu_compiled is None:
-            _swiglu_compiled = torch.compile(swiglu_reference, dynamic=None)
-        try:
-            return _swiglu_compiled(h)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a compiler failure must not stop training
-            _AVAILABLE["swiglu"] = False
-            IMPORT_ERRORS["swiglu"] = f"torch.compile failed: {e!r}"[:500]
-            warnings.warn(f"SwiGLU: torch.compile failed, running the eager path instead ({e!r})"[:500])
-    return swiglu_reference(h)
+# silu(gate) * up: the backward writes the gradient of h directly (eager also concatenates the halves)
+swiglu = CompiledOnGPU("swiglu", swiglu_reference)

@@ -137,6 +137,22 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self.mix(zxbcdt))
 
 
+def _reversed(x):
+    """x (b, l, ...) with the sequence reversed."""
+    return x.flip(1)
+
+
+def _plus_reversed(forward_out, backward_out):
+    """forward_out + backward_out with its sequence reversed back."""
+    return forward_out + backward_out.flip(1)
+
+
+# On a GPU each is one compiled kernel (and its backward one more): torch's flip kernel does not vectorise
+# (12 ms a step at 1.3B, L = 2048, micro-batch 16, for half the bytes of a copy), and the sum is fused in.
+reverse_time = kernels.CompiledOnGPU("flip", _reversed)
+add_time_reversed = kernels.CompiledOnGPU("flip", _plus_reversed)
+
+
 def _pair_up(first, second, sizes, dim):
     """Split both tensors into `sizes` along `dim` and concatenate the pieces pairwise:
     [a1, b1, a2, b2, ...]. Lays two directions' channels out so that x, B, C of both stay contiguous."""
@@ -179,18 +195,18 @@ class BiMamba2(nn.Module):
             return self._forward_fused(x)
         if self.tied:
             zxbcdt = self.in_proj(x)
-            y = self.fwd.mix(zxbcdt) + self.bwd.mix(zxbcdt.flip(1)).flip(1)
+            y = add_time_reversed(self.fwd.mix(zxbcdt), self.bwd.mix(reverse_time(zxbcdt)))
             return self.out_proj(y)            # out_proj is linear: one matmul for both directions
-        return self.fwd(x) + self.bwd(x.flip(1)).flip(1)
+        return add_time_reversed(self.fwd(x), self.bwd(reverse_time(x)))
 
     def _forward_fused(self, x):
         f, b = self.fwd, self.bwd
         di, gn, P = f.d_inner, f.ngroups * f.d_state, f.headdim
         if self.tied:
             zxbcdt_f = self.in_proj(x)
-            zxbcdt_b = zxbcdt_f.flip(1)
+            zxbcdt_b = reverse_time(zxbcdt_f)
         else:
-            zxbcdt_f, zxbcdt_b = f.in_proj(x), b.in_proj(x.flip(1))
+            zxbcdt_f, zxbcdt_b = f.in_proj(x), b.in_proj(reverse_time(x))
         z_f, xBC_f, dt_f = f.split_projection(zxbcdt_f)
         z_b, xBC_b, dt_b = b.split_projection(zxbcdt_b)
 
@@ -217,5 +233,5 @@ class BiMamba2(nn.Module):
                                   f.norm.group_size, norm_before_gate=False)
         y_f, y_b = y.split(di, dim=-1)
         if self.tied:
-            return self.out_proj(y_f + y_b.flip(1))
-        return f.out_proj(y_f) + b.out_proj(y_b).flip(1)
+            return self.out_proj(add_time_reversed(y_f, y_b))
+        return add_time_reversed(f.out_proj(y_f), b.out_proj(y_b))

@@ -325,10 +325,9 @@ def test_add_norm_hands_the_kernel_mamba_ssms_prenorm_contract(monkeypatch):
     assert len(calls) == 2
 
 
-def test_swiglu_falls_back_to_eager_when_compiling_fails(monkeypatch):
+def test_compiled_pieces_fall_back_to_eager_when_compiling_fails(monkeypatch):
     monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: kernels._AVAILABLE[name])
     monkeypatch.setitem(kernels._AVAILABLE, "swiglu", True)
-    monkeypatch.setattr(kernels, "_swiglu_compiled", None)
     monkeypatch.setattr(kernels, "IMPORT_ERRORS", {})
     compiled_calls = []
 
@@ -338,16 +337,17 @@ def test_swiglu_falls_back_to_eager_when_compiling_fails(monkeypatch):
             return fn(h)
         return run
     monkeypatch.setattr(torch, "compile", fake_compile)
+    piece = kernels.CompiledOnGPU("swiglu", kernels.swiglu_reference)
     h = torch.randn(3, 8)
     want = F.silu(h[:, :4]) * h[:, 4:]
-    torch.testing.assert_close(kernels.swiglu(h), want)
+    torch.testing.assert_close(piece(h), want)
     assert compiled_calls == [h.shape]
 
     def broken(h):
         raise RuntimeError("no C compiler")
-    monkeypatch.setattr(kernels, "_swiglu_compiled", broken)
+    piece.compiled = broken
     with pytest.warns(UserWarning, match="torch.compile failed"):
-        torch.testing.assert_close(kernels.swiglu(h), want)
+        torch.testing.assert_close(piece(h), want)
     assert not kernels._AVAILABLE["swiglu"] and "no C compiler" in kernels.IMPORT_ERRORS["swiglu"]
-    torch.testing.assert_close(kernels.swiglu(h), want)         # eager from now on, no second warning
+    torch.testing.assert_close(piece(h), want)                  # eager from now on, no second warning
     assert compiled_calls == [h.shape]
