@@ -91,8 +91,8 @@ def test_loader_raises_import_error_when_not_installed():
 
 
 # ---------------------------------------------------------------- nothing installed: reference path
-@pytest.mark.skipif(any(importlib.util.find_spec(p) for p in GPU_PACKAGES),
-                    reason="a GPU kernel package is installed here")
+@pytest.mark.skipif(any(importlib.util.find_spec(p) for p in (*GPU_PACKAGES, "triton")),
+                    reason="a GPU kernel package (or Triton, for torch.compile) is installed here")
 def test_without_kernel_packages_flags_are_false_and_reference_runs():
     assert not (kernels.HAS_MAMBA_TRITON or kernels.HAS_CAUSAL_CONV1D or kernels.HAS_FLASH_ATTN)
     assert kernels.flash_attn_func is None
