@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny dataset built once from the built-in corpus, and a launcher for dtrain runs."""
+"""Shared fixtures: a tiny dataset built once from the built-in corpus, a launcher for dtrain runs, and one
+for probe scripts that drive the trainer's engine directly."""
 import os
 import subprocess
 import sys
@@ -42,19 +43,28 @@ def base_config(out_dir: Path, dataset: Path, **sections) -> dict:
     return cfg
 
 
+def cpu_env(**extra: str) -> dict:
+    """Environment of a process a test starts: DeepSpeed's CPU accelerator, no GPU, the repository
+    importable, no rank inherited from a launcher."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", **extra}
+    env.pop("RANK", None)
+    return env
+
+
+def launcher(nproc: int) -> list[str]:
+    """python, or torchrun on a free port for nproc > 1."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port())]
+
+
 def train_command(cfg: dict, tmp: Path, *, nproc: int = 2, args: tuple = ()) -> tuple[list[str], dict]:
     """(command, environment) of `dtrain train` on CPU with gloo: torchrun for nproc > 1. Writes the config."""
     path = tmp / f"{cfg['run']['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("RANK", None)
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), "-m", "dtrain.cli"]
-    else:
-        cmd = [sys.executable, "-m", "dtrain.cli"]
-    return [*cmd, "train", "--config", str(path), *args], env
+    cmd = [*launcher(nproc), "-m", "dtrain.cli", "train", "--config", str(path), *args]
+    return cmd, cpu_env(OMP_NUM_THREADS="1")
 
 
 def launch(cfg: dict, tmp: Path, *, nproc: int = 2, args: tuple = (), timeout: int = 240) -> subprocess.CompletedProcess:
@@ -67,6 +77,44 @@ def launch(cfg: dict, tmp: Path, *, nproc: int = 2, args: tuple = (), timeout: i
         cmd[cmd.index("--master_port") + 1] = str(free_port())
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     return proc
+
+
+# What every engine probe starts with: dtrain's engine for configs/tiny_cpu.yaml (micro-batch 2 x 64 tokens,
+# vocab 512) and masked micro-batches as the trainer hands them to train_step.
+ENGINE_PROBE = r"""
+import itertools, torch
+from dtrain import engine as dengine
+from dtrain.config import load_config
+from dtrain.loop import to_device, train_step
+from model.diffusion import mask_batch
+
+class NoMetrics:
+    def add_stats(self, stats):
+        pass
+
+def tiny_engine(*overrides):
+    cfg = load_config("configs/tiny_cpu.yaml", ["data.seq_len=64", "train.micro_batch_size=2",
+                                                "train.global_batch_size=null", *overrides])
+    return dengine.build(cfg, cfg.model_config(512, 511), torch.device("cpu"))
+
+def masked_batches(global_batch_size):
+    x0 = torch.randint(0, 511, (2, 64))
+    return itertools.cycle([to_device(mask_batch(x0, seed=0, step=s, positions=torch.arange(2),
+                                                 global_batch_size=global_batch_size, mask_id=511),
+                                      torch.device("cpu"), 511) for s in range(3)])
+
+dengine.setup_distributed()
+"""
+
+
+def run_probe(code: str, tmp: Path, *args: str, nproc: int = 1, timeout: int = 300) -> str:
+    """Run ENGINE_PROBE + code in fresh processes (torchrun for nproc > 1) with `args`; their stdout."""
+    script = tmp / "probe.py"
+    script.write_text(ENGINE_PROBE + code)
+    proc = subprocess.run([*launcher(nproc), str(script), *args], cwd=REPO, env=cpu_env(), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
 
 
 def scalars(run_dir: Path) -> dict:

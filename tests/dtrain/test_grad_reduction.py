@@ -6,24 +6,14 @@ reductions per step, where ZeRO-1 reduces once, at the last micro-batch. Checked
 must equal those at grad_accum 1; ZeRO-2 is shown to break that.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, run_probe
 
 PROBE = r"""
-import collections, itertools, json, sys, torch, torch.distributed as tdist
-from dtrain import engine as dengine
-from dtrain.config import load_config
-from dtrain.loop import to_device, train_step
-from model.diffusion import mask_batch
-
-class NoMetrics:
-    def add_stats(self, stats):
-        pass
+import collections, json, sys
+import torch.distributed as tdist
 
 sent = collections.Counter()
 for name in ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_gather_into_tensor"):
@@ -33,17 +23,12 @@ for name in ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", 
         return _fn(*args, **kwargs)
     setattr(tdist, name, counted)
 
-dengine.setup_distributed()
 parallel = json.loads(sys.argv[1])
 out = {}
 for ga in (1, 4):
-    cfg = load_config("configs/tiny_cpu.yaml", ["data.seq_len=64", "train.micro_batch_size=2", f"train.grad_accum={ga}",
-                                                "train.global_batch_size=null"]
-                      + [f"parallel.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in parallel.items()])
-    trainee = dengine.build(cfg, cfg.model_config(512, 511), torch.device("cpu"))
-    x0 = torch.randint(0, 511, (2, 64))
-    batches = itertools.cycle([to_device(mask_batch(x0, seed=0, step=s, positions=torch.arange(2), global_batch_size=4,
-                                                    mask_id=511), torch.device("cpu"), 511) for s in range(3)])
+    trainee = tiny_engine(f"train.grad_accum={ga}",
+                          *[f"parallel.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in parallel.items()])
+    batches = masked_batches(global_batch_size=4)
     train_step(trainee, batches, ga, False, NoMetrics())
     sent.clear()
     train_step(trainee, batches, ga, False, NoMetrics())
@@ -55,14 +40,8 @@ if tdist.get_rank() == 0:
 
 
 def step_bytes(parallel: dict, tmp_path) -> dict:
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                           json.dumps(parallel)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.split("BYTES", 1)[1].splitlines()[0])
+    stdout = run_probe(PROBE, tmp_path, json.dumps(parallel), nproc=2, timeout=400)
+    return json.loads(stdout.split("BYTES", 1)[1].splitlines()[0])
 
 
 @pytest.mark.slow

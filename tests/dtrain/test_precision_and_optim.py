@@ -2,12 +2,11 @@
 matmuls run in bf16; weight decay skips norms, biases and the SSM parameters; the lr schedule."""
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, cpu_env
 
 from dtrain.config import OptimSection
 from dtrain.optim import lr_at, param_groups
@@ -36,9 +35,7 @@ print("PROBE" + json.dumps({"fp32_params": {k: str(v) for k, v in fp32_param_rep
 @pytest.mark.slow
 def test_bf16_keeps_ssm_parameters_fp32_after_deepspeed_initialize():
     code = PROBE.replace("MODEL", repr(TINY_MODEL))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("RANK", None)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cpu_env(), capture_output=True, text=True, check=False,
                           timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.split("PROBE", 1)[1])

@@ -5,13 +5,12 @@ scalars, checkpoints, exit codes. Reference numbers come from plain PyTorch in t
 """
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, base_config, check_ok, launch, plain_model_config, scalars
+from conftest import REPO, base_config, check_ok, cpu_env, launch, plain_model_config, scalars
 
 from dtrain.checkpoint import consolidated_model_state
 
@@ -22,10 +21,8 @@ TB_TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "
 
 
 def evaluate_cli(checkpoint) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("RANK", None)
     proc = subprocess.run([sys.executable, "-m", "dtrain.cli", "eval", "--checkpoint", str(checkpoint)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=180, check=False)
+                          env=cpu_env(), capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = "\n" + proc.stdout
     return json.loads(out[out.rindex("\n{") + 1:])   # the JSON block printed last
