@@ -19,6 +19,10 @@ most of a pipeline bubble shows up as exposed `nccl_p2p` time, not as idle time.
 
 Times are per step: divided by --steps, else by B - A + 1 from the file name's `steps<A>-<B>`, else by 1.
 Prints a markdown table (one row per trace) and each trace's top 10 kernels; --out also writes it to a file.
+For the top element-wise and copy kernels, whose names do not say which model code runs them, it also lists
+the operators that launched them: the CPU operator with the kernel's "External id" and the operators around
+it on the same thread (outer -> inner, e.g. `autograd::engine::evaluate_function: FlipBackward0 >
+aten::flip`), which is what a look at the trace in a viewer would show.
 """
 from __future__ import annotations
 
@@ -51,6 +55,8 @@ CATEGORIES = ("nccl_p2p", "nccl_collective", "gemm", "attention", "ssm_scan", "c
 GPU_CATS = {"kernel": None, "gpu_memcpy": MEMORY, "gpu_memset": MEMORY}  # event "cat" -> fixed category
 STEPS_IN_NAME = re.compile(r"steps(\d+)-(\d+)")
 TOP = 10
+ORIGINS_PER_KERNEL = 3    # operator chains listed per kernel
+CHAIN_DEPTH = 4           # innermost operators shown per chain
 
 
 def load_events(path) -> list[dict]:
@@ -93,11 +99,16 @@ def breakdown(events: list[dict], steps: int = 1) -> dict:
     """The GPU time of one trace: totals in ms, percentages of the GPU window, ms per step (totals / steps),
     and every kernel name's total ms and count, largest first. ValueError when there is no GPU event."""
     gpu = []  # (start us, end us, category, name)
+    chains = operator_chains(events)
+    origin_us = defaultdict(lambda: [0.0, 0])   # (kernel name, operator chain) -> [us, count]
     for ev in events:
         kind = str(ev.get("cat", "")).lower()
         if ev.get("ph") == "X" and kind in GPU_CATS:
             start, name = float(ev["ts"]), str(ev.get("name", "?"))
             gpu.append((start, start + float(ev.get("dur", 0)), GPU_CATS[kind] or category(name), name))
+            key = (name, chains.get((ev.get("args") or {}).get("External id"), "?"))
+            origin_us[key][0] += float(ev.get("dur", 0))
+            origin_us[key][1] += 1
     if not gpu:
         raise ValueError("no GPU kernel events")
     window = max(e for _, e, _, _ in gpu) - min(s for s, _, _, _ in gpu)
@@ -124,7 +135,33 @@ def breakdown(events: list[dict], steps: int = 1) -> dict:
         "per_step_ms": {k: v / steps for k, v in {**totals_ms, **categories_ms}.items()},
         # (name, total ms, count, category), largest first
         "kernels": sorted(((n, us / 1e3, count, c) for n, (us, count, c) in per_name.items()), key=lambda k: -k[1]),
+        # (kernel name, operator chain, total ms, count), largest first
+        "origins": sorted(((n, chain, us / 1e3, count) for (n, chain), (us, count) in origin_us.items()),
+                          key=lambda o: -o[2]),
     }
+
+
+def operator_chains(events: list[dict]) -> dict:
+    """External id -> "outer > ... > inner": the CPU operator with that id and the operators enclosing it
+    on the same thread (its last CHAIN_DEPTH names; ProfilerStep# markers left out)."""
+    by_thread = defaultdict(list)
+    for ev in events:
+        if ev.get("ph") == "X" and str(ev.get("cat", "")).lower() in ("cpu_op", "user_annotation"):
+            by_thread[ev.get("pid"), ev.get("tid")].append(ev)
+    chains = {}
+    for ops in by_thread.values():
+        ops.sort(key=lambda e: (float(e["ts"]), -float(e.get("dur", 0))))   # parents before their children
+        stack: list[tuple[float, str]] = []                                  # (end us, name)
+        for ev in ops:
+            start, name = float(ev["ts"]), str(ev.get("name", "?"))
+            while stack and stack[-1][0] <= start:
+                stack.pop()
+            stack.append((start + float(ev.get("dur", 0)), name))
+            ext = (ev.get("args") or {}).get("External id")
+            if ext is not None:
+                names = [n for _, n in stack if not n.startswith("ProfilerStep#")]
+                chains[ext] = " > ".join(names[-CHAIN_DEPTH:])
+    return chains
 
 
 def markdown(results: list[tuple[str, dict]]) -> str:
@@ -146,8 +183,17 @@ def markdown(results: list[tuple[str, dict]]) -> str:
             lines += ["", f"### {name}: {title} ({r['steps']} steps)", "",
                       "| kernel | kind | ms/step | count |", "|---|---|---|---|"]
             for kernel, ms, count, kind in [k for k in r["kernels"] if k[3] in kinds][:TOP]:
-                lines.append(f"| {kernel[:80].replace('|', '/')} | {kind} | {ms / r['steps']:.3f} | {count} |")
+                lines.append(f"| {cell(kernel, 80)} | {kind} | {ms / r['steps']:.3f} | {count} |")
+        lines += ["", f"### {name}: who launched the top {TOP} of {OTHER} and {MEMORY} (operators, outer > inner)",
+                  "", "| kernel | operators | ms/step | count |", "|---|---|---|---|"]
+        for kernel, *_ in [k for k in r["kernels"] if k[3] in (OTHER, MEMORY)][:TOP]:
+            for _, chain, ms, count in [o for o in r["origins"] if o[0] == kernel][:ORIGINS_PER_KERNEL]:
+                lines.append(f"| {cell(kernel, 60)} | {cell(chain, 200)} | {ms / r['steps']:.3f} | {count} |")
     return "\n".join(lines) + "\n"
+
+
+def cell(text: str, width: int) -> str:
+    return text[:width].replace("|", "/")
 
 
 def trace_files(paths: list[str]) -> list[Path]:

@@ -6,7 +6,8 @@
 The trainer's own path in one process: the preset's production config (configs/<size>_<family>.yaml:
 bf16 = DeepSpeed torch_autocast with fp32 weights, its ZeRO stage and activation checkpointing), the
 engine from dtrain.engine.build and dtrain.loop.train_step, on random tokens masked by mask_batch.
-For each L the largest micro-batch that fits is found by halving from a cap on OOM (grad_accum 1).
+For each L the largest micro-batch that fits is found by halving from a cap on OOM (grad_accum 1 unless
+--grad-accum says otherwise: a production step accumulates several micro-batches per optimizer step).
 MFU = tokens/s x model FLOPs per token (model/flops.py, fwd + bwd = 3 x fwd) / peak, against the
 measured bf16 matmul peak of the card (8192^3 torch.mm) and against its data-sheet peak.
 Writes training.{json,md,png}. --profile traces 2 more steps of each measured row (torch.profiler) and
@@ -47,12 +48,14 @@ def config_path(preset: str) -> Path:
     return common.REPO / "configs" / f"{size.replace('.', 'p')}_{fam.replace('-', '_')}.yaml"
 
 
-def run_config(preset: str, seq_len: int, micro_batch: int, ac: str):
+def run_config(preset: str, seq_len: int, micro_batch: int, ac: str, grad_accum: int = 1,
+               extra: list[str] = ()):
+    """The preset's production config at this L and micro-batch; `extra`: more KEY=VALUE overrides."""
     over = [f"model.preset={preset}", f"data.seq_len={seq_len}", f"train.micro_batch_size={micro_batch}",
-            "train.grad_accum=1", "train.global_batch_size=null", "train.precision=bf16"]
+            f"train.grad_accum={grad_accum}", "train.global_batch_size=null", "train.precision=bf16"]
     if ac != "config":
         over.append(f"train.activation_checkpointing={'true' if ac == 'on' else 'false'}")
-    return load_config(config_path(preset), over)
+    return load_config(config_path(preset), over + list(extra))
 
 
 class NoMetrics:
@@ -66,8 +69,9 @@ class Trial:
     """An engine for one preset, built the trainer's way; rebuilt after an OOM (ZeRO's gradient buffers
     may be half-filled by an interrupted backward pass)."""
 
-    def __init__(self, preset: str, device: torch.device, ac: str):
+    def __init__(self, preset: str, device: torch.device, ac: str, grad_accum: int = 1, extra: list[str] = ()):
         self.preset, self.device, self.ac = preset, device, ac
+        self.grad_accum, self.extra = grad_accum, list(extra)
         p = get_preset(preset)
         self.vocab, self.mask_id = p.vocab_size, p.mask_token_id
         self.trainee = None
@@ -76,7 +80,7 @@ class Trial:
         self.close()
         # memory still held from an earlier engine (should be ~0: a leak would shrink what fits)
         self.leftover_gib = torch.cuda.memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else None
-        self.cfg = run_config(self.preset, seq_len, micro_batch, self.ac)
+        self.cfg = run_config(self.preset, seq_len, micro_batch, self.ac, self.grad_accum, self.extra)
         self.model_cfg = self.cfg.model_config(self.vocab, self.mask_id)
         device = self.device
 
@@ -118,9 +122,10 @@ class Trial:
         batches = itertools.cycle(self.batches(micro_batch, seq_len))
         common.reset_peak(self.device)
         metrics = NoMetrics()
-        sec = common.median(common.time_calls(lambda: train_step(self.trainee, batches, 1, False, metrics),
+        ga = self.grad_accum
+        sec = common.median(common.time_calls(lambda: train_step(self.trainee, batches, ga, False, metrics),
                                               self.device, warmup, iters))
-        got = {"step_ms": sec * 1e3, "tokens_per_s": micro_batch * seq_len / sec,
+        got = {"step_ms": sec * 1e3, "tokens_per_s": micro_batch * ga * seq_len / sec,
                "peak_mem_GiB": common.peak_mem_gib(self.device), "leftover_GiB_at_build": self.leftover_gib}
         if profile_dir is not None:
             got.update(self.profile(profile_dir, batches, metrics))
@@ -132,7 +137,7 @@ class Trial:
         trace = None
         for step in range(1, steps + 1):
             profiler.before(step)
-            train_step(self.trainee, batches, 1, False, metrics)
+            train_step(self.trainee, batches, self.grad_accum, False, metrics)
             trace = profiler.after(step) or trace
         try:
             results = trace_breakdown.breakdown_files([trace], steps)
@@ -175,12 +180,13 @@ def power_of_two_at_most(x: int) -> int:
 
 
 def sweep(presets, seq_lens, device, *, cap_tokens, warmup, iters, ac, peak, spec_peak, inject_oom_tokens=None,
+          grad_accum: int = 1, extra: list[str] = (),
           on_row=lambda rows: None, previous: list[dict] = (), profile_root: Path | None = None) -> list[dict]:
     """Every (preset, L); rows found in `previous` (an earlier, interrupted run) are kept as they are."""
     done = {(r["preset"], r["seq_len"]): r for r in previous}
     rows = []
     for name in presets:
-        trial = Trial(name, device, ac)
+        trial = Trial(name, device, ac, grad_accum, extra)
         best_prev = None   # micro-batch of the previous L; 0 when even 1 sequence did not fit
         for seq_len in seq_lens:
             if (name, seq_len) in done:
@@ -202,7 +208,7 @@ def sweep(presets, seq_lens, device, *, cap_tokens, warmup, iters, ac, peak, spe
             cfg, model_cfg = trial.cfg, trial.model_cfg
             row = {"preset": name, "seq_len": seq_len, "zero_stage": cfg.parallel.zero_stage,
                    "activation_checkpointing": cfg.train.activation_checkpointing, "attempts": " ".join(attempts),
-                   "micro_batch": mb, "status": "ok" if got else common.OOM}
+                   "micro_batch": mb, "grad_accum": grad_accum, "status": "ok" if got else common.OOM}
             if got:
                 fpt = train_flops_per_token(model_cfg, seq_len)
                 row.update(got, params_M=count_parameters(trial.trainee.engine.module) / 1e6,
@@ -220,7 +226,8 @@ def sweep(presets, seq_lens, device, *, cap_tokens, warmup, iters, ac, peak, spe
 
 COLUMNS = [("preset", "preset", ""), ("L", "seq_len", ","), ("status", "status", ""), ("ZeRO", "zero_stage", "d"),
            ("act. ckpt", "activation_checkpointing", ""), ("micro-batch", "micro_batch", "d"),
-           ("tried", "attempts", ""), ("step (ms)", "step_ms", ".0f"), ("tokens/s/GPU", "tokens_per_s", ",.0f"),
+           ("grad accum", "grad_accum", "d"), ("tried", "attempts", ""), ("step (ms)", "step_ms", ".0f"),
+           ("tokens/s/GPU", "tokens_per_s", ",.0f"),
            ("model TFLOP/s", "tflops", ".1f"), ("MFU (measured peak)", "mfu", ".1%"),
            ("MFU (spec peak)", "mfu_spec", ".1%"), ("peak mem (GiB)", "peak_mem_GiB", ".1f")]
 # --profile: GPU time of a traced step by kernel kind (bench/trace_breakdown.py's categories)
@@ -260,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--activation-checkpointing", choices=["config", "on", "off"], default="config")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=5, help="timed optimizer steps (median)")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimizer step (the optimizer's share of a step shrinks with it)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="more config overrides for every row, e.g. model.mamba.chunk_size=128")
     ap.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 torch.mm timed for the peak")
     ap.add_argument("--profile", action="store_true",
                     help="trace 2 more steps of each row; GPU time by kernel kind in a second table")
@@ -285,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                                      f"{mm['ms']:.2f} ms); data sheet: "
                                      + (f"{spec / 1e12:.0f} TFLOP/s" if spec else "unknown"),
                          matmul_peak_flops=mm["flops"], spec_peak_flops=spec,
-                         setup="one process, DeepSpeed engine as dtrain builds it, grad_accum 1, "
-                               f"median of {iters} steps after {warmup}",
+                         setup=f"one process, DeepSpeed engine as dtrain builds it, grad_accum {args.grad_accum}, "
+                               f"median of {iters} steps after {warmup}"
+                               + (f", overrides {' '.join(args.set)}" if args.set else ""),
                          **({"injected_oom": f"above {inject} tokens per micro-batch"} if inject is not None else {}))
     print("\n".join(common.header_lines(head)), flush=True)
     title = f"Training: tokens/s and MFU, one GPU — {head['card']}"
@@ -306,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     others = [r for r in previous if (r["preset"], r["seq_len"]) not in planned]   # other --presets
     rows = others + sweep(presets, seq_lens, device, cap_tokens=cap, warmup=warmup, iters=iters,
                           ac=args.activation_checkpointing, peak=mm["flops"], spec_peak=spec,
-                          inject_oom_tokens=inject, on_row=lambda new: save(others + new), previous=previous,
+                          inject_oom_tokens=inject, grad_accum=args.grad_accum, extra=args.set,
+                          on_row=lambda new: save(others + new), previous=previous,
                           profile_root=args.out / "training_profiles" if args.profile else None)
     common.print_results(save(rows))
     plot(rows, head, args.out / "training.png")

@@ -192,6 +192,21 @@ def test_training_smoke_through_the_deepspeed_engine(tmp_path):
     assert md in proc.stdout
 
 
+def test_training_grad_accum_and_overrides(monkeypatch):
+    """--grad-accum N: every timed step runs N micro-batches and tokens/s counts them all; --set reaches the
+    model config."""
+    cfg = training.run_config("1.3b-diffumamba-h", 2048, 16, "off", 4, ["model.mamba.chunk_size=128"])
+    assert (cfg.train.grad_accum, cfg.train.micro_batch_size, cfg.train.activation_checkpointing) == (4, 16, False)
+    assert cfg.model_config(512, 511).mamba.chunk_size == 128
+    seen = []
+    monkeypatch.setattr(training, "train_step", lambda trainee, batches, ga, poison, metrics: seen.append(ga))
+    trial = training.Trial("tiny-diffumamba", torch.device("cpu"), "config", grad_accum=4)
+    trial.trainee, trial.leftover_gib = object(), None        # no engine: train_step is replaced
+    got = trial.measure(64, 2, warmup=1, iters=2, inject_oom_tokens=None)
+    assert seen == [4, 4, 4]
+    assert got["tokens_per_s"] == pytest.approx(2 * 4 * 64 / (got["step_ms"] / 1e3))
+
+
 FREES_ENGINE = r"""
 import gc, itertools, weakref, torch
 from bench import training

@@ -174,3 +174,71 @@ def test_real_cpu_only_profiler_trace(tmp_path):
     assert any(ev.get("name") == "aten::matmul" for ev in tb.load_events(trace))
     with pytest.raises(SystemExit, match="no GPU kernel events in .*rank0_steps1-1.json: was it traced on a"):
         tb.main([str(trace)])
+
+
+def op(name, start, end, thread, ext=None):
+    ev = kernel(name, start, end, thread, cat="cpu_op")
+    if ext is not None:
+        ev["args"] = {"External id": ext}
+    return ev
+
+
+def launched(name, start, end, ext):
+    ev = kernel(name, start, end, 7)
+    ev["args"] = {"External id": ext}
+    return ev
+
+
+FLIP = "void at::native::index_elementwise_kernel<128, 4, at::native::flip_kernel_impl>"
+COPY = "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>"
+# Forward thread 1: a flip inside the mixer's forward; autograd thread 2: a flip inside FlipBackward0, and
+# a copy inside the backward of a norm. Kernels carry their launching operator's External id.
+ORIGIN_EVENTS = [
+    op("ProfilerStep#3", 0, 1000, 1),
+    op("BiMamba2.forward", 10, 90, 1),
+    op("aten::flip", 20, 30, 1, ext=11),
+    op("aten::empty", 21, 22, 1, ext=12),                         # nested in the flip, not its parent
+    op("autograd::engine::evaluate_function: FlipBackward0", 100, 200, 2),
+    op("FlipBackward0", 101, 199, 2),
+    op("aten::flip", 110, 150, 2, ext=21),
+    op("autograd::engine::evaluate_function: LayerNormFnBackward", 300, 400, 2),
+    op("aten::copy_", 310, 320, 2, ext=31),
+    launched(FLIP, 500, 540, 11), launched(FLIP, 600, 700, 21), launched(FLIP, 700, 800, 21),
+    launched(COPY, 800, 830, 31), launched(COPY, 830, 835, 99),   # 99: no operator with that id
+]
+
+
+def test_operator_chains_outer_to_inner():
+    chains = tb.operator_chains(ORIGIN_EVENTS)
+    assert chains[11] == "BiMamba2.forward > aten::flip"                    # ProfilerStep# left out
+    assert chains[12] == "BiMamba2.forward > aten::flip > aten::empty"
+    assert chains[21] == ("autograd::engine::evaluate_function: FlipBackward0 > FlipBackward0 > aten::flip")
+    assert chains[31] == "autograd::engine::evaluate_function: LayerNormFnBackward > aten::copy_"
+
+
+def test_origins_of_the_top_elementwise_kernels(tmp_path, capsys):
+    r = tb.breakdown(ORIGIN_EVENTS, steps=2)
+    backward_flip = "autograd::engine::evaluate_function: FlipBackward0 > FlipBackward0 > aten::flip"
+    # by hand: backward flips 100 + 100 us, forward flip 40 us; copies 30 us and 5 us (unknown operator)
+    assert r["origins"][:2] == [(FLIP, backward_flip, pytest.approx(0.200), 2),
+                                (FLIP, "BiMamba2.forward > aten::flip", pytest.approx(0.040), 1)]
+    assert (COPY, "?", pytest.approx(0.005), 1) in r["origins"]
+    tb.main([str(write_trace(tmp_path / "rank0_steps1-2.json", ORIGIN_EVENTS))])
+    text = capsys.readouterr().out.split("who launched the top 10")[1]
+    rows = [split_row(ln) for ln in text.splitlines() if ln.startswith("| void")]
+    assert [r[1:] for r in rows] == [[backward_flip, "0.100", "2"], ["BiMamba2.forward > aten::flip", "0.020", "1"],
+                                     ["autograd::engine::evaluate_function: LayerNormFnBackward > aten::copy_",
+                                      "0.015", "1"], ["?", "0.003", "1"]]
+
+
+def test_operator_chains_of_a_real_profiler_trace(tmp_path):
+    """torch.profiler's own trace: the operators under a backward carry the autograd node around them."""
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(8, 8, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        x.flip(0).square().sum().backward()
+    trace = tmp_path / "cpu.json"
+    prof.export_chrome_trace(str(trace))
+    chains = set(tb.operator_chains(tb.load_events(trace)).values())
+    assert any(c.startswith("autograd::engine::evaluate_function: FlipBackward0") and c.endswith("aten::flip")
+               for c in chains), chains
