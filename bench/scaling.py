@@ -123,8 +123,15 @@ def result_row(layout: str, rc, text: str, wall_s: float, steps: int) -> dict:
         return row
     mfus = [ln["mfu"] for ln in lines[1:] if ln["mfu"] is not None]
     row.update(status="ok", tokens_per_s=tps, tokens_per_s_per_gpu=tps / n,
-               mfu_trainer=sum(mfus) / len(mfus) if mfus else None)
+               mfu_trainer=sum(mfus) / len(mfus) if mfus else None, interval_spread=interval_spread(lines))
     return row
+
+
+def interval_spread(lines: list[dict]) -> float | None:
+    """(fastest - slowest) / mean tokens/s of the measured log intervals (all but the first); None with
+    fewer than two. Efficiencies that differ by less than this are not told apart by the run."""
+    rates = [ln["tokens_per_s"] for ln in lines[1:]]
+    return (max(rates) - min(rates)) / (sum(rates) / len(rates)) if len(rates) > 1 else None
 
 
 def profile_summary(args, layout: str) -> dict:
@@ -155,7 +162,7 @@ def add_efficiency(rows: list[dict]) -> None:
 COLUMNS = [("layout", "layout", ""), ("GPUs", "gpus", "d"), ("DP", "dp", "d"), ("PP", "pp", "d"),
            ("status", "status", ""), ("tokens/s (all GPUs)", "tokens_per_s", ",.0f"),
            ("tokens/s/GPU", "tokens_per_s_per_gpu", ",.0f"), ("efficiency vs 1 GPU", "efficiency", ".1%"),
-           ("MFU (trainer, data-sheet peak)", "mfu_trainer", ".1%"), ("run wall (s)", "wall_s", ".0f")]
+           ("interval spread", "interval_spread", ".1%"), ("MFU (trainer, data-sheet peak)", "mfu_trainer", ".1%"), ("run wall (s)", "wall_s", ".0f")]
 # with --profile-steps: the traced steps' GPU time, mean over ranks (bench/trace_breakdown.py)
 PROFILE_COLUMNS = [("layout", "layout", ""), ("GPU window / step (ms)", "gpu_step_ms", ",.0f"),
                    ("compute busy", "compute_pct", ".1f"), ("idle", "idle_pct", ".1f"),
@@ -223,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = ["tokens/s: the trainer's console `tok/s` (all ranks) over every log interval but the first",
              ("efficiency = (tokens/s / GPUs) / tokens/s of the 1-GPU run of the same config; micro-batch and "
               "grad_accum per data-parallel rank are the same in every run (PP=2 pipelines grad_accum "
-              "micro-batches per step)")]
+              "micro-batches per step)"),
+             ("interval spread = (fastest - slowest) / mean tokens/s of the measured log intervals: an "
+              "efficiency within the spreads of its run and of the 1-GPU run is noise (more --steps narrow it)")]
 
     def save(rows):
         add_efficiency(rows)

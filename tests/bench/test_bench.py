@@ -270,6 +270,10 @@ def test_parser_reads_the_trainers_console_line(capsys):
     assert scaling.steady_tokens_per_s([{"step": 3, "tokens_per_s": 1.0}, {"step": 6, "tokens_per_s": 100.0},
                                         {"step": 7, "tokens_per_s": 50.0}]) == pytest.approx(4 / (3 / 100 + 1 / 50))
     assert scaling.steady_tokens_per_s(lines[:1]) is None
+    # the spread of the measured intervals (first dropped): (100 - 50) / 75
+    assert scaling.interval_spread([{"step": 3, "tokens_per_s": 1.0}, {"step": 6, "tokens_per_s": 100.0},
+                                    {"step": 7, "tokens_per_s": 50.0}]) == pytest.approx(50 / 75)
+    assert scaling.interval_spread(lines) is None                    # one measured interval
 
 
 @pytest.mark.slow
