@@ -42,6 +42,10 @@ class MambaConfig:
     # "independent": two Mamba-2 layers with their own weights (DiffuMamba);
     # "tied_projections": the two directions share in_proj / out_proj (as in Caduceus).
     directions: str = "independent"
+    # Run both directions as one set of kernel launches (the same function and weights, model/mamba2.py):
+    # None picks by d_model; true halves the mixer's launches, which pays where the host cannot keep up
+    # with the GPU (small micro-batches).
+    fuse_directions: bool | None = None
 
 
 @dataclass
@@ -100,6 +104,8 @@ class ModelConfig:
             need(m.directions in DIRECTION_MODES, "mamba.directions",
                  f"must be one of {DIRECTION_MODES}, got {m.directions!r}")
             need(0 < m.dt_min <= m.dt_max, "mamba.dt_min", f"need 0 < dt_min <= dt_max, got {m.dt_min}, {m.dt_max}")
+            need(m.fuse_directions in (None, True, False), "mamba.fuse_directions",
+                 f"must be true, false or null, got {m.fuse_directions!r}")
 
     # ---- derived sizes ----
     @property

@@ -169,12 +169,14 @@ class BiMamba2(nn.Module):
     launched once for both. It computes exactly the same function as fuse_directions=False. On an H100
     (bf16, 32K tokens, forward + backward) fusing was 20-40% faster at d_model 1024, where launch
     overhead dominates, and 10% slower at d_model 2048, where its extra copies cost more than they save;
-    None picks by d_model accordingly.
+    None (the argument and cfg.mamba.fuse_directions) picks by d_model accordingly.
     """
 
     def __init__(self, cfg: ModelConfig, fuse_directions: bool | None = None):
         super().__init__()
         self.tied = cfg.mamba.directions == "tied_projections"
+        if fuse_directions is None:
+            fuse_directions = cfg.mamba.fuse_directions
         self.fuse_directions = cfg.d_model < 2048 if fuse_directions is None else fuse_directions
         self.fwd = Mamba2Mixer(cfg, projections=not self.tied)
         self.bwd = Mamba2Mixer(cfg, projections=not self.tied)

@@ -120,6 +120,17 @@ def test_swapping_directions_and_flipping_input_flips_output():
     torch.testing.assert_close(swapped(x.flip(1)), bi(x).flip(1), rtol=1e-10, atol=1e-12)
 
 
+def test_config_chooses_fused_directions():
+    """mamba.fuse_directions: null picks by d_model (fused below 2048), true / false force; an explicit
+    argument wins over the config."""
+    def fused(d_model, setting, argument=None):
+        cfg = ModelConfig(d_model=d_model, layer_pattern="M", mamba=MambaConfig(
+            d_state=4, headdim=8, chunk_size=8, fuse_directions=setting))
+        return BiMamba2(cfg, fuse_directions=argument).fuse_directions
+    assert [fused(32, None), fused(2048, None)] == [True, False]
+    assert [fused(2048, True), fused(32, False), fused(2048, True, argument=False)] == [True, False, False]
+
+
 @pytest.mark.parametrize("directions", ["independent", "tied_projections"])
 @pytest.mark.parametrize("ngroups", [1, 2])
 def test_fused_directions_equal_separate(directions, ngroups):

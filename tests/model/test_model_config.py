@@ -12,6 +12,7 @@ from model.config import ConfigError, MambaConfig, ModelConfig
     ({"norm": "batchnorm"}, "model.norm"),
     ({"mlp_kind": "relu"}, "model.mlp_kind"),
     ({"mamba": MambaConfig(directions="both")}, "model.mamba.directions"),
+    ({"mamba": MambaConfig(fuse_directions="yes")}, "model.mamba.fuse_directions"),
 ])
 def test_invalid_config_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
