@@ -15,7 +15,8 @@ passes when its error is within 1.25x of that same-dtype reference error.
 Then model-level checks: the blocks' residual add + norm (mamba_ssm's Triton layer_norm_fn: RMSNorm and
 LayerNorm, bf16 branch output + fp32 stream), the compiled SwiGLU and rotary embedding against float64
 formulas, values and gradients; a whole DiffusionLM's loss and gradients on the kernel path (fp32) against the float64 reference
-path; its logits at masked positions only against the same rows of the full logits. Last it times forward
+path; its logits at masked positions only against the same rows of the full logits; and the same model with
+its trunk replayed from a CUDA graph (model/graphs.py) against the plain forward. Last it times forward
 + backward of the mixer at d_model 2048 on 32K tokens, for each path.
 
     python bench/gpu_validate.py --out gpu_validate.md               # on an H100
@@ -43,6 +44,7 @@ from model.attention import apply_rotary, rotary_tables, rotate
 from model.blocks import AddNorm
 from model.config import MambaConfig, ModelConfig
 from model.diffusion import mask_batch
+from model.graphs import GraphedDenoiser
 from model.lm import DiffusionLM
 from model.mamba2 import BiMamba2, add_time_reversed, reverse_time
 from model.presets import get_preset
@@ -294,6 +296,21 @@ def run_model_checks(device, lines) -> bool:
         full, selected = model(ids), model(ids, score_mask)
     checks.append((f"logits at masked positions vs full logits ({preset}, pattern MA)", torch.bfloat16,
                    selected, full[score_mask], 1e-2))
+    # the trunk replayed from a CUDA graph: the same kernels, so the same logits; a second input of the same
+    # shape checks that a replay reads the new tokens
+    graphed = GraphedDenoiser(model)
+    with torch.no_grad():
+        for seed in (0, 1):
+            other = ids.clone()
+            other[~score_mask] = torch.randint(0, model.cfg.vocab_size - 1, other.shape, generator=gen,
+                                               device="cpu").to(device)[~score_mask]
+            plain, replayed = model(other, score_mask), graphed(other, score_mask)
+            state = "failed" if graphed.failed else "on" if graphed.on_gpu(other) else "off (CPU)"
+            checks.append((f"CUDA-graph replay vs plain forward, input {seed + 1} (graphs: {state})",
+                           torch.bfloat16, replayed, plain, 1e-6))
+    if device.type == "cuda":   # a capture that failed falls back to the plain forward: equal, yet a failure
+        checks.append((f"CUDA graph captured ({graphed.failed or 'yes'})", torch.float32,
+                       torch.tensor([0.0 if graphed.failed else 1.0]), torch.tensor([1.0]), 1e-6))
 
     lines.append("## Model pieces on the kernel path\n")
     lines.append("| check | dtype | max abs | rel | tol | ok |")

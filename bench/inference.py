@@ -20,6 +20,7 @@ import torch
 
 from bench import common
 from model.flops import forward_flops_per_token
+from model.graphs import GraphedDenoiser
 from model.lm import DiffusionLM, count_parameters
 from model.presets import get_preset
 
@@ -92,7 +93,7 @@ def add_floor(rows: list[dict], peak_flops: float | None) -> None:
 
 
 def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batch_tokens=None,
-          on_row=lambda rows: None, previous: list[dict] = ()) -> list[dict]:
+          on_row=lambda rows: None, previous: list[dict] = (), cuda_graphs: bool = False) -> list[dict]:
     """Every (preset, batch, L); rows found in `previous` (an earlier, interrupted run) are kept as they are."""
     done = {(r["preset"], r["batch"], r["seq_len"]): r for r in previous}
     rows: list[dict] = []
@@ -116,6 +117,8 @@ def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batc
                     if model is None:
                         common.free_memory(device)
                         model = build_model(name, device)
+                        if cuda_graphs:
+                            model = GraphedDenoiser(model)
                         print(f"{name}: {params:.0f}M parameters", flush=True)
                     t0 = time.perf_counter()
                     got = common.guarded(measure, device, model, batch, seq_len, device, warmup, iters, max_row_s)
@@ -205,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="fewer timed calls (never under min(iters, 3)) and warm-up calls (never under 1) "
                          "when a row would take longer")
     ap.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 torch.mm timed for the peak")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="replay each model's trunk from a CUDA graph per shape (model/graphs.py)")
     ap.add_argument("--matmul-peak-tflops", type=float,
                     help="use this bf16 matmul peak instead of measuring it; with --plot-only, (re)computes the "
                          "matmul-floor columns of OUT/inference.{json,md} from it")
@@ -230,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     head = common.header(device, "bench.inference", dtype="bf16 weights (A_log, D, dt_bias fp32)",
                          timing=f"median of {iters} calls after {warmup} warm-up (fewer for rows slower than "
                                 f"--max-row-seconds {max_row_s:g}: never under 3 and 1; column `calls`)",
-                         matmul_peak=peak["text"], matmul_peak_flops=peak["flops"])
+                         matmul_peak=peak["text"], matmul_peak_flops=peak["flops"],
+                         cuda_graphs="on: the trunk replayed from a CUDA graph per shape" if args.cuda_graphs else "off")
 
     previous = common.previous_rows(args.out, "inference", head, args.resume)
     planned = {(p, b, L) for p in presets for b in batches for L in seq_lens}
@@ -238,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = others + sweep(presets, batches, seq_lens, device, warmup, iters,
                           max_row_s, args.max_batch_tokens,
-                          on_row=lambda new: save_results(args.out, head, others + new), previous=previous)
+                          on_row=lambda new: save_results(args.out, head, others + new), previous=previous,
+                          cuda_graphs=args.cuda_graphs)
     common.print_results(save_results(args.out, head, rows))
     plot(rows, head, args.out / "inference.png")
     return 0

@@ -85,10 +85,14 @@ class DiffusionLM(nn.Module):
         """Logits (B, L, V) at every position; with score_mask (bool (B, L), or its (2, N) index pair) only at
         its True positions, (N, V) in row-major order. Training passes the batch's scored_index (made on
         the host, model.diffusion.scored_index) and takes the loss from diffusion_loss_selected."""
+        return self.head(*self.trunk(input_ids), score_mask)
+
+    def trunk(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embedding and blocks: the last block's (hidden, residual) pair, which the head takes."""
         hidden, residual = self.embed(input_ids), None
         for block in self.blocks:
             hidden, residual = block(hidden, residual)
-        return self.head(hidden, residual, score_mask)
+        return hidden, residual
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """diffusion_loss of this batch, with the head run at the scored (masked) positions only."""

@@ -53,15 +53,21 @@ def _draw(log_p0: torch.Tensor, t: float, s: float, mask_id: int, generator: tor
 @torch.no_grad()
 def sample(model: torch.nn.Module, *, batch_size: int, seq_len: int, steps: int, mask_id: int,
            seed: int = 0, generator: torch.Generator | None = None, prefix: torch.Tensor | None = None,
-           eps: float = 1e-5, return_stats: bool = False):
+           eps: float = 1e-5, return_stats: bool = False, cuda_graphs: bool = False):
     """Generate `batch_size` sequences of `seq_len` tokens in `steps` denoising steps.
 
     prefix: LongTensor (P,) or (batch_size, P) of token ids kept fixed at the start of every sequence.
     Returns LongTensor (batch_size, seq_len) with no [MASK] left; with return_stats also a dict with the
     number of network evaluations (fewer than steps + 1 thanks to the cache).
+    cuda_graphs: on a GPU, replay the network's trunk from a CUDA graph (model/graphs.py): the same
+    logits with far fewer kernel launches, for a DiffusionLM whose weights do not move meanwhile.
     """
+    device = next(model.parameters()).device
+    if cuda_graphs:
+        from model.graphs import GraphedDenoiser
+        model = GraphedDenoiser(model)
     return sample_with(lambda x_t, score_mask: model(x_t, score_mask=score_mask),
-                       device=next(model.parameters()).device, batch_size=batch_size, seq_len=seq_len,
+                       device=device, batch_size=batch_size, seq_len=seq_len,
                        steps=steps, mask_id=mask_id, seed=seed, generator=generator, prefix=prefix, eps=eps,
                        return_stats=return_stats)
 

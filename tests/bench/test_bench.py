@@ -78,6 +78,18 @@ def test_inference_smoke_records_oom_and_ratios(tmp_path, monkeypatch):
     assert (tmp_path / "inference.png").is_file() or importlib.util.find_spec("matplotlib") is None
 
 
+def test_inference_cuda_graphs_option_measures_through_the_graphed_denoiser(tmp_path, monkeypatch):
+    from model.graphs import GraphedDenoiser
+    called = []
+    real = inference.denoise
+    monkeypatch.setattr(inference, "denoise", lambda model, ids: called.append(type(model)) or real(model, ids))
+    assert inference.main(["--smoke", "--cuda-graphs", "--out", str(tmp_path), "--presets", "tiny-diffumamba",
+                           "--seq-lens", "32", "--batches", "1"]) == 0
+    result = json.loads((tmp_path / "inference.json").read_text())
+    assert result["header"]["cuda_graphs"].startswith("on") and result["rows"][0]["status"] == "ok"
+    assert called and set(called) == {GraphedDenoiser}
+
+
 def test_inference_resume_measures_only_missing_rows(tmp_path, monkeypatch):
     """--resume keeps the rows of an earlier (interrupted or partial) run and measures only the missing ones."""
     args = ["--smoke", "--out", str(tmp_path), "--presets", "tiny-diffumamba", "--batches", "1"]
