@@ -14,12 +14,18 @@ model as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 
 import torch
 
 WARMUP_CALLS = 2   # before capture, on a side stream: Triton compiling / autotuning, torch.compile, allocator
+
+
+def _its_gpu(tensor: torch.Tensor):
+    """Make the tensor's GPU the current device (nothing for a CPU tensor)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 class GraphedDenoiser:
@@ -62,20 +68,22 @@ class GraphedDenoiser:
             self.graphs.popitem(last=False)
         static_input, trunk_out, graph = entry
         static_input.copy_(input_ids)
-        graph.replay()
+        with _its_gpu(input_ids):
+            graph.replay()
         return trunk_out
 
     def capture(self, input_ids: torch.Tensor):
         """(static input, trunk outputs, graph) for this input's shape (PyTorch's whole-network recipe:
         warm-up calls on a side stream, then one call under torch.cuda.graph)."""
         static_input = input_ids.clone()
-        side = torch.cuda.Stream(device=input_ids.device)
-        side.wait_stream(torch.cuda.current_stream(input_ids.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                self.model.trunk(static_input)
-        torch.cuda.current_stream(input_ids.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            trunk_out = self.model.trunk(static_input)
+        with _its_gpu(input_ids):                      # streams and the capture on the input's GPU
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_CALLS):
+                    self.model.trunk(static_input)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                trunk_out = self.model.trunk(static_input)
         return static_input, trunk_out, graph
