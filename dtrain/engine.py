@@ -198,7 +198,9 @@ def grad_norms_in_fp32(zero_optimizer) -> bool:
         gradients = list(gradients)
         if float(norm_type) != 2.0 or not gradients:
             return direct(gradients, params, norm_type)
-        norms = [n.reshape(1) for n in torch._foreach_norm([g.detach() for g in gradients], 2.0)]
+        # fp32 accumulation and result also for bf16 / fp16 gradients
+        norms = [n.reshape(1) for n in torch._foreach_norm([g.detach() for g in gradients], 2.0,
+                                                           dtype=torch.float32)]
         for n, g in zip(norms, gradients):          # DeepSpeed skips its alignment padding by this mark
             if getattr(g, "_zero_padding", False):
                 n._zero_padding = True
