@@ -203,6 +203,13 @@ def flips_float64(forward_out, backward_out):
     return forward_out[:, rev], forward_out + backward_out[:, rev]
 
 
+def compared(what, kernel, device, dtype, tol, names, got, want) -> list:
+    """Check rows "<what> (kernel: <path used>): <name>" pairing the kernel path's outputs and gradients
+    (got) with the float64 formula's (want)."""
+    used = kernels.describe(device)[kernel]
+    return [(f"{what} (kernel: {used}): {name}", dtype, a, b, tol) for name, a, b in zip(names, got, want)]
+
+
 def piece_checks(device, gen) -> list:
     """AddNorm, SwiGLU, rotary and the time reversals on the kernel path vs float64 formulas (values and
     gradients)."""
@@ -220,10 +227,9 @@ def piece_checks(device, gen) -> list:
             w = [p.detach().double().requires_grad_(True) for p in norm.parameters()]
             formula = functools.partial(add_norm_float64, weights=w, eps=norm.eps, kind=kind)
             want, want_grads = outputs_and_grads(formula, [hidden.double(), residual.double()], w)
-            names = ["output", "stream", "grad hidden", "grad residual", "grad weight", "grad bias"]
-            for name, a, b in zip(names, got + got_grads, want + want_grads):
-                checks.append((f"AddNorm {kind} (kernel: {kernels.describe(device)['add_norm']}): {name}",
-                               dtype, a, b, tol))
+            checks += compared(f"AddNorm {kind}", "add_norm", device, dtype, tol,
+                               ["output", "stream", "grad hidden", "grad residual", "grad weight", "grad bias"],
+                               got + got_grads, want + want_grads)
     for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
         h = torch.randn(4, 512, 2 * d, generator=gen).to(device, dtype)
 
@@ -232,8 +238,8 @@ def piece_checks(device, gen) -> list:
             return (gate * torch.sigmoid(gate) * up,)
         got, got_grads = outputs_and_grads(lambda x: (kernels.swiglu(x),), [h])
         want, want_grads = outputs_and_grads(swiglu64, [h.double()])
-        for name, a, b in zip(["output", "grad h"], got + got_grads, want + want_grads):
-            checks.append((f"SwiGLU (kernel: {kernels.describe(device)['swiglu']}): {name}", dtype, a, b, tol))
+        checks += compared("SwiGLU", "swiglu", device, dtype, tol, ["output", "grad h"], got + got_grads,
+                           want + want_grads)
         # rotary embedding of q and k, strided views of one qkv projection as in the attention block
         heads, head_dim = (16, 128) if device.type == "cuda" else (4, 16)
         q, k, _ = torch.randn(2, 512, 3, heads, head_dim, generator=gen).to(device, dtype).unbind(2)
@@ -241,16 +247,15 @@ def piece_checks(device, gen) -> list:
         got, got_grads = outputs_and_grads(functools.partial(rotate_with, rotate, cos, sin), [q, k])
         want, want_grads = outputs_and_grads(functools.partial(rotate_with, rotate_float64, cos, sin),
                                              [q.double(), k.double()])
-        for name, a, b in zip(["q", "k", "grad q", "grad k"], got + got_grads, want + want_grads):
-            checks.append((f"rotary q, k (kernel: {kernels.describe(device)['rotary']}): {name}", dtype, a, b, tol))
+        checks += compared("rotary q, k", "rotary", device, dtype, tol, ["q", "k", "grad q", "grad k"],
+                           got + got_grads, want + want_grads)
         # the bidirectional mixer's time reversals (model/mamba2.py), as BiMamba2 uses them
         a, b = torch.randn(2, 2, 1000, d, generator=gen).to(device, dtype).unbind(0)
         got, got_grads = outputs_and_grads(lambda f, g: (reverse_time(f), add_time_reversed(f, g)), [a, b])
         want, want_grads = outputs_and_grads(flips_float64, [a.double(), b.double()])
-        for name, x, y in zip(["reversed", "sum with reversed", "grad first", "grad second"],
-                              got + got_grads, want + want_grads):
-            checks.append((f"time reversals (kernel: {kernels.describe(device)['flip']}): {name}", dtype, x, y,
-                           tol))
+        checks += compared("time reversals", "flip", device, dtype, tol,
+                           ["reversed", "sum with reversed", "grad first", "grad second"], got + got_grads,
+                           want + want_grads)
     return checks
 
 

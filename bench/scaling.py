@@ -162,7 +162,8 @@ def add_efficiency(rows: list[dict]) -> None:
 COLUMNS = [("layout", "layout", ""), ("GPUs", "gpus", "d"), ("DP", "dp", "d"), ("PP", "pp", "d"),
            ("status", "status", ""), ("tokens/s (all GPUs)", "tokens_per_s", ",.0f"),
            ("tokens/s/GPU", "tokens_per_s_per_gpu", ",.0f"), ("efficiency vs 1 GPU", "efficiency", ".1%"),
-           ("interval spread", "interval_spread", ".1%"), ("MFU (trainer, data-sheet peak)", "mfu_trainer", ".1%"), ("run wall (s)", "wall_s", ".0f")]
+           ("interval spread", "interval_spread", ".1%"), ("MFU (trainer, data-sheet peak)", "mfu_trainer", ".1%"),
+           ("run wall (s)", "wall_s", ".0f")]
 # with --profile-steps: the traced steps' GPU time, mean over ranks (bench/trace_breakdown.py)
 PROFILE_COLUMNS = [("layout", "layout", ""), ("GPU window / step (ms)", "gpu_step_ms", ",.0f"),
                    ("compute busy", "compute_pct", ".1f"), ("idle", "idle_pct", ".1f"),

@@ -179,14 +179,15 @@ def markdown(results: list[tuple[str, dict]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for name, r in results:
         # the top kernels overall, then those of the catch-all kinds, whose names say what they are
-        for title, kinds in ((f"top {TOP} kernels", CATEGORIES), (f"top {TOP} of {OTHER} and {MEMORY}", (OTHER, MEMORY))):
+        catch_all = [k for k in r["kernels"] if k[3] in (OTHER, MEMORY)][:TOP]
+        for title, top in ((f"top {TOP} kernels", r["kernels"][:TOP]), (f"top {TOP} of {OTHER} and {MEMORY}", catch_all)):
             lines += ["", f"### {name}: {title} ({r['steps']} steps)", "",
                       "| kernel | kind | ms/step | count |", "|---|---|---|---|"]
-            for kernel, ms, count, kind in [k for k in r["kernels"] if k[3] in kinds][:TOP]:
+            for kernel, ms, count, kind in top:
                 lines.append(f"| {cell(kernel, 80)} | {kind} | {ms / r['steps']:.3f} | {count} |")
         lines += ["", f"### {name}: who launched the top {TOP} of {OTHER} and {MEMORY} (operators, outer > inner)",
                   "", "| kernel | operators | ms/step | count |", "|---|---|---|---|"]
-        for kernel, *_ in [k for k in r["kernels"] if k[3] in (OTHER, MEMORY)][:TOP]:
+        for kernel, *_ in catch_all:
             for _, chain, ms, count in [o for o in r["origins"] if o[0] == kernel][:ORIGINS_PER_KERNEL]:
                 lines.append(f"| {cell(kernel, 60)} | {cell(chain, 200)} | {ms / r['steps']:.3f} | {count} |")
     return "\n".join(lines) + "\n"
