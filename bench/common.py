@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from bench import trace_breakdown
+from dtrain.profiling import StepProfiler
+
 REPO = Path(__file__).resolve().parents[1]
 OOM = "OOM"
 
@@ -215,6 +218,33 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+# ---------------------------------------------------------------- one-process profiles
+def profile_calls(call, out_dir: Path, device: torch.device, calls: int = 2, what: str = "steps") -> dict:
+    """Trace `calls` more calls of `call` (dtrain.profiling.StepProfiler, <out_dir>/profile/) and break their GPU
+    time down by kernel kind (bench/trace_breakdown.py) into <out_dir>.md; returns the row's columns:
+    profile (that file's name), gpu_idle_pct and ms_<kind> per call. A CPU run has no GPU kernel: then
+    profile says so and no other column is filled."""
+    profiler = StepProfiler(1, calls, out_dir, 0, device)
+    trace = None
+    for i in range(1, calls + 1):
+        profiler.before(i)
+        call()
+        trace = profiler.after(i) or trace
+    try:
+        results = trace_breakdown.breakdown_files([trace], calls)
+    except ValueError as e:
+        return {"profile": str(e)}
+    md = out_dir.parent / f"{out_dir.name}.md"        # not with_suffix: "1.3b-..." has a dot
+    trace_breakdown.write_markdown(md, f"{out_dir.name}: GPU time of {calls} traced {what}", results)
+    return {"profile": md.name, **profile_columns(results[0][1])}
+
+
+def profile_columns(result: dict) -> dict:
+    """A trace_breakdown result -> the row's GPU idle % and ms per traced call of each kernel kind."""
+    return {"gpu_idle_pct": result["pct"]["idle"],
+            **{f"ms_{k}": result["per_step_ms"][k] for k in trace_breakdown.SINGLE_PROCESS_KINDS}}
+
+
 # ---------------------------------------------------------------- result files
 def fmt(value, spec: str = ",.0f") -> str:
     if value is None:
@@ -234,13 +264,13 @@ def markdown_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> str
     return "\n".join(lines)
 
 
-def tables_with_profile(columns, rows: list[dict], profile_columns, caption: str, key: str) -> list[tuple[str, str]]:
+def tables_with_profile(columns, rows: list[dict], profile_table, caption: str, key: str) -> list[tuple[str, str]]:
     """write_results' tables: every row, then (under caption) the rows that a profile's breakdown filled
     in (those with `key`); no second table when none has it (no profile, or a CPU run's)."""
     tables = [("", markdown_table(columns, rows))]
     profiled = [r for r in rows if key in r]
     if profiled:
-        tables.append((caption, markdown_table(profile_columns, profiled)))
+        tables.append((caption, markdown_table(profile_table, profiled)))
     return tables
 
 

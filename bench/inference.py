@@ -2,6 +2,8 @@
 
     python -m bench.inference --out bench_results            # 1.3B DiffuMamba, DiffuMamba-H, DiffuTran
     python -m bench.inference --smoke --out /tmp/bench       # CPU, tiny presets, every code path
+    python -m bench.inference --presets 1.3b-diffumamba --batches 1 --seq-lens 32768 --profile --out x
+                                                             # where a forward's GPU time goes, by kernel kind
 
 One forward pass of the denoiser (x_t -> logits at every position) per call, as the sampler makes one per
 step: bf16 weights (Mamba's A_log, D and dt_bias stay fp32, see model/mamba2.py), torch.inference_mode,
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench import common
+from bench import common, trace_breakdown
 from model.flops import forward_flops_per_token
 from model.graphs import GraphedDenoiser
 from model.lm import DiffusionLM, count_parameters
@@ -48,7 +50,7 @@ def family(preset: str) -> str:
 
 
 def measure(model: DiffusionLM, batch: int, seq_len: int, device: torch.device, warmup: int, iters: int,
-            max_row_s: float) -> dict:
+            max_row_s: float, profile_dir: Path | None = None) -> dict:
     cfg = model.cfg
     ids = torch.randint(0, cfg.vocab_size - 1, (batch, seq_len), device=device)
     ids[torch.rand(batch, seq_len, device=device) < 0.5] = cfg.mask_token_id   # x_t at t = 0.5
@@ -67,9 +69,12 @@ def measure(model: DiffusionLM, batch: int, seq_len: int, device: torch.device, 
             t = common.time_calls(call, device, 0, 1)[0]
         n = max(min(iters, 3), min(iters, int(max_row_s / max(t, 1e-9))))
         times = common.time_calls(call, device, 0, n)
-    sec = common.median(times)
-    return {"status": "ok", "ms": sec * 1e3, "forwards_per_s": 1 / sec, "tokens_per_s": batch * seq_len / sec,
-            "peak_mem_GiB": common.peak_mem_gib(device), "iters": n}
+        sec = common.median(times)
+        got = {"status": "ok", "ms": sec * 1e3, "forwards_per_s": 1 / sec, "tokens_per_s": batch * seq_len / sec,
+               "peak_mem_GiB": common.peak_mem_gib(device), "iters": n}
+        if profile_dir is not None:
+            got.update(common.profile_calls(call, profile_dir, device, 2, "forward passes"))
+    return got
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -90,10 +95,13 @@ def add_floor(rows: list[dict], peak_flops: float | None) -> None:
             flops = forward_flops_per_token(get_preset(r["preset"]), r["seq_len"]) * r["batch"] * r["seq_len"]
             r["floor_ms"] = flops / peak_flops * 1e3
             r["vs_floor"] = r["ms"] / r["floor_ms"]
+            if r.get("ms_gemm") is not None:        # --profile: how much of the gap is the matmuls' own
+                r["gemm_vs_floor"] = r["ms_gemm"] / r["floor_ms"]
 
 
 def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batch_tokens=None,
-          on_row=lambda rows: None, previous: list[dict] = (), cuda_graphs: bool = False) -> list[dict]:
+          on_row=lambda rows: None, previous: list[dict] = (), cuda_graphs: bool = False,
+          profile_root: Path | None = None) -> list[dict]:
     """Every (preset, batch, L); rows found in `previous` (an earlier, interrupted run) are kept as they are."""
     done = {(r["preset"], r["batch"], r["seq_len"]): r for r in previous}
     rows: list[dict] = []
@@ -121,7 +129,9 @@ def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batc
                             model = GraphedDenoiser(model)
                         print(f"{name}: {params:.0f}M parameters", flush=True)
                     t0 = time.perf_counter()
-                    got = common.guarded(measure, device, model, batch, seq_len, device, warmup, iters, max_row_s)
+                    profile_dir = profile_root / f"{name}_b{batch}_L{seq_len}" if profile_root is not None else None
+                    got = common.guarded(measure, device, model, batch, seq_len, device, warmup, iters, max_row_s,
+                                         profile_dir)
                     row.update({"status": common.OOM} if got is common.OOM else got)
                     oom_at = seq_len if got is common.OOM else None
                     print(f"  batch {batch} L {seq_len}: {row['status']}"
@@ -138,6 +148,13 @@ COLUMNS = [("preset", "preset", ""), ("batch", "batch", "d"), ("L", "seq_len", "
            ("tokens/s", "tokens_per_s", ",.0f"), ("vs DiffuTran", "vs_" + BASELINE, ".2f"),
            ("matmul floor (ms)", "floor_ms", ".1f"), ("x floor", "vs_floor", ".2f"),
            ("peak mem (GiB)", "peak_mem_GiB", ".1f"), ("calls", "iters", "d")]
+# --profile: GPU time of a traced forward by kernel kind (bench/trace_breakdown.py's categories)
+PROFILE_COLUMNS = ([("preset", "preset", ""), ("batch", "batch", "d"), ("L", "seq_len", ","),
+                    ("ms / forward", "ms", ".1f"), ("matmul floor (ms)", "floor_ms", ".1f"),
+                    ("gemm / floor", "gemm_vs_floor", ".2f"), ("GPU idle %", "gpu_idle_pct", ".1f")]
+                   + [(f"{kind} (ms)", f"ms_{kind}", ".1f") for kind in trace_breakdown.SINGLE_PROCESS_KINDS
+                      if kind != "optimizer"]
+                   + [("breakdown", "profile", "")])
 
 
 def plot(rows: list[dict], head: dict, path: Path) -> None:
@@ -190,8 +207,10 @@ def save_results(out_dir: Path, head: dict, rows: list[dict]) -> Path:
     """OUT/inference.{json,md}, with the DiffuTran ratios and matmul-floor columns (from the header's peak)."""
     add_ratios(rows)
     add_floor(rows, head.get("matmul_peak_flops"))
+    tables = common.tables_with_profile(COLUMNS, rows, PROFILE_COLUMNS, "GPU time of a traced forward pass by "
+                                        "kernel kind (ms; kinds on different streams can overlap)", "ms_gemm")
     return common.write_results(out_dir, "inference", f"Inference: denoising forward pass — {head['card']}", head,
-                                [("", common.markdown_table(COLUMNS, rows))], rows, NOTES)
+                                tables, rows, NOTES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--matmul-peak-tflops", type=float,
                     help="use this bf16 matmul peak instead of measuring it; with --plot-only, (re)computes the "
                          "matmul-floor columns of OUT/inference.{json,md} from it")
+    ap.add_argument("--profile", action="store_true",
+                    help="trace 2 more forward passes of each row; GPU time by kernel kind in a second table, "
+                         "breakdowns in OUT/inference_profiles/")
     common.add_output_args(ap, "inference")
     args = ap.parse_args(argv)
     given_peak = args.matmul_peak_tflops * 1e12 if args.matmul_peak_tflops else None
@@ -245,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = others + sweep(presets, batches, seq_lens, device, warmup, iters,
                           max_row_s, args.max_batch_tokens,
                           on_row=lambda new: save_results(args.out, head, others + new), previous=previous,
-                          cuda_graphs=args.cuda_graphs)
+                          cuda_graphs=args.cuda_graphs,
+                          profile_root=args.out / "inference_profiles" if args.profile else None)
     common.print_results(save_results(args.out, head, rows))
     plot(rows, head, args.out / "inference.png")
     return 0

@@ -52,6 +52,7 @@ MEMORY = "memcpy_memset"  # the gpu_memcpy / gpu_memset events, whatever their n
 OTHER = "elementwise_other"
 CATEGORIES = ("nccl_p2p", "nccl_collective", "gemm", "attention", "ssm_scan", "conv1d", "norm", "optimizer",
               MEMORY, OTHER)
+SINGLE_PROCESS_KINDS = tuple(k for k in CATEGORIES if not k.startswith("nccl"))   # one process: no NCCL
 GPU_CATS = {"kernel": None, "gpu_memcpy": MEMORY, "gpu_memset": MEMORY}  # event "cat" -> fixed category
 STEPS_IN_NAME = re.compile(r"steps(\d+)-(\d+)")
 TOP = 10

@@ -29,7 +29,6 @@ from bench import common, trace_breakdown
 from dtrain import engine as dengine
 from dtrain.config import load_config
 from dtrain.loop import to_device, train_step
-from dtrain.profiling import StepProfiler
 from model.diffusion import mask_batch
 from model.flops import peak_flops, train_flops_per_token
 from model.lm import DiffusionLM, count_parameters
@@ -133,24 +132,8 @@ class Trial:
 
     def profile(self, out_dir: Path, batches, metrics, steps: int = 2) -> dict:
         """Trace `steps` more steps; their GPU time by kernel kind (ms per step), see bench/trace_breakdown."""
-        profiler = StepProfiler(1, steps, out_dir, 0, self.device)
-        trace = None
-        for step in range(1, steps + 1):
-            profiler.before(step)
-            train_step(self.trainee, batches, self.grad_accum, False, metrics)
-            trace = profiler.after(step) or trace
-        try:
-            results = trace_breakdown.breakdown_files([trace], steps)
-        except ValueError as e:                          # a CPU run (--smoke) has no GPU kernel to break down
-            return {"profile": str(e)}
-        md = out_dir.parent / f"{out_dir.name}.md"        # not with_suffix: "1.3b-..." has a dot
-        trace_breakdown.write_markdown(md, f"{out_dir.name}: GPU time of {steps} traced steps", results)
-        return {"profile": md.name, **profile_columns(results[0][1])}
-
-
-def profile_columns(result: dict) -> dict:
-    """A trace_breakdown result -> the row's GPU idle % and ms per step of each kernel kind."""
-    return {"gpu_idle_pct": result["pct"]["idle"], **{f"ms_{k}": result["per_step_ms"][k] for k in PROFILE_KINDS}}
+        return common.profile_calls(lambda: train_step(self.trainee, batches, self.grad_accum, False, metrics),
+                                    out_dir, self.device, steps, "steps")
 
 
 def attempt(trial: Trial, seq_len: int, micro_batch: int, *, warmup: int, iters: int, inject: int | None,
@@ -231,10 +214,9 @@ COLUMNS = [("preset", "preset", ""), ("L", "seq_len", ","), ("status", "status",
            ("model TFLOP/s", "tflops", ".1f"), ("MFU (measured peak)", "mfu", ".1%"),
            ("MFU (spec peak)", "mfu_spec", ".1%"), ("peak mem (GiB)", "peak_mem_GiB", ".1f")]
 # --profile: GPU time of a traced step by kernel kind (bench/trace_breakdown.py's categories)
-PROFILE_KINDS = tuple(k for k in trace_breakdown.CATEGORIES if not k.startswith("nccl"))   # one process: no NCCL
 PROFILE_COLUMNS = ([("preset", "preset", ""), ("L", "seq_len", ","), ("step (ms)", "step_ms", ".0f"),
                     ("GPU idle %", "gpu_idle_pct", ".1f")]
-                   + [(f"{kind} (ms)", f"ms_{kind}", ".1f") for kind in PROFILE_KINDS]
+                   + [(f"{kind} (ms)", f"ms_{kind}", ".1f") for kind in trace_breakdown.SINGLE_PROCESS_KINDS]
                    + [("breakdown", "profile", "")])
 
 

@@ -90,6 +90,34 @@ def test_inference_cuda_graphs_option_measures_through_the_graphed_denoiser(tmp_
     assert called and set(called) == {GraphedDenoiser}
 
 
+def test_inference_profile_traces_each_row_and_tables_the_gpu_breakdown(tmp_path, monkeypatch):
+    """--profile traces 2 more forward passes per row under inference_profiles/<preset>_b<B>_L<L>/; on the
+    CPU there is no GPU kernel to break down (the row says so). With a GPU breakdown (faked here) a second
+    table shows ms per kind, and gemm / floor = gemm ms over the matmul floor."""
+    calls = []
+    real = inference.denoise
+    monkeypatch.setattr(inference, "denoise", lambda model, ids: calls.append(ids.shape) or real(model, ids))
+    assert inference.main(["--smoke", "--profile", "--out", str(tmp_path), "--presets", "tiny-diffumamba",
+                           "--seq-lens", "32", "--batches", "1", "--matmul-peak-tflops", "1"]) == 0
+    row = json.loads((tmp_path / "inference.json").read_text())["rows"][0]
+    trace = tmp_path / "inference_profiles" / "tiny-diffumamba_b1_L32" / "profile" / "rank0_steps1-2.json.gz"
+    assert trace.is_file() and "no GPU kernel events" in row["profile"]
+    assert len(calls) == 1 + 2 + 2      # first call, 2 timed (--smoke), 2 traced
+
+    from bench import trace_breakdown
+    events = [{"ph": "X", "cat": "kernel", "name": n, "ts": t, "dur": d, "pid": 0, "tid": 7}
+              for n, t, d in [("nvjet_gemm", 0, 3000), ("_chunk_scan_fwd_kernel", 3000, 1000)]]
+    monkeypatch.setattr(trace_breakdown, "load_events", lambda path: events)
+    assert inference.main(["--smoke", "--profile", "--out", str(tmp_path), "--presets", "tiny-diffumamba",
+                           "--seq-lens", "32", "--batches", "1", "--matmul-peak-tflops", "1"]) == 0
+    row = json.loads((tmp_path / "inference.json").read_text())["rows"][0]
+    assert (row["ms_gemm"], row["ms_ssm_scan"], row["gpu_idle_pct"]) == pytest.approx((1.5, 0.5, 0.0))
+    flops = forward_flops_per_token(get_preset("tiny-diffumamba"), 32) * 32
+    assert row["gemm_vs_floor"] == pytest.approx(1.5 / (flops / 1e12 * 1e3))
+    md = (tmp_path / "inference.md").read_text()
+    assert "GPU time of a traced forward pass" in md and (tmp_path / "inference_profiles" / row["profile"]).is_file()
+
+
 def test_inference_resume_measures_only_missing_rows(tmp_path, monkeypatch):
     """--resume keeps the rows of an earlier (interrupted or partial) run and measures only the missing ones."""
     args = ["--smoke", "--out", str(tmp_path), "--presets", "tiny-diffumamba", "--batches", "1"]
@@ -261,10 +289,10 @@ def test_training_profile_columns_are_the_breakdowns_ms_per_step():
               for n, t, d in [("nvjet_gemm", 0, 300), ("_chunk_scan_bwd_dx_kernel", 300, 100),
                               ("multi_tensor_apply_kernel", 500, 100)]]
     from bench import trace_breakdown
-    got = training.profile_columns(trace_breakdown.breakdown(events, steps=2))
+    got = common.profile_columns(trace_breakdown.breakdown(events, steps=2))
     assert got["gpu_idle_pct"] == pytest.approx(100 * 100 / 600)      # 500..600 free of a 600 us window
     assert (got["ms_gemm"], got["ms_ssm_scan"], got["ms_optimizer"]) == pytest.approx((0.15, 0.05, 0.05))
-    assert got["ms_attention"] == 0 and set(got) == {"gpu_idle_pct"} | {f"ms_{k}" for k in training.PROFILE_KINDS}
+    assert got["ms_attention"] == 0 and set(got) == {"gpu_idle_pct"} | {f"ms_{k}" for k in trace_breakdown.SINGLE_PROCESS_KINDS}
 
 
 def test_parser_reads_the_trainers_console_line(capsys):
