@@ -22,7 +22,8 @@ Prints a markdown table (one row per trace) and each trace's top 10 kernels; --o
 For the top element-wise and copy kernels, whose names do not say which model code runs them, it also lists
 the operators that launched them: the CPU operator with the kernel's "External id" and the operators around
 it on the same thread (outer -> inner, e.g. `autograd::engine::evaluate_function: FlipBackward0 >
-aten::flip`), which is what a look at the trace in a viewer would show.
+aten::flip`), which is what a look at the trace in a viewer would show. Last, per trace, what the host
+did (bench/host_time.py): its threads' time in operators, the top operators and the CUDA runtime calls.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ import re
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from bench.host_time import host_breakdown, host_markdown
 
 # Kernel name -> category: the first rule whose substrings match wins (lower-case, substring).
 # (category, any of these substrings, and also this one if not None)
@@ -139,6 +142,7 @@ def breakdown(events: list[dict], steps: int = 1) -> dict:
         # (kernel name, operator chain, total ms, count), largest first
         "origins": sorted(((n, chain, us / 1e3, count) for (n, chain), (us, count) in origin_us.items()),
                           key=lambda o: -o[2]),
+        "host": host_breakdown(events, steps),   # what the host did meanwhile (bench/host_time.py)
     }
 
 
@@ -191,6 +195,7 @@ def markdown(results: list[tuple[str, dict]]) -> str:
         for kernel, *_ in catch_all:
             for _, chain, ms, count in [o for o in r["origins"] if o[0] == kernel][:ORIGINS_PER_KERNEL]:
                 lines.append(f"| {cell(kernel, 60)} | {cell(chain, 200)} | {ms / r['steps']:.3f} | {count} |")
+        lines += host_markdown(name, r.get("host"))
     return "\n".join(lines) + "\n"
 
 

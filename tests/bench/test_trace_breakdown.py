@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench import trace_breakdown as tb
+from bench.host_time import host_breakdown
 
 
 def kernel(name, start, end, stream, cat="kernel"):
@@ -242,3 +243,44 @@ def test_operator_chains_of_a_real_profiler_trace(tmp_path):
     chains = set(tb.operator_chains(tb.load_events(trace)).values())
     assert any(c.startswith("autograd::engine::evaluate_function: FlipBackward0") and c.endswith("aten::flip")
                for c in chains), chains
+
+
+def runtime_call(name, start, end):
+    return kernel(name, start, end, 1, cat="cuda_runtime")
+
+
+def test_host_time_by_thread_operator_and_runtime_call(tmp_path, capsys):
+    """By hand from ORIGIN_EVENTS over 2 steps. CPU window 10..400 us (the ProfilerStep marker is no work).
+    Thread 1: BiMamba2.forward, 80 us (its flip and empty are nested, not counted again). Thread 2: two
+    backward nodes, 100 us each. Runtime: 3 launches of 5 us and one 40 us synchronize."""
+    events = ORIGIN_EVENTS + [runtime_call("cudaLaunchKernel", t, t + 5) for t in (20, 30, 40)] \
+        + [runtime_call("cudaStreamSynchronize", 50, 90)]
+    host = tb.breakdown(events, steps=2)["host"]
+    assert host["window_ms"] == pytest.approx(0.390 / 2)
+    assert [(t["thread"], t["operators"]) for t in host["threads"]] == [("0/2", 1.0), ("0/1", 0.5)]
+    assert [t["busy_ms"] for t in host["threads"]] == pytest.approx([0.100, 0.040])
+    assert [t["busy_pct"] for t in host["threads"]] == pytest.approx([100 * 200 / 390, 100 * 80 / 390])
+    assert {name: (ms, n) for name, ms, n in host["operators"]} == {
+        "autograd::engine::evaluate_function: FlipBackward0": pytest.approx((0.050, 0.5)),
+        "autograd::engine::evaluate_function: LayerNormFnBackward": pytest.approx((0.050, 0.5)),
+        "BiMamba2.forward": pytest.approx((0.040, 0.5))}
+    assert host["runtime"] == [("cudaStreamSynchronize", pytest.approx(0.020), 0.5),
+                               ("cudaLaunchKernel", pytest.approx(0.0075), 1.5)]
+    tb.main([str(write_trace(tmp_path / "rank0_steps1-2.json", events))])
+    text = capsys.readouterr().out.split("host time per step (CPU window 0.2 ms)")[1]
+    assert "| 0/2 | 0.1 | 51.3 | 1 |" in text and "| cudaLaunchKernel | 0.01 | 2 |" in text
+
+
+def test_host_time_of_a_real_profiler_trace(tmp_path):
+    """torch.profiler's own CPU events: the backward's nodes appear as top-level operators of their thread."""
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(64, 64, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        (x @ x).relu().sum().backward()
+    trace = tmp_path / "cpu.json"
+    prof.export_chrome_trace(str(trace))
+    host = host_breakdown(tb.load_events(trace))
+    names = [name for name, _, _ in host["operators"]]
+    assert "aten::matmul" in names and any(n.startswith("autograd::engine::evaluate_function: ") for n in names)
+    assert all(0 < t["busy_pct"] <= 100 for t in host["threads"]) and host["runtime"] == []
+    assert host_breakdown([]) is None
