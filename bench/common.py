@@ -219,12 +219,14 @@ def reset_peak(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------- one-process profiles
-def profile_calls(call, out_dir: Path, device: torch.device, calls: int = 2, what: str = "steps") -> dict:
+def profile_calls(call, out_dir: Path, device: torch.device, calls: int = 2, what: str = "steps",
+                  python_stacks: bool = False) -> dict:
     """Trace `calls` more calls of `call` (dtrain.profiling.StepProfiler, <out_dir>/profile/) and break their GPU
     time down by kernel kind (bench/trace_breakdown.py) into <out_dir>.md; returns the row's columns:
     profile (that file's name), gpu_idle_pct and ms_<kind> per call. A CPU run has no GPU kernel: then
-    profile says so and no other column is filled."""
-    profiler = StepProfiler(1, calls, out_dir, 0, device)
+    profile says so and no other column is filled. python_stacks: the trace records every Python call too,
+    and the breakdown lists the Python functions with the most host time of their own."""
+    profiler = StepProfiler(1, calls, out_dir, 0, device, python_stacks)
     trace = None
     for i in range(1, calls + 1):
         profiler.before(i)

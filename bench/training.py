@@ -68,9 +68,10 @@ class Trial:
     """An engine for one preset, built the trainer's way; rebuilt after an OOM (ZeRO's gradient buffers
     may be half-filled by an interrupted backward pass)."""
 
-    def __init__(self, preset: str, device: torch.device, ac: str, grad_accum: int = 1, extra: list[str] = ()):
+    def __init__(self, preset: str, device: torch.device, ac: str, grad_accum: int = 1, extra: list[str] = (),
+                 python_stacks: bool = False):
         self.preset, self.device, self.ac = preset, device, ac
-        self.grad_accum, self.extra = grad_accum, list(extra)
+        self.grad_accum, self.extra, self.python_stacks = grad_accum, list(extra), python_stacks
         p = get_preset(preset)
         self.vocab, self.mask_id = p.vocab_size, p.mask_token_id
         self.trainee = None
@@ -133,7 +134,7 @@ class Trial:
     def profile(self, out_dir: Path, batches, metrics, steps: int = 2) -> dict:
         """Trace `steps` more steps; their GPU time by kernel kind (ms per step), see bench/trace_breakdown."""
         return common.profile_calls(lambda: train_step(self.trainee, batches, self.grad_accum, False, metrics),
-                                    out_dir, self.device, steps, "steps")
+                                    out_dir, self.device, steps, "steps", self.python_stacks)
 
 
 def attempt(trial: Trial, seq_len: int, micro_batch: int, *, warmup: int, iters: int, inject: int | None,
@@ -164,12 +165,13 @@ def power_of_two_at_most(x: int) -> int:
 
 def sweep(presets, seq_lens, device, *, cap_tokens, warmup, iters, ac, peak, spec_peak, inject_oom_tokens=None,
           grad_accum: int = 1, extra: list[str] = (),
-          on_row=lambda rows: None, previous: list[dict] = (), profile_root: Path | None = None) -> list[dict]:
+          on_row=lambda rows: None, previous: list[dict] = (), profile_root: Path | None = None,
+          python_stacks: bool = False) -> list[dict]:
     """Every (preset, L); rows found in `previous` (an earlier, interrupted run) are kept as they are."""
     done = {(r["preset"], r["seq_len"]): r for r in previous}
     rows = []
     for name in presets:
-        trial = Trial(name, device, ac, grad_accum, extra)
+        trial = Trial(name, device, ac, grad_accum, extra, python_stacks)
         best_prev = None   # micro-batch of the previous L; 0 when even 1 sequence did not fit
         for seq_len in seq_lens:
             if (name, seq_len) in done:
@@ -256,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 torch.mm timed for the peak")
     ap.add_argument("--profile", action="store_true",
                     help="trace 2 more steps of each row; GPU time by kernel kind in a second table")
+    ap.add_argument("--profile-stacks", action="store_true",
+                    help="--profile, recording every Python call too: the breakdowns list the Python functions "
+                         "with the most host time (a much larger trace; use with --grad-accum 1)")
     ap.add_argument("--inject-oom-tokens", type=int, help="testing: fake an OOM above this many tokens per "
                                                           "micro-batch (default in --smoke: 128)")
     common.add_output_args(ap, "training")
@@ -302,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                           ac=args.activation_checkpointing, peak=mm["flops"], spec_peak=spec,
                           inject_oom_tokens=inject, grad_accum=args.grad_accum, extra=args.set,
                           on_row=lambda new: save(others + new), previous=previous,
-                          profile_root=args.out / "training_profiles" if args.profile else None)
+                          profile_root=args.out / "training_profiles" if args.profile or args.profile_stacks else None,
+                          python_stacks=args.profile_stacks)
     common.print_results(save(rows))
     plot(rows, head, args.out / "training.png")
     return 0

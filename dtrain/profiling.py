@@ -21,8 +21,10 @@ from torch.profiler import ProfilerActivity, profile
 class StepProfiler:
     """before(step) / after(step) around each optimizer step; inactive when start is None."""
 
-    def __init__(self, start: int | None, steps: int, out_dir: Path, rank: int, device: torch.device):
+    def __init__(self, start: int | None, steps: int, out_dir: Path, rank: int, device: torch.device,
+                 python_stacks: bool = False):
         self.start, self.stop_at = start, (start + steps - 1 if start is not None else None)
+        self.python_stacks = python_stacks   # record every Python call too: a much larger trace
         self.out_dir, self.rank, self.device = Path(out_dir) / "profile", rank, device
         self.prof = None
 
@@ -30,7 +32,7 @@ class StepProfiler:
         if step != self.start:
             return
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        self.prof = profile(activities=activities, record_shapes=False, with_stack=False)
+        self.prof = profile(activities=activities, record_shapes=False, with_stack=self.python_stacks)
         self.prof.start()
 
     def after(self, step: int) -> Path | None:
