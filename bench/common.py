@@ -225,7 +225,7 @@ def profile_calls(call, out_dir: Path, device: torch.device, calls: int = 2, wha
     time down by kernel kind (bench/trace_breakdown.py) into <out_dir>.md; returns the row's columns:
     profile (that file's name), gpu_idle_pct and ms_<kind> per call. A CPU run has no GPU kernel: then
     profile says so and no other column is filled. python_stacks: the trace records every Python call too,
-    and the breakdown lists the Python functions with the most host time of their own."""
+    for a trace viewer (the breakdown does not use them: the tracer's own cost lands on the callers)."""
     profiler = StepProfiler(1, calls, out_dir, 0, device, python_stacks)
     trace = None
     for i in range(1, calls + 1):

@@ -11,9 +11,6 @@ doing meanwhile, from the trace's CPU events:
                    backward's thread (a custom autograd Function's Python backward runs inside its node).
     runtime        CUDA runtime / driver calls by name: the count of kernel launches, and the time spent
                    synchronising (the host waiting on the GPU, not the other way round).
-    python         only in a trace with Python calls (torch.profiler with_stack=True): the Python functions
-                   with the most time of their own (not in the functions and operators they call), e.g. a
-                   Triton kernel's launcher, a hook, a custom backward's glue.
 Times are per step (totals / steps), in ms.
 """
 from __future__ import annotations
@@ -21,30 +18,24 @@ from __future__ import annotations
 from collections import defaultdict
 
 CPU_CATS = ("cpu_op", "user_annotation")
-PYTHON_CAT = "python_function"
 RUNTIME_CATS = ("cuda_runtime", "cuda_driver")
 SKIPPED = ("ProfilerStep#",)     # step markers span everything; they are not work
 TOP_OPERATORS = 15
 TOP_RUNTIME = 8
 TOP_THREADS = 6
-TOP_PYTHON = 20
 
 
 def host_breakdown(events: list[dict], steps: int = 1) -> dict | None:
     """The host side of one trace (None when it has no CPU operator): per-thread busy time, the top-level
     operators and the runtime calls, in ms per step, largest first."""
-    by_thread, python = defaultdict(list), defaultdict(list)
+    by_thread = defaultdict(list)
     runtime = defaultdict(lambda: [0.0, 0])
     for ev in events:
         if ev.get("ph") != "X":
             continue
         cat, name = str(ev.get("cat", "")).lower(), str(ev.get("name", "?"))
-        span = (float(ev["ts"]), float(ev.get("dur", 0)), name)
         if cat in CPU_CATS and not name.startswith(SKIPPED):
-            by_thread[ev.get("pid"), ev.get("tid")].append(span)
-            python[ev.get("pid"), ev.get("tid")].append((*span, False))
-        elif cat == PYTHON_CAT:
-            python[ev.get("pid"), ev.get("tid")].append((*span, True))
+            by_thread[ev.get("pid"), ev.get("tid")].append((float(ev["ts"]), float(ev.get("dur", 0)), name))
         elif cat in RUNTIME_CATS:
             runtime[name][0] += float(ev.get("dur", 0))
             runtime[name][1] += 1
@@ -71,33 +62,7 @@ def host_breakdown(events: list[dict], steps: int = 1) -> dict | None:
             "operators": sorted(((n, us / 1e3 / steps, c / steps) for n, (us, c) in operators.items()),
                                 key=lambda o: -o[1]),
             "runtime": sorted(((n, us / 1e3 / steps, c / steps) for n, (us, c) in runtime.items()),
-                              key=lambda o: -o[1]),
-            "python": python_self_time(python, steps)}
-
-
-def python_self_time(by_thread: dict, steps: int) -> list[tuple[str, float, float]]:
-    """(function, own ms per step, calls per step) of the Python functions, largest first: a function's
-    duration less its direct children's (Python functions and operators nested in it on its thread).
-    Empty when the trace recorded no Python call."""
-    own = defaultdict(lambda: [0.0, 0])
-    for spans in by_thread.values():
-        if not any(is_python for *_, is_python in spans):
-            continue
-        spans.sort(key=lambda e: (e[0], -e[1]))
-        stack: list[list] = []                       # [end, name, own us, is_python]
-        def close(frame):
-            if frame[3]:
-                own[frame[1]][0] += frame[2]
-                own[frame[1]][1] += 1
-        for start, dur, name, is_python in spans:
-            while stack and stack[-1][0] <= start:
-                close(stack.pop())
-            if stack:
-                stack[-1][2] -= dur                  # the parent's own time excludes this child
-            stack.append([start + dur, name, dur, is_python])
-        while stack:
-            close(stack.pop())
-    return sorted(((n, us / 1e3 / steps, c / steps) for n, (us, c) in own.items()), key=lambda f: -f[1])
+                              key=lambda o: -o[1])}
 
 
 def host_markdown(name: str, host: dict | None) -> list[str]:
@@ -116,9 +81,4 @@ def host_markdown(name: str, host: dict | None) -> list[str]:
     if host["runtime"]:
         lines += ["", "CUDA runtime and driver calls:", "", "| call | ms/step | calls/step |", "|---|---|---|"]
         lines += [f"| {call} | {ms:.2f} | {count:.0f} |" for call, ms, count in host["runtime"][:TOP_RUNTIME]]
-    if host.get("python"):
-        lines += ["", f"Python functions by own time (all threads, top {TOP_PYTHON}):", "",
-                  "| function | own ms/step | calls/step |", "|---|---|---|"]
-        lines += [f"| {fn[:140].replace('|', '/')} | {ms:.2f} | {count:.0f} |"
-                  for fn, ms, count in host["python"][:TOP_PYTHON]]
     return lines

@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="trace 2 more steps of each row; GPU time by kernel kind in a second table")
     ap.add_argument("--profile-stacks", action="store_true",
-                    help="--profile, recording every Python call too: the breakdowns list the Python functions "
-                         "with the most host time (a much larger trace; use with --grad-accum 1)")
+                    help="--profile, recording every Python call too, for a trace viewer (Perfetto): which Python "
+                         "code the host's time goes to (a much larger trace; use with --grad-accum 1)")
     ap.add_argument("--inject-oom-tokens", type=int, help="testing: fake an OOM above this many tokens per "
                                                           "micro-batch (default in --smoke: 128)")
     common.add_output_args(ap, "training")

@@ -284,31 +284,3 @@ def test_host_time_of_a_real_profiler_trace(tmp_path):
     assert "aten::matmul" in names and any(n.startswith("autograd::engine::evaluate_function: ") for n in names)
     assert all(0 < t["busy_pct"] <= 100 for t in host["threads"]) and host["runtime"] == []
     assert host_breakdown([]) is None
-
-
-def test_python_functions_own_time():
-    """By hand: A (0-100) calls operator X (10-30) and B (40-90); B calls operator Y (50-60). A's own time is
-    100 - 20 - 50 = 30 us, B's 50 - 10 = 40 us; operators are not Python functions. A trace without Python
-    calls lists none."""
-    def py(name, start, end):
-        return kernel(name, start, end, 1, cat="python_function")
-    events = [py("a.py(1): A", 0, 100), op("aten::X", 10, 30, 1), py("b.py(2): B", 40, 90), op("aten::Y", 50, 60, 1)]
-    assert host_breakdown(events, steps=2)["python"] == [("b.py(2): B", pytest.approx(0.020), 0.5),
-                                                        ("a.py(1): A", pytest.approx(0.015), 0.5)]
-    assert host_breakdown(ORIGIN_EVENTS)["python"] == []
-
-
-def test_python_functions_of_a_real_profiler_trace_with_stacks(tmp_path):
-    from torch.profiler import ProfilerActivity, profile
-
-    def work_with_python_glue(x):
-        return (x @ x).relu().sum()
-
-    x = torch.randn(64, 64, requires_grad=True)
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
-        work_with_python_glue(x).backward()
-    trace = tmp_path / "cpu.json"
-    prof.export_chrome_trace(str(trace))
-    python = host_breakdown(tb.load_events(trace))["python"]
-    assert any("work_with_python_glue" in name for name, _, _ in python), python[:5]
-    assert all(ms >= 0 for _, ms, _ in python)
