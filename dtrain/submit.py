@@ -37,9 +37,11 @@ LAUNCH_DEFAULTS = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
 
 # ------------------------------------------------------------------ global batch on any world size
 def keep_global_batch(config: str, overrides: list[str], world: int) -> list[str]:
-    """Overrides (at most `train.grad_accum=K`) so that micro x grad_accum x data-parallel size equals the
-    config's train.global_batch_size on `world` ranks. Empty when the config has no global batch, when the
-    overrides set train.grad_accum themselves, or when it already fits. ConfigError when no integer K fits."""
+    """Overrides so that micro x grad_accum x data-parallel size equals the config's train.global_batch_size
+    on `world` ranks: `train.grad_accum=K`, or, on more ranks than the configured micro-batches fill,
+    smaller micro-batches one per step (`train.micro_batch_size=M train.grad_accum=1`, unless the overrides
+    set the micro-batch). Empty when the config has no global batch, when the overrides set
+    train.grad_accum themselves, or when it already fits. ConfigError when nothing fits."""
     from dtrain.config import load_config
     from model.config import ConfigError
 
@@ -49,12 +51,16 @@ def keep_global_batch(config: str, overrides: list[str], world: int) -> list[str
         return []
     if world % stages:
         raise ConfigError(f"parallel.pipeline_stages: {stages} does not divide the {world} ranks")
-    per_step = t.micro_batch_size * (world // stages)
-    if t.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
-                          f"micro_batch_size {t.micro_batch_size} x {world // stages} data-parallel ranks")
-    accum = t.global_batch_size // per_step
-    return [] if accum == t.grad_accum else [f"train.grad_accum={accum}"]
+    dp = world // stages
+    per_rank = t.global_batch_size // dp
+    if t.global_batch_size % dp == 0 and per_rank % t.micro_batch_size == 0:
+        accum = per_rank // t.micro_batch_size
+        return [] if accum == t.grad_accum else [f"train.grad_accum={accum}"]
+    micro_given = any(o.startswith("train.micro_batch_size=") for o in overrides)
+    if t.global_batch_size % dp == 0 and per_rank < t.micro_batch_size and not micro_given:
+        return [f"train.micro_batch_size={per_rank}", "train.grad_accum=1"]
+    raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                      f"micro_batch_size {t.micro_batch_size} x {dp} data-parallel ranks")
 
 
 def _keep_global_batch_main(argv: list[str]) -> int:

@@ -103,12 +103,13 @@ batch_main() {
   export DTRAIN_NPROC_PER_NODE=${DTRAIN_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
   local world=$((SLURM_NNODES * DTRAIN_NPROC_PER_NODE)) extra
   # Validates the config and overrides, and keeps the config's global batch on this many ranks by
-  # choosing train.grad_accum (unless the overrides set it).
+  # choosing train.grad_accum (and on many ranks a smaller micro-batch), unless the overrides set it.
   extra=$("$PY" -m dtrain.submit keep-global-batch "$DTRAIN_CONFIG" "$world" "${overrides[@]}") ||
     die "the config does not fit $world ranks or does not validate (message above)"
   if [ -n "$extra" ]; then
     log "$world ranks: $extra keeps the config's global batch"
-    overrides+=("$extra")
+    # shellcheck disable=SC2206  # one or two KEY=VALUE words
+    overrides+=($extra)
   fi
 
   MASTER_ADDR=${DTRAIN_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}

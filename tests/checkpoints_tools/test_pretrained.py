@@ -47,6 +47,19 @@ def test_sample_command_prints_samples(tmp_path, capsys):
     assert all(int(tok) != 511 for r in rows for tok in r)  # no [MASK] left
 
 
+@pytest.mark.parametrize("flag, graphs", [([], True), (["--no-cuda-graphs"], False), (["--cuda-graphs"], True)])
+def test_sample_command_uses_cuda_graphs_unless_told_not_to(tmp_path, monkeypatch, flag, graphs):
+    """On by default (a no-op on the CPU, where the graphed model runs eagerly); --no-cuda-graphs turns it off."""
+    from model import sampler
+    seen = []
+    real = sampler.sample
+    monkeypatch.setattr(sampler, "sample", lambda *a, **kw: seen.append(kw["cuda_graphs"]) or real(*a, **kw))
+    save_pretrained(DiffusionLM(get_preset("tiny-diffumamba")), tmp_path / "m")
+    assert _run_cmd(["sample", "--model", str(tmp_path / "m"), "--num", "1", "--length", "8", "--steps", "2",
+                     "--device", "cpu", *flag]) == 0
+    assert seen == [graphs]
+
+
 def test_params_command_lists_every_preset():
     out = subprocess.run([sys.executable, "-c", ("from dtrain.model_cmds import add_commands; import argparse;"
                           "p=argparse.ArgumentParser(); add_commands(p.add_subparsers(dest='c'));"

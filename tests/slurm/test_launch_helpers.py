@@ -11,18 +11,22 @@ from slurmjob import REPO
 from dtrain.submit import keep_global_batch, training_finished
 from model.config import ConfigError
 
-CFG_1P3B = str(REPO / "configs/1p3b_diffumamba.yaml")   # global batch 512 = micro 8 x accum 8 x 8 GPUs
+CFG_1P3B = str(REPO / "configs/1p3b_diffumamba.yaml")   # global batch 512 = micro 16 x accum 4 x 8 GPUs
 
 
-@pytest.mark.parametrize("world, expected", [(8, []), (16, ["train.grad_accum=4"]),
-                                             (64, ["train.grad_accum=1"])])
+@pytest.mark.parametrize("world, expected", [(8, []), (16, ["train.grad_accum=2"]), (32, ["train.grad_accum=1"]),
+                                             (64, ["train.micro_batch_size=8", "train.grad_accum=1"]),
+                                             (128, ["train.micro_batch_size=4", "train.grad_accum=1"])])
 def test_keep_global_batch(world, expected):
     assert keep_global_batch(CFG_1P3B, [], world) == expected
+    assert keep_global_batch(CFG_1P3B, ["parallel.pipeline_stages=2"], 2 * world) == expected   # same DP size
 
 
 def test_keep_global_batch_refuses_what_does_not_divide():
     with pytest.raises(ConfigError, match="not a multiple"):
         keep_global_batch(CFG_1P3B, [], 24)
+    with pytest.raises(ConfigError, match="not a multiple of micro_batch_size 16 x 64"):   # the user's micro-batch
+        keep_global_batch(CFG_1P3B, ["train.micro_batch_size=16"], 64)
 
 
 def test_keep_global_batch_leaves_an_explicit_grad_accum_alone():
