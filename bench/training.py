@@ -311,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                           python_stacks=args.profile_stacks)
     common.print_results(save(rows))
     plot(rows, head, args.out / "training.png")
+    if torch.distributed.is_initialized():   # a clean exit: no "destroy_process_group() was not called"
+        torch.distributed.destroy_process_group()
     return 0
 
 
