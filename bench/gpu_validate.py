@@ -16,7 +16,9 @@ Then model-level checks: the blocks' residual add + norm (mamba_ssm's Triton lay
 LayerNorm, bf16 branch output + fp32 stream), the compiled SwiGLU and rotary embedding against float64
 formulas, values and gradients; a whole DiffusionLM's loss and gradients on the kernel path (fp32) against the float64 reference
 path; its logits at masked positions only against the same rows of the full logits; and the same model with
-its trunk replayed from a CUDA graph (model/graphs.py) against the plain forward. Last it times forward
+its trunk replayed from a CUDA graph (model/graphs.py) against the plain forward, and training with the
+trunk's forward and backward replayed from CUDA graphs (model/train_graphs.py) against plain training. Last
+it times forward
 + backward of the mixer at d_model 2048 on 32K tokens, for each path.
 
     python bench/gpu_validate.py --out gpu_validate.md               # on an H100
@@ -39,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import kernels
+from model import kernels, train_graphs
 from model.attention import apply_rotary, rotary_tables, rotate
 from model.blocks import AddNorm
 from model.config import MambaConfig, ModelConfig
@@ -259,6 +261,41 @@ def piece_checks(device, gen) -> list:
     return checks
 
 
+def training_graph_checks(device, gen, micro_batches: int = 3) -> list:
+    """Training with the trunk replayed from CUDA graphs (model/train_graphs.py) against the same training
+    without: the losses of `micro_batches` micro-batches (bf16 autocast, fp32 weights, as the trainer runs)
+    and the gradients they accumulate, which a graph's static buffers must not disturb."""
+    preset = "240m-diffumamba-h" if device.type == "cuda" else "tiny-diffumamba-h"
+    torch.manual_seed(5)
+    plain = DiffusionLM(get_preset(preset).replace(layer_pattern="MA")).to(device).train()
+    graphed = copy.deepcopy(plain)
+    graphs = train_graphs.enable(graphed, torch.bfloat16)
+    seq_len = 1024 if device.type == "cuda" else 32
+    batches = [{k: v.to(device) for k, v in mask_batch(
+        torch.randint(0, plain.cfg.vocab_size - 1, (2, seq_len), generator=gen), seed=0, step=i,
+        positions=torch.arange(2), global_batch_size=2, mask_id=plain.cfg.mask_token_id).items()}
+        for i in range(micro_batches)]
+    losses = {}
+    for name, model in (("plain", plain), ("graphed", graphed)):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            losses[name] = []
+            for b in batches:
+                loss = model.loss(b)[0]
+                loss.backward()
+                losses[name].append(loss.detach().float())
+    grads = {name: torch.cat([p.grad.flatten() for p in m.parameters()]) for name, m in
+             (("plain", plain), ("graphed", graphed))}
+    state = "failed" if graphs.failed else "on" if graphs.captured is not None else "off (CPU)"
+    what = f"training, trunk from CUDA graphs vs plain (graphs: {state})"
+    checks = [(f"{what}: losses of {micro_batches} micro-batches", torch.float32,
+               torch.stack(losses["graphed"]), torch.stack(losses["plain"]), 1e-3),
+              (f"{what}: accumulated gradients", torch.float32, grads["graphed"], grads["plain"], 1e-2)]
+    if device.type == "cuda":   # a failed capture trains eagerly: equal, yet a failure
+        checks.append((f"training CUDA graphs captured ({graphs.failed or 'yes'})", torch.float32,
+                       torch.tensor([0.0 if graphs.captured is None else 1.0]), torch.tensor([1.0]), 1e-6))
+    return checks
+
+
 def run_model_checks(device, lines) -> bool:
     """The blocks' pieces against float64 formulas, a whole model's loss and gradients against the float64
     reference path, and DiffusionLM's logits at masked positions only (score_mask, the training path)
@@ -316,6 +353,8 @@ def run_model_checks(device, lines) -> bool:
     if device.type == "cuda":   # a capture that failed falls back to the plain forward: equal, yet a failure
         checks.append((f"CUDA graph captured ({graphed.failed or 'yes'})", torch.float32,
                        torch.tensor([0.0 if graphed.failed else 1.0]), torch.tensor([1.0]), 1e-6))
+
+    checks += training_graph_checks(device, gen)
 
     lines.append("## Model pieces on the kernel path\n")
     lines.append("| check | dtype | max abs | rel | tol | ok |")

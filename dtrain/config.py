@@ -40,6 +40,7 @@ class TrainSection:
     global_batch_size: int | None = None  # if set, must equal micro * grad_accum * data-parallel size
     precision: str = "fp32"            # bf16: bf16 compute, fp32 weights/master/grad accumulation
     activation_checkpointing: bool = False
+    cuda_graphs: bool = False          # replay the trunk from CUDA graphs (model/train_graphs.py; experimental)
     grad_clip: float = 1.0
     eval_interval: int = 500           # 0 disables periodic evaluation
     eval_iters: int = 4                # global batches of the validation split per evaluation
@@ -235,6 +236,13 @@ def _check(cfg: RunConfig) -> None:
     need(p.pipeline_stages == 1 or p.zero_stage == 1, "parallel.zero_stage",
          f"pipeline parallelism (parallel.pipeline_stages={p.pipeline_stages}) supports ZeRO stage 1 only "
          f"(DeepSpeed refuses 2 and 3), got {p.zero_stage}")
+    if t.cuda_graphs:   # the graphs replay fixed parameters with the whole backward recorded
+        need(not t.activation_checkpointing, "train.cuda_graphs",
+             "cannot be combined with train.activation_checkpointing (recomputation inside a recorded backward)")
+        need(p.pipeline_stages == 1, "train.cuda_graphs",
+             f"needs parallel.pipeline_stages 1 (the trunk is graphed whole), got {p.pipeline_stages}")
+        need(p.zero_stage in (1, 2), "train.cuda_graphs",
+             f"needs parallel.zero_stage 1 or 2 (ZeRO-3 gathers parameters on the fly), got {p.zero_stage}")
     need(p.partition_method in PARTITION_METHODS, "parallel.partition_method",
          f"must be one of {PARTITION_METHODS}, got {p.partition_method!r}")
     need(p.backend in (None, "nccl", "gloo"), "parallel.backend", f"must be nccl or gloo, got {p.backend!r}")

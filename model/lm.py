@@ -63,6 +63,7 @@ class DiffusionLM(nn.Module):
         self.head = Head(cfg)
         if cfg.tie_embeddings:
             self.head.proj.weight = self.embed.tok.weight
+        self.trunk_graphs = None    # model/train_graphs.TrainingGraphs once enabled
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -88,7 +89,13 @@ class DiffusionLM(nn.Module):
         return self.head(*self.trunk(input_ids), score_mask)
 
     def trunk(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Embedding and blocks: the last block's (hidden, residual) pair, which the head takes."""
+        """Embedding and blocks: the last block's (hidden, residual) pair, which the head takes. While
+        training on a GPU with model/train_graphs.enable(model), replayed from CUDA graphs."""
+        if self.trunk_graphs is not None:
+            return self.trunk_graphs(input_ids)
+        return self.eager_trunk(input_ids)
+
+    def eager_trunk(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden, residual = self.embed(input_ids), None
         for block in self.blocks:
             hidden, residual = block(hidden, residual)

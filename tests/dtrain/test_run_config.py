@@ -99,3 +99,14 @@ def test_zero_communication_settings_reach_deepspeed_only_when_set():
     assert deepspeed_config(cfg_with(), dp_size=2)["zero_optimization"] == {"stage": 1}   # DeepSpeed's defaults
     ds = deepspeed_config(cfg_with("parallel.overlap_comm=true", "parallel.reduce_bucket_size=50000000"), dp_size=2)
     assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True, "reduce_bucket_size": 50_000_000}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.activation_checkpointing=true"], "activation_checkpointing"),
+    (["parallel.pipeline_stages=2", "parallel.zero_stage=1"], "pipeline_stages 1"),
+    (["parallel.zero_stage=3"], "zero_stage 1 or 2"),
+])
+def test_cuda_graphs_refuse_what_a_recorded_trunk_cannot_do(overrides, message):
+    with pytest.raises(ConfigError, match=rf"train\.cuda_graphs: .*{message}"):
+        cfg_with("train.cuda_graphs=true", *overrides)
+    cfg_with(*overrides)                                   # fine without graphs

@@ -4,6 +4,7 @@ and static-buffer plumbing with the capture replaced by a stand-in graph whose r
 trunk from the static input into the captured outputs, as a CUDA graph's replay rewrites them."""
 import pytest
 import torch
+from graph_standins import OnGraphPath
 
 from model.graphs import GraphedDenoiser
 from model.lm import DiffusionLM
@@ -33,13 +34,8 @@ class StandInGraph:
             out.copy_(new)
 
 
-class StandInCuda(GraphedDenoiser):
+class StandInCuda(OnGraphPath, GraphedDenoiser):
     """Takes the graph path on the CPU; counts captures."""
-    captures = 0
-
-    @staticmethod
-    def on_gpu(input_ids):
-        return True
 
     def capture(self, input_ids):
         self.captures += 1

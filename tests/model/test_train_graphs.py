@@ -1,0 +1,139 @@
+"""model/train_graphs: the trunk replayed from CUDA graphs while training. The graphs themselves run only on
+a GPU (bench/gpu_validate.py compares graphed and plain training steps there); here the capture is
+replaced by stand-in graphs whose replays recompute into the captured static buffers, as a CUDA graph's
+replay rewrites them, so the autograd node, gradient accumulation over micro-batches, the eager fallbacks
+and the parameter check run as they do on a GPU."""
+import pytest
+import torch
+from graph_standins import OnGraphPath
+
+from model import train_graphs
+from model.lm import DiffusionLM
+from model.presets import get_preset
+from model.train_graphs import Captured, TrainingGraphs
+
+
+class StandInForward:
+    def __init__(self, model, c):
+        self.model, self.c = model, c
+
+    def replay(self):
+        with torch.no_grad():
+            for out, new in zip(self.c.outputs, self.model.eager_trunk(self.c.input_ids)):
+                out.copy_(new)
+
+
+class StandInBackward(StandInForward):
+    def replay(self):
+        with torch.enable_grad():
+            outs = self.model.eager_trunk(self.c.input_ids)
+            grads = torch.autograd.grad(outs, self.c.params, self.c.grad_outputs, allow_unused=True)
+        for static, g in zip(self.c.param_grads, grads):
+            static.copy_(g) if g is not None else static.zero_()
+
+
+class StandInCuda(OnGraphPath, TrainingGraphs):
+    """Takes the graph path on the CPU; counts captures."""
+
+    def capture(self, input_ids):
+        self.captures += 1
+        named = self.trunk_parameters()
+        params = tuple(p for _, p in named)
+        with torch.no_grad():
+            outs = tuple(o.clone() for o in self.model.eager_trunk(input_ids))
+        c = Captured(input_ids.clone(), outs, tuple(torch.empty_like(o) for o in outs), params,
+                     tuple(torch.full_like(p, float("nan")) for p in params), None, None,
+                     tuple(n for n, _ in named), tuple(p.data_ptr() for p in params))
+        c.forward, c.backward = StandInForward(self.model, c), StandInBackward(self.model, c)
+        return c
+
+
+def tiny(tied: bool = True) -> DiffusionLM:
+    torch.manual_seed(0)
+    return DiffusionLM(get_preset("tiny-diffumamba-h").replace(tie_embeddings=tied)).train()
+
+
+def batch(seed: int, shape=(2, 24)) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 511, shape, generator=g)
+    mask = torch.rand(shape, generator=g) < 0.5
+    return {"input_ids": torch.where(mask, torch.tensor(511), ids), "targets": ids,
+            "t": torch.rand(shape[0], generator=g).clamp_min(0.1), "loss_mask": torch.ones(shape)}
+
+
+def accumulate(model, batches) -> tuple[list[float], dict]:
+    """Losses of each micro-batch and the summed gradients, as a step with grad accumulation makes them."""
+    model.zero_grad(set_to_none=True)
+    losses = []
+    for b in batches:
+        loss, _ = model.loss(b)
+        loss.backward()
+        losses.append(loss.item())
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_graphed_steps_accumulate_the_same_gradients_as_eager(tied):
+    """Three micro-batches a step, two steps: the same losses and summed gradients as the plain model. The
+    first micro-batch of a step finds no .grad: were the static buffer handed over, AccumulateGrad would keep
+    it as .grad and the next replay would overwrite it (the sum would lose micro-batches)."""
+    eager, graphed = tiny(tied), tiny(tied)
+    graphed.trunk_graphs = graphs = StandInCuda(graphed)
+    for step in range(2):
+        micro = [batch(10 * step + i) for i in range(3)]
+        want_losses, want_grads = accumulate(eager, micro)
+        got_losses, got_grads = accumulate(graphed, micro)
+        assert got_losses == pytest.approx(want_losses, rel=1e-6)
+        assert want_grads.keys() == got_grads.keys()
+        for name, g in want_grads.items():
+            torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    assert graphs.captures == 1
+
+
+def test_other_shapes_eval_and_no_grad_run_eagerly():
+    model = tiny()
+    graphs = model.trunk_graphs = StandInCuda(model)
+    accumulate(model, [batch(1)])
+    ids = batch(2, shape=(1, 16))["input_ids"]
+    with torch.no_grad():
+        want = model.eager_trunk(ids)
+        assert all(torch.equal(a, b) for a, b in zip(model.trunk(ids), want))          # no grad
+        model.eval()
+        same_shape = batch(3)["input_ids"]
+        assert all(torch.equal(a, b) for a, b in zip(model.trunk(same_shape), model.eager_trunk(same_shape)))
+    model.train()
+    out = model.trunk(ids)                                                               # other shape
+    assert out[0].grad_fn is not None and "GraphedTrunk" not in type(out[0].grad_fn).__name__
+    assert graphs.captures == 1
+
+
+def test_cpu_tensors_never_capture():
+    model = tiny()
+    graphs = train_graphs.enable(model)
+    loss, _ = model.loss(batch(4))
+    loss.backward()
+    assert graphs.captured is None and graphs.failed is None
+
+
+def test_a_parameter_that_moved_stops_with_its_name():
+    model = tiny()
+    model.trunk_graphs = StandInCuda(model)
+    accumulate(model, [batch(5)])
+    with torch.no_grad():
+        model.blocks[1].mlp.fc_in.weight.data = model.blocks[1].mlp.fc_in.weight.data.clone()
+    with pytest.raises(RuntimeError, match=r"parameter blocks\.1\.mlp\.fc_in\.weight moved in memory"):
+        model.loss(batch(6))
+
+
+def test_a_capture_that_fails_warns_and_trains_eagerly():
+    class Failing(StandInCuda):
+        def capture(self, input_ids):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    model, eager = tiny(), tiny()
+    graphs = model.trunk_graphs = Failing(model)
+    with pytest.warns(UserWarning, match="capture of the trunk failed.*not permitted"):
+        losses, grads = accumulate(model, [batch(7)])
+    want_losses, want_grads = accumulate(eager, [batch(7)])
+    assert losses == want_losses and all(torch.equal(grads[n], g) for n, g in want_grads.items())
+    assert graphs.failed and graphs.captured is None
