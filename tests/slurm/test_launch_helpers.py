@@ -65,3 +65,13 @@ def test_submit_command_line_refuses_a_missing_config(tmp_path):
                           "--cluster", "debug"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                          text=True, capture_output=True, timeout=60, check=False)
     assert out.returncode == 2 and "config file not found" in out.stderr
+
+
+def test_keep_global_batch_command_prints_words_the_launcher_splits():
+    """slurm/common.sh adds the printed words to its overrides one by one (`overrides+=($extra)`)."""
+    out = subprocess.run([sys.executable, "-m", "dtrain.submit", "keep-global-batch", CFG_1P3B, "64"], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, text=True, capture_output=True, timeout=60,
+                         check=True).stdout
+    words = subprocess.run(["bash", "-c", 'extra=$1; o=(x); o+=($extra); printf "%s\\n" "${o[@]}"', "_", out.strip()],
+                           text=True, capture_output=True, check=True).stdout.split("\n")
+    assert words[:3] == ["x", "train.micro_batch_size=8", "train.grad_accum=1"]
