@@ -52,12 +52,12 @@ def keep_global_batch(config: str, overrides: list[str], world: int) -> list[str
     if world % stages:
         raise ConfigError(f"parallel.pipeline_stages: {stages} does not divide the {world} ranks")
     dp = world // stages
-    per_rank = t.global_batch_size // dp
-    if t.global_batch_size % dp == 0 and per_rank % t.micro_batch_size == 0:
+    per_rank, uneven = divmod(t.global_batch_size, dp)
+    if not uneven and per_rank % t.micro_batch_size == 0:
         accum = per_rank // t.micro_batch_size
         return [] if accum == t.grad_accum else [f"train.grad_accum={accum}"]
     micro_given = any(o.startswith("train.micro_batch_size=") for o in overrides)
-    if t.global_batch_size % dp == 0 and per_rank < t.micro_batch_size and not micro_given:
+    if not uneven and per_rank < t.micro_batch_size and not micro_given:
         return [f"train.micro_batch_size={per_rank}", "train.grad_accum=1"]
     raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
                       f"micro_batch_size {t.micro_batch_size} x {dp} data-parallel ranks")

@@ -9,8 +9,8 @@ positions it selects change from call to call.
 
 A graph reads the weights where they were at capture (updates in place are seen, re-allocated
 parameters are not) and writes its outputs into the same buffers each replay, so this is for inference on
-fixed weights (sampling, benchmarks), never for training. Anything else (CPU tensors, autograd on) runs the
-model as it is.
+fixed weights (sampling, benchmarks); training has its own graphs of forward and backward
+(model/train_graphs.py). Anything else (CPU tensors, autograd on) runs the model as it is.
 """
 from __future__ import annotations
 
@@ -23,9 +23,20 @@ import torch
 WARMUP_CALLS = 2   # before capture, on a side stream: Triton compiling / autotuning, torch.compile, allocator
 
 
-def _its_gpu(tensor: torch.Tensor):
+def its_gpu(tensor: torch.Tensor):
     """Make the tensor's GPU the current device (nothing for a CPU tensor)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def warm_up_on_side_stream(fn, calls: int) -> None:
+    """fn() `calls` times on a side stream before a capture (PyTorch's recipe): Triton compiling and
+    autotuning, torch.compile and the allocator's first requests stay out of the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
 
 
 class GraphedDenoiser:
@@ -68,7 +79,7 @@ class GraphedDenoiser:
             self.graphs.popitem(last=False)
         static_input, trunk_out, graph = entry
         static_input.copy_(input_ids)
-        with _its_gpu(input_ids):
+        with its_gpu(input_ids):
             graph.replay()
         return trunk_out
 
@@ -76,13 +87,8 @@ class GraphedDenoiser:
         """(static input, trunk outputs, graph) for this input's shape (PyTorch's whole-network recipe:
         warm-up calls on a side stream, then one call under torch.cuda.graph)."""
         static_input = input_ids.clone()
-        with _its_gpu(input_ids):                      # streams and the capture on the input's GPU
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_CALLS):
-                    self.model.trunk(static_input)
-            torch.cuda.current_stream().wait_stream(side)
+        with its_gpu(input_ids):                       # streams and the capture on the input's GPU
+            warm_up_on_side_stream(lambda: self.model.trunk(static_input), WARMUP_CALLS)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 trunk_out = self.model.trunk(static_input)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from model.graphs import _its_gpu
+from model.graphs import its_gpu, warm_up_on_side_stream
 
 WARMUP_CALLS = 3   # forward + backward before capture, on a side stream: Triton autotuning, torch.compile
 # the data loader's pinning thread allocates pinned memory meanwhile: forbidden during a capture in
@@ -66,7 +66,7 @@ class GraphedTrunkFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, captured: Captured, input_ids: torch.Tensor, *params):
         captured.input_ids.copy_(input_ids)
-        with _its_gpu(input_ids):
+        with its_gpu(input_ids):
             captured.forward.replay()
         ctx.captured = captured
         return tuple(o.detach() for o in captured.outputs)
@@ -80,7 +80,7 @@ class GraphedTrunkFn(torch.autograd.Function):
                 static.zero_()
             else:
                 static.copy_(grad)
-        with _its_gpu(c.grad_outputs[0]):
+        with its_gpu(c.grad_outputs[0]):
             c.backward.replay()
         # a copy where AccumulateGrad could adopt the tensor as .grad: never the buffer the next replay rewrites
         param_grads = tuple(g.clone() if p.grad is None else g for p, g in zip(c.params, c.param_grads))
@@ -94,8 +94,7 @@ class TrainingGraphs:
 
     def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None):
         self.model, self.autocast_dtype = model, autocast_dtype
-        self.captured: Captured | None = None
-        self.shape: tuple | None = None          # the captured (shape, device); other shapes run eagerly
+        self.captured: Captured | None = None    # the first training shape's; other shapes run eagerly
         self.failed: str | None = None           # why capturing failed; then every call runs eagerly
 
     @staticmethod
@@ -103,8 +102,10 @@ class TrainingGraphs:
         return input_ids.is_cuda
 
     def usable(self, input_ids: torch.Tensor) -> bool:
+        c = self.captured
+        same_shape = c is None or (c.input_ids.shape == input_ids.shape and c.input_ids.device == input_ids.device)
         return (self.on_gpu(input_ids) and torch.is_grad_enabled() and self.model.training
-                and self.failed is None and self.shape in (None, (tuple(input_ids.shape), input_ids.device)))
+                and self.failed is None and same_shape)
 
     def __call__(self, input_ids: torch.Tensor):
         if not self.usable(input_ids):
@@ -116,7 +117,6 @@ class TrainingGraphs:
                 self.failed = f"CUDA graph capture of the trunk failed: {e!r}"[:500]
                 warnings.warn(f"{self.failed}; training without graphs")
                 return self.model.eager_trunk(input_ids)
-            self.shape = (tuple(input_ids.shape), input_ids.device)
         self.captured.check_parameters()
         return GraphedTrunkFn.apply(self.captured, input_ids, *self.captured.params)
 
@@ -142,14 +142,12 @@ class TrainingGraphs:
         named = self.trunk_parameters()
         params = tuple(p for _, p in named)
         static_ids = input_ids.clone()
-        with _its_gpu(input_ids), self.autocast():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_CALLS):
-                    outs = self.model.eager_trunk(static_ids)
-                    torch.autograd.grad(outs, params, [torch.ones_like(o) for o in outs], allow_unused=True)
-            torch.cuda.current_stream().wait_stream(side)
+        def forward_and_backward():
+            outs = self.model.eager_trunk(static_ids)
+            torch.autograd.grad(outs, params, [torch.ones_like(o) for o in outs], allow_unused=True)
+
+        with its_gpu(input_ids), self.autocast():
+            warm_up_on_side_stream(forward_and_backward, WARMUP_CALLS)
             pool = torch.cuda.graph_pool_handle()
             forward = torch.cuda.CUDAGraph()
             with torch.cuda.graph(forward, pool=pool, capture_error_mode=CAPTURE_MODE):
