@@ -14,18 +14,22 @@ that recipe leaves to its caller:
     has a .grad gets the buffer, which AccumulateGrad adds in place.
   - which calls replay: the first training shape is captured; other shapes, eval mode and no-grad calls
     run the trunk eagerly.
+  - the trainer's own gradient hooks: DeepSpeed's ZeRO keeps every parameter's AccumulateGrad node alive,
+    created on the default stream, and a gradient reaching such a node from the capture stream breaks the
+    capture. The captured trunk runs on fresh leaf aliases of the parameters (same storage, their own
+    autograd nodes); the replayed gradients reach the parameters' own nodes, and hooks, outside the graph.
 The head runs eagerly after the trunk, as in inference (model/graphs.py): the masked positions it scores
 change from batch to batch.
 
 Limits: the graph reads the parameters where they were at capture. The optimizer updates them in place
 (ZeRO 1-2 keep fp32 parameters in place); a parameter that moved stops the run with its name. ZeRO-3
 (parameters gathered per call) and activation checkpointing (recomputation inside the backward graph)
-are refused by the trainer's config check. Memory: the graph keeps one micro-batch's activations and a
+are refused by the trainer's config check. A capture that fails stops the run at its first micro-batch:
+the CUDA state an invalidated capture leaves (the random generator's) is not safe to train on. Memory: the graph keeps one micro-batch's activations and a
 copy of the trunk's gradients (fp32, 4 bytes a parameter) for the whole run.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +99,7 @@ class TrainingGraphs:
     def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None):
         self.model, self.autocast_dtype = model, autocast_dtype
         self.captured: Captured | None = None    # the first training shape's; other shapes run eagerly
-        self.failed: str | None = None           # why capturing failed; then every call runs eagerly
+        self.call_trunk = EagerTrunk(model)       # for torch.func.functional_call on parameter aliases
 
     @staticmethod
     def on_gpu(input_ids: torch.Tensor) -> bool:
@@ -104,8 +108,7 @@ class TrainingGraphs:
     def usable(self, input_ids: torch.Tensor) -> bool:
         c = self.captured
         same_shape = c is None or (c.input_ids.shape == input_ids.shape and c.input_ids.device == input_ids.device)
-        return (self.on_gpu(input_ids) and torch.is_grad_enabled() and self.model.training
-                and self.failed is None and same_shape)
+        return self.on_gpu(input_ids) and torch.is_grad_enabled() and self.model.training and same_shape
 
     def __call__(self, input_ids: torch.Tensor):
         if not self.usable(input_ids):
@@ -113,10 +116,9 @@ class TrainingGraphs:
         if self.captured is None:
             try:
                 self.captured = self.capture(input_ids)
-            except Exception as e:  # noqa: BLE001 - an op that cannot be captured must not stop training
-                self.failed = f"CUDA graph capture of the trunk failed: {e!r}"[:500]
-                warnings.warn(f"{self.failed}; training without graphs")
-                return self.model.eager_trunk(input_ids)
+            except Exception as e:
+                raise RuntimeError(f"train.cuda_graphs: capturing the trunk's CUDA graphs failed at the first "
+                                   f"training micro-batch ({e!r}); train with train.cuda_graphs=false") from e
         self.captured.check_parameters()
         return GraphedTrunkFn.apply(self.captured, input_ids, *self.captured.params)
 
@@ -129,6 +131,13 @@ class TrainingGraphs:
                     seen.add(id(p))
                     out.append((name, p))
         return tuple(out)
+
+    def trunk_on_aliases(self, named, input_ids: torch.Tensor):
+        """The trunk on fresh leaf aliases of the named parameters (views of the same storage, with autograd
+        nodes of their own): (outputs, aliases). Tied weights follow their alias."""
+        aliases = tuple(p.detach().requires_grad_(True) for _, p in named)
+        by_name = {f"model.{name}": a for (name, _), a in zip(named, aliases)}
+        return torch.func.functional_call(self.call_trunk, by_name, (input_ids,), tie_weights=True), aliases
 
     def autocast(self):
         # without the autocast cache: its bf16 weight copies would be freed under the graph's feet
@@ -143,22 +152,33 @@ class TrainingGraphs:
         params = tuple(p for _, p in named)
         static_ids = input_ids.clone()
         def forward_and_backward():
-            outs = self.model.eager_trunk(static_ids)
-            torch.autograd.grad(outs, params, [torch.ones_like(o) for o in outs], allow_unused=True)
+            outs, aliases = self.trunk_on_aliases(named, static_ids)
+            torch.autograd.grad(outs, aliases, [torch.ones_like(o) for o in outs], allow_unused=True)
 
         with its_gpu(input_ids), self.autocast():
             warm_up_on_side_stream(forward_and_backward, WARMUP_CALLS)
             pool = torch.cuda.graph_pool_handle()
             forward = torch.cuda.CUDAGraph()
             with torch.cuda.graph(forward, pool=pool, capture_error_mode=CAPTURE_MODE):
-                outs = self.model.eager_trunk(static_ids)
+                outs, aliases = self.trunk_on_aliases(named, static_ids)
             grad_outs = tuple(torch.empty_like(o) for o in outs)
             backward = torch.cuda.CUDAGraph()
             with torch.cuda.graph(backward, pool=pool, capture_error_mode=CAPTURE_MODE):
-                grads = torch.autograd.grad(outs, params, grad_outs, allow_unused=True)
+                grads = torch.autograd.grad(outs, aliases, grad_outs, allow_unused=True)
         grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
         return Captured(static_ids, tuple(outs), grad_outs, params, grads, forward, backward,
                         tuple(n for n, _ in named), tuple(p.data_ptr() for p in params))
+
+
+class EagerTrunk(torch.nn.Module):
+    """model.eager_trunk as a module's forward, which torch.func.functional_call needs."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.model.eager_trunk(input_ids)
 
 
 def enable(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None) -> TrainingGraphs:

@@ -316,6 +316,23 @@ def test_parser_reads_the_trainers_console_line(capsys):
     assert scaling.interval_spread(lines) is None                    # one measured interval
 
 
+@pytest.mark.parametrize("layout", list(scaling.LAYOUTS))
+def test_scaling_runs_a_graphed_config_in_every_layout(tmp_path, layout):
+    """The 240M configs replay CUDA graphs, which the trainer refuses with a pipeline: the pipeline layouts
+    turn them off, the others keep the config's choice; an explicit override still wins."""
+    from dtrain.config import load_config
+    args = SimpleNamespace(out=tmp_path, steps=4, profile_steps=0, log_interval=1, micro_batch=None,
+                           grad_accum=None, seq_len=None, data=None, data_root=tmp_path, data_vocab=4096,
+                           data_max_bytes=None, override=[])
+    config = REPO / "configs" / "240m_diffumamba_h.yaml"
+    cfg = load_config(config, scaling.overrides(args, layout))
+    assert cfg.train.cuda_graphs == (cfg.parallel.pipeline_stages == 1)
+    if cfg.parallel.pipeline_stages > 1:
+        args.override = ["train.cuda_graphs=true"]
+        with pytest.raises(Exception, match="train.cuda_graphs"):
+            load_config(config, scaling.overrides(args, layout))
+
+
 @pytest.mark.slow
 def test_scaling_smoke_one_process_and_a_two_stage_pipeline(tmp_path):
     """`dtrain train` under torchrun with gloo: the 1-process baseline and PP=2 on two processes, each with
