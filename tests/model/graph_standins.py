@@ -1,4 +1,9 @@
-"""What the CUDA-graph tests share: a stand-in that takes the graph path on the CPU."""
+"""What the CUDA-graph tests share: stand-ins that take the graph path on the CPU."""
+import contextlib
+
+import torch
+
+from model.train_graphs import Captured, TrainingGraphs
 
 
 class OnGraphPath:
@@ -9,3 +14,47 @@ class OnGraphPath:
     @staticmethod
     def on_gpu(input_ids):
         return True
+
+
+class StandInForward:
+    """Recomputes what the captured graph would, on the parameters' aliases as the real capture does."""
+    def __init__(self, graphs, c):
+        self.graphs, self.c = graphs, c
+        self.named = tuple(zip(c.names, c.params))
+
+    def replay(self):
+        with torch.no_grad(), self.graphs.recorded_autocast():
+            for out, new in zip(self.c.outputs, self.graphs.trunk_on_aliases(self.named, self.c.input_ids)[0]):
+                out.copy_(new)
+
+
+class StandInBackward(StandInForward):
+    def replay(self):
+        with torch.enable_grad(), self.graphs.recorded_autocast():
+            outs, aliases = self.graphs.trunk_on_aliases(self.named, self.c.input_ids)
+            grads = torch.autograd.grad(outs, aliases, self.c.grad_outputs, allow_unused=True)
+        for static, g in zip(self.c.param_grads, grads):
+            static.copy_(g) if g is not None else static.zero_()
+
+
+class TrainingStandIn(OnGraphPath, TrainingGraphs):
+    """model/train_graphs.TrainingGraphs on the graph path on the CPU: its graphs are stand-ins that
+    recompute into the captured buffers, under the autocast a capture records; counts captures."""
+
+    def recorded_autocast(self):
+        """The autocast the real capture records (on the CPU's device type here), or none."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=self.autocast_dtype, cache_enabled=False)
+
+    def capture(self, input_ids):
+        self.captures += 1
+        named = self.trunk_parameters()
+        params = tuple(p for _, p in named)
+        with torch.no_grad(), self.recorded_autocast():
+            outs = tuple(o.clone() for o in self.model.eager_trunk(input_ids))
+        c = Captured(input_ids.clone(), outs, tuple(torch.empty_like(o) for o in outs), params,
+                     tuple(torch.full_like(p, float("nan")) for p in params), None, None,
+                     tuple(n for n, _ in named), tuple(p.data_ptr() for p in params))
+        c.forward, c.backward = StandInForward(self, c), StandInBackward(self, c)
+        return c

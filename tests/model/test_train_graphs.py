@@ -5,49 +5,11 @@ replay rewrites them, so the autograd node, gradient accumulation over micro-bat
 and the parameter check run as they do on a GPU."""
 import pytest
 import torch
-from graph_standins import OnGraphPath
+from graph_standins import TrainingStandIn
 
 from model import train_graphs
 from model.lm import DiffusionLM
 from model.presets import get_preset
-from model.train_graphs import Captured, TrainingGraphs
-
-
-class StandInForward:
-    """Recomputes what the captured graph would, on the parameters' aliases as the real capture does."""
-    def __init__(self, graphs, c):
-        self.graphs, self.c = graphs, c
-        self.named = tuple(zip(c.names, c.params))
-
-    def replay(self):
-        with torch.no_grad():
-            for out, new in zip(self.c.outputs, self.graphs.trunk_on_aliases(self.named, self.c.input_ids)[0]):
-                out.copy_(new)
-
-
-class StandInBackward(StandInForward):
-    def replay(self):
-        with torch.enable_grad():
-            outs, aliases = self.graphs.trunk_on_aliases(self.named, self.c.input_ids)
-            grads = torch.autograd.grad(outs, aliases, self.c.grad_outputs, allow_unused=True)
-        for static, g in zip(self.c.param_grads, grads):
-            static.copy_(g) if g is not None else static.zero_()
-
-
-class StandInCuda(OnGraphPath, TrainingGraphs):
-    """Takes the graph path on the CPU; counts captures."""
-
-    def capture(self, input_ids):
-        self.captures += 1
-        named = self.trunk_parameters()
-        params = tuple(p for _, p in named)
-        with torch.no_grad():
-            outs = tuple(o.clone() for o in self.model.eager_trunk(input_ids))
-        c = Captured(input_ids.clone(), outs, tuple(torch.empty_like(o) for o in outs), params,
-                     tuple(torch.full_like(p, float("nan")) for p in params), None, None,
-                     tuple(n for n, _ in named), tuple(p.data_ptr() for p in params))
-        c.forward, c.backward = StandInForward(self, c), StandInBackward(self, c)
-        return c
 
 
 def tiny(tied: bool = True) -> DiffusionLM:
@@ -74,13 +36,24 @@ def accumulate(model, batches) -> tuple[list[float], dict]:
     return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def hook_accumulate_grad_nodes(model) -> list:
+    """A hook on every parameter's AccumulateGrad node, the nodes kept alive, as DeepSpeed's ZeRO does."""
+    nodes = []
+    for p in model.parameters():
+        node = p.expand_as(p).grad_fn.next_functions[0][0]
+        node.register_hook(lambda *_: None)
+        nodes.append(node)
+    return nodes
+
+
 @pytest.mark.parametrize("tied", [True, False])
-def test_graphed_steps_accumulate_the_same_gradients_as_eager(tied):
-    """Three micro-batches a step, two steps: the same losses and summed gradients as the plain model. The
-    first micro-batch of a step finds no .grad: were the static buffer handed over, AccumulateGrad would keep
-    it as .grad and the next replay would overwrite it (the sum would lose micro-batches)."""
+@pytest.mark.parametrize("hooked", [True, False])
+def test_graphed_steps_accumulate_the_same_gradients_as_eager(tied, hooked):
+    """Three micro-batches a step, two steps: the same losses and summed gradients as the plain model, with
+    and without hooks on the AccumulateGrad nodes (DeepSpeed's)."""
     eager, graphed = tiny(tied), tiny(tied)
-    graphed.trunk_graphs = graphs = StandInCuda(graphed)
+    graphed.trunk_graphs = graphs = TrainingStandIn(graphed)
+    nodes = hook_accumulate_grad_nodes(graphed) if hooked else []
     for step in range(2):
         micro = [batch(10 * step + i) for i in range(3)]
         want_losses, want_grads = accumulate(eager, micro)
@@ -89,12 +62,28 @@ def test_graphed_steps_accumulate_the_same_gradients_as_eager(tied):
         assert want_grads.keys() == got_grads.keys()
         for name, g in want_grads.items():
             torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
-    assert graphs.captures == 1
+    assert graphs.captures == 1 and len(nodes) == (len(list(graphed.parameters())) if hooked else 0)
+
+
+def test_a_parameter_without_grad_is_handed_a_copy_never_the_static_buffer():
+    """AccumulateGrad may adopt the tensor it is handed as .grad when no other reference holds it than it
+    expects (two with a hook): the graph's static buffer adopted so would be overwritten by the next replay,
+    losing micro-batches. So a parameter without .grad is handed a copy; one with .grad, which is added to
+    in place, the buffer itself. (Untied: a tied embedding's gradient is the sum with the head's.)"""
+    model = tiny(tied=False)
+    graphs = model.trunk_graphs = TrainingStandIn(model)
+    handed = {}
+    for name, p in graphs.trunk_parameters():
+        p.register_hook(lambda g, name=name: handed.setdefault(name, []).append(g.data_ptr()))
+    accumulate(model, [batch(11), batch(12)])
+    static = {name: g.data_ptr() for name, g in zip(graphs.captured.names, graphs.captured.param_grads)}
+    for name, ptrs in handed.items():
+        assert ptrs[0] != static[name] and ptrs[1] == static[name], name
 
 
 def test_other_shapes_eval_and_no_grad_run_eagerly():
     model = tiny()
-    graphs = model.trunk_graphs = StandInCuda(model)
+    graphs = model.trunk_graphs = TrainingStandIn(model)
     accumulate(model, [batch(1)])
     ids = batch(2, shape=(1, 16))["input_ids"]
     with torch.no_grad():
@@ -119,7 +108,7 @@ def test_cpu_tensors_never_capture():
 
 def test_a_parameter_that_moved_stops_with_its_name():
     model = tiny()
-    model.trunk_graphs = StandInCuda(model)
+    model.trunk_graphs = TrainingStandIn(model)
     accumulate(model, [batch(5)])
     with torch.no_grad():
         model.blocks[1].mlp.fc_in.weight.data = model.blocks[1].mlp.fc_in.weight.data.clone()
@@ -128,7 +117,7 @@ def test_a_parameter_that_moved_stops_with_its_name():
 
 
 def test_a_capture_that_fails_stops_with_the_setting_to_turn_off():
-    class Failing(StandInCuda):
+    class Failing(TrainingStandIn):
         def capture(self, input_ids):
             raise RuntimeError("operation not permitted when stream is capturing")
 
