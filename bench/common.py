@@ -213,6 +213,11 @@ def peak_mem_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 
 
+def peak_reserved_gib(device: torch.device) -> float | None:
+    """The allocator's peak of memory held from the GPU: blocks cached, and CUDA graphs' private pools."""
+    return torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

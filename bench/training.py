@@ -126,7 +126,8 @@ class Trial:
         sec = common.median(common.time_calls(lambda: train_step(self.trainee, batches, ga, False, metrics),
                                               self.device, warmup, iters))
         got = {"step_ms": sec * 1e3, "tokens_per_s": micro_batch * ga * seq_len / sec,
-               "peak_mem_GiB": common.peak_mem_gib(self.device), "leftover_GiB_at_build": self.leftover_gib}
+               "peak_mem_GiB": common.peak_mem_gib(self.device),
+               "peak_reserved_GiB": common.peak_reserved_gib(self.device), "leftover_GiB_at_build": self.leftover_gib}
         if profile_dir is not None:
             got.update(self.profile(profile_dir, batches, metrics))
         return got
@@ -214,7 +215,8 @@ COLUMNS = [("preset", "preset", ""), ("L", "seq_len", ","), ("status", "status",
            ("grad accum", "grad_accum", "d"), ("tried", "attempts", ""), ("step (ms)", "step_ms", ".0f"),
            ("tokens/s/GPU", "tokens_per_s", ",.0f"),
            ("model TFLOP/s", "tflops", ".1f"), ("MFU (measured peak)", "mfu", ".1%"),
-           ("MFU (spec peak)", "mfu_spec", ".1%"), ("peak mem (GiB)", "peak_mem_GiB", ".1f")]
+           ("MFU (spec peak)", "mfu_spec", ".1%"), ("peak mem (GiB)", "peak_mem_GiB", ".1f"),
+           ("peak reserved (GiB)", "peak_reserved_GiB", ".1f")]
 # --profile: GPU time of a traced step by kernel kind (bench/trace_breakdown.py's categories)
 PROFILE_COLUMNS = ([("preset", "preset", ""), ("L", "seq_len", ","), ("step (ms)", "step_ms", ".0f"),
                     ("GPU idle %", "gpu_idle_pct", ".1f")]
@@ -292,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = [("MFU = tokens/s x model FLOPs/token (model/flops.py: matmuls only, fwd+bwd = 3x fwd, activation "
               "recomputation not counted) / peak"),
              ("micro-batch: the largest power of two that fits, halving from micro-batch x L <= --max-tokens; "
-              "`tried` lists the attempts")]
+              "`tried` lists the attempts"),
+             ("peak mem: the allocator's peak of live tensors (torch.cuda.max_memory_allocated); peak reserved: "
+              "of memory held from the GPU, cached blocks and CUDA graphs' pools included (max_memory_reserved)")]
 
     def save(rows):
         tables = common.tables_with_profile(
