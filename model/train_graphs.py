@@ -25,8 +25,9 @@ Limits: the graph reads the parameters where they were at capture. The optimizer
 (ZeRO 1-2 keep fp32 parameters in place); a parameter that moved stops the run with its name. ZeRO-3
 (parameters gathered per call) and activation checkpointing (recomputation inside the backward graph)
 are refused by the trainer's config check. A capture that fails stops the run at its first micro-batch:
-the CUDA state an invalidated capture leaves (the random generator's) is not safe to train on. Memory: the graph keeps one micro-batch's activations and a
-copy of the trunk's gradients (fp32, 4 bytes a parameter) for the whole run.
+the CUDA state an invalidated capture leaves (the random generator's) is not safe to train on.
+Memory: the graph keeps one micro-batch's activations and a copy of the trunk's gradients (fp32, 4 bytes
+a parameter) for the whole run.
 """
 from __future__ import annotations
 
