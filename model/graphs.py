@@ -15,7 +15,6 @@ fixed weights (sampling, benchmarks); training has its own graphs of forward and
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections import OrderedDict
 
 import torch
@@ -39,6 +38,18 @@ def warm_up_on_side_stream(fn, calls: int) -> None:
     torch.cuda.current_stream().wait_stream(side)
 
 
+def capture_or_explain(capture, what: str, instead: str):
+    """capture(), or an error that names what to do instead. No eager fallback: a capture that fails
+    leaves the CUDA random generator in capture mode (PyTorch does not undo it), and the next random draw
+    on that GPU fails with "Offset increment outside graph capture". An OOM stays an OOM."""
+    try:
+        return capture()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        raise RuntimeError(f"capturing {what} CUDA graph failed ({e!r}); {instead}") from e
+
+
 class GraphedDenoiser:
     """model(input_ids, score_mask) with the trunk replayed from a CUDA graph per input shape (the last
     `max_shapes` shapes are kept; each holds its own memory pool of one forward's activations)."""
@@ -47,33 +58,26 @@ class GraphedDenoiser:
         self.model, self.max_shapes = model, max_shapes
         self.cfg = getattr(model, "cfg", None)
         self.graphs: OrderedDict = OrderedDict()   # (shape, device) -> (static input, trunk outputs, graph)
-        self.failed: str | None = None             # why capturing failed; then every call runs eagerly
 
     @staticmethod
     def on_gpu(input_ids: torch.Tensor) -> bool:
         return input_ids.is_cuda
 
     def usable(self, input_ids: torch.Tensor) -> bool:
-        return self.on_gpu(input_ids) and not torch.is_grad_enabled() and self.failed is None
+        return self.on_gpu(input_ids) and not torch.is_grad_enabled()
 
     def __call__(self, input_ids: torch.Tensor, score_mask=None) -> torch.Tensor:
         if not self.usable(input_ids):
             return self.model(input_ids, score_mask)
         trunk_out = self._replay(input_ids)
-        if trunk_out is None:
-            return self.model(input_ids, score_mask)
         return self.model.head(*trunk_out, score_mask)     # before the next replay overwrites trunk_out
 
     def _replay(self, input_ids: torch.Tensor):
         key = (tuple(input_ids.shape), input_ids.device)
         entry = self.graphs.pop(key, None)
         if entry is None:
-            try:
-                entry = self.capture(input_ids)
-            except Exception as e:  # noqa: BLE001 - an op that cannot be captured must not stop sampling
-                self.failed = f"CUDA graph capture failed: {e!r}"[:500]
-                warnings.warn(f"{self.failed}; running the model without graphs")
-                return None
+            entry = capture_or_explain(lambda: self.capture(input_ids), "the denoiser's",
+                                       "run without graphs (dtrain sample --no-cuda-graphs)")
         self.graphs[key] = entry                           # the most recently used shape last
         while len(self.graphs) > self.max_shapes:
             self.graphs.popitem(last=False)

@@ -24,8 +24,8 @@ change from batch to batch.
 Limits: the graph reads the parameters where they were at capture. The optimizer updates them in place
 (ZeRO 1-2 keep fp32 parameters in place); a parameter that moved stops the run with its name. ZeRO-3
 (parameters gathered per call) and activation checkpointing (recomputation inside the backward graph)
-are refused by the trainer's config check. A capture that fails stops the run at its first micro-batch:
-the CUDA state an invalidated capture leaves (the random generator's) is not safe to train on.
+are refused by the trainer's config check. A capture that fails stops the run at its first micro-batch
+(graphs.capture_or_explain says why there is no eager fallback).
 Memory: the graph keeps one micro-batch's activations and a copy of the trunk's gradients (fp32, 4 bytes
 a parameter) for the whole run.
 """
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from model.graphs import its_gpu, warm_up_on_side_stream
+from model.graphs import capture_or_explain, its_gpu, warm_up_on_side_stream
 
 WARMUP_CALLS = 3   # forward + backward before capture, on a side stream: Triton autotuning, torch.compile
 # the data loader's pinning thread allocates pinned memory meanwhile: forbidden during a capture in
@@ -115,11 +115,8 @@ class TrainingGraphs:
         if not self.usable(input_ids):
             return self.model.eager_trunk(input_ids)
         if self.captured is None:
-            try:
-                self.captured = self.capture(input_ids)
-            except Exception as e:
-                raise RuntimeError(f"train.cuda_graphs: capturing the trunk's CUDA graphs failed at the first "
-                                   f"training micro-batch ({e!r}); train with train.cuda_graphs=false") from e
+            self.captured = capture_or_explain(lambda: self.capture(input_ids), "the trunk's training",
+                                               "train with train.cuda_graphs=false")
         self.captured.check_parameters()
         return GraphedTrunkFn.apply(self.captured, input_ids, *self.captured.params)
 

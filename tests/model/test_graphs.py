@@ -79,19 +79,25 @@ def test_autograd_on_runs_the_model_as_it_is():
 
 
 @torch.no_grad()
-def test_a_failed_capture_falls_back_with_a_warning():
+def test_a_failed_capture_stops_with_what_to_do_instead_and_an_oom_stays_an_oom():
+    """No eager fallback: a failed capture leaves the CUDA random generator unusable (model/graphs.py)."""
     model = tiny_model()
 
     class Failing(StandInCuda):
+        error = RuntimeError("operation not permitted when stream is capturing")
+
         def capture(self, input_ids):
             self.captures += 1
-            raise RuntimeError("operation not permitted when stream is capturing")
+            raise self.error
 
     graphed = Failing(model)
     ids, mask = masked_ids(2, 16, seed=6)
-    with pytest.warns(UserWarning, match="CUDA graph capture failed.*not permitted"):
-        assert torch.equal(graphed(ids, mask), model(ids, mask))
-    assert torch.equal(graphed(ids), model(ids)) and graphed.captures == 1   # not tried again
+    with pytest.raises(RuntimeError, match="denoiser's CUDA graph failed.*not permitted.*--no-cuda-graphs"):
+        graphed(ids, mask)
+    graphed.error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="Tried to allocate"):
+        graphed(ids, mask)
+    assert graphed.captures == 2
 
 
 def test_sampler_option_gives_the_same_samples():
