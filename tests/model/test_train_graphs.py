@@ -1,8 +1,8 @@
 """model/train_graphs: the trunk replayed from CUDA graphs while training. The graphs themselves run only on
 a GPU (bench/gpu_validate.py compares graphed and plain training steps there); here the capture is
-replaced by stand-in graphs whose replays recompute into the captured static buffers, as a CUDA graph's
-replay rewrites them, so the autograd node, gradient accumulation over micro-batches, the eager fallbacks
-and the parameter check run as they do on a GPU."""
+replaced by stand-in graphs (graph_standins.py) whose replays recompute into the captured static buffers,
+as a CUDA graph's replay rewrites them, so the autograd node, gradient accumulation over micro-batches,
+the calls that run eagerly, a failed capture and the parameter check run as they do on a GPU."""
 import pytest
 import torch
 from graph_standins import TrainingStandIn
