@@ -261,6 +261,17 @@ def piece_checks(device, gen) -> list:
     return checks
 
 
+def hook_accumulate_grad_nodes(model, hook) -> list:
+    """As DeepSpeed's ZeRO does: `hook` on every parameter's AccumulateGrad node, the nodes kept alive
+    (returned)."""
+    nodes = []
+    for p in model.parameters():
+        node = p.expand_as(p).grad_fn.next_functions[0][0]
+        node.register_hook(hook)
+        nodes.append(node)
+    return nodes
+
+
 def training_graph_checks(device, gen, micro_batches: int = 3) -> list:
     """Training with the trunk replayed from CUDA graphs (model/train_graphs.py) against the same training
     without: the losses of `micro_batches` micro-batches (bf16 autocast, fp32 weights, as the trainer runs)
@@ -270,13 +281,9 @@ def training_graph_checks(device, gen, micro_batches: int = 3) -> list:
     plain = DiffusionLM(get_preset(preset).replace(layer_pattern="MA")).to(device).train()
     graphed = copy.deepcopy(plain)
     graphs = train_graphs.enable(graphed, torch.bfloat16)
-    # as DeepSpeed's ZeRO does: a hook on every parameter's AccumulateGrad node, the nodes kept alive (made
-    # on the default stream, so a capture that reached them would fail); each must see every micro-batch
-    hooked, nodes = [0], []
-    for p in graphed.parameters():
-        node = p.expand_as(p).grad_fn.next_functions[0][0]
-        node.register_hook(lambda *_: hooked.__setitem__(0, hooked[0] + 1))
-        nodes.append(node)
+    # made on the default stream, so a capture that reached them would fail; each must see every micro-batch
+    hooked = [0]
+    nodes = hook_accumulate_grad_nodes(graphed, lambda *_: hooked.__setitem__(0, hooked[0] + 1))
     seq_len = 1024 if device.type == "cuda" else 32
     batches = [{k: v.to(device) for k, v in mask_batch(
         torch.randint(0, plain.cfg.vocab_size - 1, (2, seq_len), generator=gen), seed=0, step=i,

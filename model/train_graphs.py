@@ -137,11 +137,11 @@ class TrainingGraphs:
         by_name = {f"model.{name}": a for (name, _), a in zip(named, aliases)}
         return torch.func.functional_call(self.call_trunk, by_name, (input_ids,), tie_weights=True), aliases
 
-    def autocast(self):
+    def autocast(self, device_type: str = "cuda"):
         # without the autocast cache: its bf16 weight copies would be freed under the graph's feet
         if self.autocast_dtype is None:
-            return torch.autocast("cuda", enabled=False)
-        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
+            return torch.autocast(device_type, enabled=False)
+        return torch.autocast(device_type, dtype=self.autocast_dtype, cache_enabled=False)
 
     def capture(self, input_ids: torch.Tensor) -> Captured:
         """Warm-up forward + backward calls on a side stream, then one of each under torch.cuda.graph, the

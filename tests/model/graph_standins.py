@@ -1,6 +1,4 @@
 """What the CUDA-graph tests share: stand-ins that take the graph path on the CPU."""
-import contextlib
-
 import torch
 
 from model.train_graphs import Captured, TrainingGraphs
@@ -23,14 +21,14 @@ class StandInForward:
         self.named = tuple(zip(c.names, c.params))
 
     def replay(self):
-        with torch.no_grad(), self.graphs.recorded_autocast():
+        with torch.no_grad(), self.graphs.autocast("cpu"):
             for out, new in zip(self.c.outputs, self.graphs.trunk_on_aliases(self.named, self.c.input_ids)[0]):
                 out.copy_(new)
 
 
 class StandInBackward(StandInForward):
     def replay(self):
-        with torch.enable_grad(), self.graphs.recorded_autocast():
+        with torch.enable_grad(), self.graphs.autocast("cpu"):
             outs, aliases = self.graphs.trunk_on_aliases(self.named, self.c.input_ids)
             grads = torch.autograd.grad(outs, aliases, self.c.grad_outputs, allow_unused=True)
         for static, g in zip(self.c.param_grads, grads):
@@ -39,19 +37,13 @@ class StandInBackward(StandInForward):
 
 class TrainingStandIn(OnGraphPath, TrainingGraphs):
     """model/train_graphs.TrainingGraphs on the graph path on the CPU: its graphs are stand-ins that
-    recompute into the captured buffers, under the autocast a capture records; counts captures."""
-
-    def recorded_autocast(self):
-        """The autocast the real capture records (on the CPU's device type here), or none."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cpu", dtype=self.autocast_dtype, cache_enabled=False)
+    recompute into the captured buffers, under the autocast a capture records (on the CPU); counts captures."""
 
     def capture(self, input_ids):
         self.captures += 1
         named = self.trunk_parameters()
         params = tuple(p for _, p in named)
-        with torch.no_grad(), self.recorded_autocast():
+        with torch.no_grad(), self.autocast("cpu"):
             outs = tuple(o.clone() for o in self.model.eager_trunk(input_ids))
         c = Captured(input_ids.clone(), outs, tuple(torch.empty_like(o) for o in outs), params,
                      tuple(torch.full_like(p, float("nan")) for p in params), None, None,

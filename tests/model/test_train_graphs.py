@@ -7,6 +7,7 @@ import pytest
 import torch
 from graph_standins import TrainingStandIn
 
+from bench.gpu_validate import hook_accumulate_grad_nodes
 from model import train_graphs
 from model.lm import DiffusionLM
 from model.presets import get_preset
@@ -36,16 +37,6 @@ def accumulate(model, batches) -> tuple[list[float], dict]:
     return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def hook_accumulate_grad_nodes(model) -> list:
-    """A hook on every parameter's AccumulateGrad node, the nodes kept alive, as DeepSpeed's ZeRO does."""
-    nodes = []
-    for p in model.parameters():
-        node = p.expand_as(p).grad_fn.next_functions[0][0]
-        node.register_hook(lambda *_: None)
-        nodes.append(node)
-    return nodes
-
-
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("hooked", [True, False])
 def test_graphed_steps_accumulate_the_same_gradients_as_eager(tied, hooked):
@@ -53,7 +44,7 @@ def test_graphed_steps_accumulate_the_same_gradients_as_eager(tied, hooked):
     and without hooks on the AccumulateGrad nodes (DeepSpeed's)."""
     eager, graphed = tiny(tied), tiny(tied)
     graphed.trunk_graphs = graphs = TrainingStandIn(graphed)
-    nodes = hook_accumulate_grad_nodes(graphed) if hooked else []
+    nodes = hook_accumulate_grad_nodes(graphed, lambda *_: None) if hooked else []
     for step in range(2):
         micro = [batch(10 * step + i) for i in range(3)]
         want_losses, want_grads = accumulate(eager, micro)
