@@ -4,6 +4,8 @@
     python -m bench.inference --smoke --out /tmp/bench       # CPU, tiny presets, every code path
     python -m bench.inference --presets 1.3b-diffumamba --batches 1 --seq-lens 32768 --profile --out x
                                                              # where a forward's GPU time goes, by kernel kind
+    python -m bench.inference --presets 1.3b-diffumamba --set model.mamba.chunk_size=128 --out x
+                                                             # the same model with other kernel settings
 
 One forward pass of the denoiser (x_t -> logits at every position) per call, as the sampler makes one per
 step: bf16 weights (Mamba's A_log, D and dt_bias stay fp32, see model/mamba2.py), torch.inference_mode,
@@ -21,10 +23,12 @@ from pathlib import Path
 import torch
 
 from bench import common, trace_breakdown
+from dtrain.config import apply_overrides
+from model.config import ConfigError, ModelConfig
 from model.flops import forward_flops_per_token
 from model.graphs import GraphedDenoiser
 from model.lm import DiffusionLM, count_parameters
-from model.presets import get_preset
+from model.presets import config_from_fields
 
 PRESETS = ["1.3b-diffumamba", "1.3b-diffumamba-h", "1.3b-diffutran"]
 SMOKE_PRESETS = ["tiny-diffumamba", "tiny-diffumamba-h", "tiny-diffutran"]
@@ -39,9 +43,17 @@ def denoise(model: DiffusionLM, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids)
 
 
-def build_model(name: str, device: torch.device) -> DiffusionLM:
+def model_config(name: str, overrides: list[str] = ()) -> ModelConfig:
+    """The preset with `--set model.FIELD=VALUE` overrides, as a training config's model section takes them."""
+    for item in overrides:
+        if not item.startswith("model."):
+            raise ConfigError(f"--set {item!r}: only model.FIELD=VALUE overrides apply to a forward pass")
+    return config_from_fields(apply_overrides({"model": {"preset": name}}, list(overrides))["model"])
+
+
+def build_model(name: str, device: torch.device, overrides: list[str] = ()) -> DiffusionLM:
     with torch.device(device):   # initialise on the GPU: a 1.3B model is slow to initialise on the CPU
-        model = DiffusionLM(get_preset(name))
+        model = DiffusionLM(model_config(name, overrides))
     return model.to(torch.bfloat16).eval()
 
 
@@ -78,10 +90,12 @@ def measure(model: DiffusionLM, batch: int, seq_len: int, device: torch.device, 
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """tokens/s relative to the baseline family at the same batch and L (None where either is missing)."""
-    base = {(r["batch"], r["seq_len"]): r.get("tokens_per_s") for r in rows if family(r["preset"]) == BASELINE}
+    """tokens/s relative to the baseline family at the same batch, L and overrides (None where either is
+    missing)."""
+    base = {(r["batch"], r["seq_len"], r.get("overrides", "")): r.get("tokens_per_s") for r in rows
+            if family(r["preset"]) == BASELINE}
     for r in rows:
-        b = base.get((r["batch"], r["seq_len"]))
+        b = base.get((r["batch"], r["seq_len"], r.get("overrides", "")))
         r["vs_" + BASELINE] = r["tokens_per_s"] / b if r.get("tokens_per_s") and b else None
 
 
@@ -92,7 +106,8 @@ def add_floor(rows: list[dict], peak_flops: float | None) -> None:
         return
     for r in rows:
         if r.get("ms"):
-            flops = forward_flops_per_token(get_preset(r["preset"]), r["seq_len"]) * r["batch"] * r["seq_len"]
+            cfg = model_config(r["preset"], r.get("overrides", "").split())
+            flops = forward_flops_per_token(cfg, r["seq_len"]) * r["batch"] * r["seq_len"]
             r["floor_ms"] = flops / peak_flops * 1e3
             r["vs_floor"] = r["ms"] / r["floor_ms"]
             if r.get("ms_gemm") is not None:        # --profile: how much of the gap is the matmuls' own
@@ -101,14 +116,16 @@ def add_floor(rows: list[dict], peak_flops: float | None) -> None:
 
 def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batch_tokens=None,
           on_row=lambda rows: None, previous: list[dict] = (), cuda_graphs: bool = False,
-          profile_root: Path | None = None) -> list[dict]:
-    """Every (preset, batch, L); rows found in `previous` (an earlier, interrupted run) are kept as they are."""
-    done = {(r["preset"], r["batch"], r["seq_len"]): r for r in previous}
+          profile_root: Path | None = None, overrides: list[str] = ()) -> list[dict]:
+    """Every (preset, batch, L); rows found in `previous` (an earlier, interrupted run with the same
+    overrides) are kept as they are."""
+    done = {(r["preset"], r["batch"], r["seq_len"]): r for r in previous
+            if r.get("overrides", "") == " ".join(overrides)}
     rows: list[dict] = []
     for name in presets:
         model = None   # built when the first row of this preset is measured
         with torch.device("meta"):
-            params = count_parameters(DiffusionLM(get_preset(name))) / 1e6
+            params = count_parameters(DiffusionLM(model_config(name, overrides))) / 1e6
         for batch in batches:
             oom_at = None
             for seq_len in seq_lens:
@@ -116,7 +133,8 @@ def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batc
                     rows.append(done[name, batch, seq_len])
                     oom_at = seq_len if rows[-1]["status"] != "ok" else None
                     continue
-                row = {"preset": name, "params_M": params, "batch": batch, "seq_len": seq_len}
+                row = {"preset": name, "params_M": params, "batch": batch, "seq_len": seq_len,
+                       "overrides": " ".join(overrides)}
                 if oom_at is not None:
                     row["status"] = SKIPPED
                 elif max_batch_tokens and batch * seq_len > max_batch_tokens:
@@ -124,7 +142,7 @@ def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batc
                 else:
                     if model is None:
                         common.free_memory(device)
-                        model = build_model(name, device)
+                        model = build_model(name, device, overrides)
                         if cuda_graphs:
                             model = GraphedDenoiser(model)
                         print(f"{name}: {params:.0f}M parameters", flush=True)
@@ -148,6 +166,7 @@ COLUMNS = [("preset", "preset", ""), ("batch", "batch", "d"), ("L", "seq_len", "
            ("tokens/s", "tokens_per_s", ",.0f"), ("vs DiffuTran", "vs_" + BASELINE, ".2f"),
            ("matmul floor (ms)", "floor_ms", ".1f"), ("x floor", "vs_floor", ".2f"),
            ("peak mem (GiB)", "peak_mem_GiB", ".1f"), ("calls", "iters", "d")]
+OVERRIDES_COLUMN = ("--set", "overrides", "")
 # --profile: GPU time of a traced forward by kernel kind (bench/trace_breakdown.py's categories)
 PROFILE_COLUMNS = ([("preset", "preset", ""), ("batch", "batch", "d"), ("L", "seq_len", ","),
                     ("ms / forward", "ms", ".1f"), ("matmul floor (ms)", "floor_ms", ".1f"),
@@ -165,15 +184,16 @@ def plot(rows: list[dict], head: dict, path: Path) -> None:
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(3, len(batches), figsize=(6 * len(batches), 11), squeeze=False)
     for j, batch in enumerate(batches):
-        for name in dict.fromkeys(r["preset"] for r in rows):
-            ok = [r for r in rows if r["preset"] == name and r["batch"] == batch and r["status"] == "ok"]
-            xs = [r["seq_len"] for r in ok]
-            axes[0][j].plot(xs, [r["tokens_per_s"] for r in ok], marker="o", label=name)
+        for name, sets in dict.fromkeys((r["preset"], r.get("overrides", "")) for r in rows):
+            ok = [r for r in rows if (r["preset"], r.get("overrides", "")) == (name, sets) and r["batch"] == batch
+                  and r["status"] == "ok"]
+            xs, label = [r["seq_len"] for r in ok], f"{name} {sets}".strip()
+            axes[0][j].plot(xs, [r["tokens_per_s"] for r in ok], marker="o", label=label)
             ratio = [(r["seq_len"], r["vs_" + BASELINE]) for r in ok if r.get("vs_" + BASELINE) is not None]
             if family(name) != BASELINE and ratio:
-                axes[1][j].plot(*zip(*ratio), marker="o", label=name)
+                axes[1][j].plot(*zip(*ratio), marker="o", label=label)
             if ok and ok[0]["peak_mem_GiB"] is not None:
-                axes[2][j].plot(xs, [r["peak_mem_GiB"] for r in ok], marker="o", label=name)
+                axes[2][j].plot(xs, [r["peak_mem_GiB"] for r in ok], marker="o", label=label)
         axes[0][j].set(title=f"batch {batch}", ylabel="tokens/s", yscale="log")
         axes[1][j].set(ylabel="tokens/s relative to DiffuTran")
         axes[1][j].axhline(1.0, color="gray", lw=0.8)
@@ -207,7 +227,10 @@ def save_results(out_dir: Path, head: dict, rows: list[dict]) -> Path:
     """OUT/inference.{json,md}, with the DiffuTran ratios and matmul-floor columns (from the header's peak)."""
     add_ratios(rows)
     add_floor(rows, head.get("matmul_peak_flops"))
-    tables = common.tables_with_profile(COLUMNS, rows, PROFILE_COLUMNS, "GPU time of a traced forward pass by "
+    columns, profile_columns = COLUMNS, PROFILE_COLUMNS
+    if any(r.get("overrides") for r in rows):   # --set: which model each row measured
+        columns, profile_columns = ([c[0], OVERRIDES_COLUMN, *c[1:]] for c in (COLUMNS, PROFILE_COLUMNS))
+    tables = common.tables_with_profile(columns, rows, profile_columns, "GPU time of a traced forward pass by "
                                         "kernel kind (ms; kinds on different streams can overlap)", "ms_gemm")
     return common.write_results(out_dir, "inference", f"Inference: denoising forward pass — {head['card']}", head,
                                 tables, rows, NOTES)
@@ -235,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="trace 2 more forward passes of each row; GPU time by kernel kind in a second table, "
                          "breakdowns in OUT/inference_profiles/")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="model overrides for every preset, e.g. model.mamba.chunk_size=128 (the floor columns "
+                         "count the FLOPs of the overridden model)")
     common.add_output_args(ap, "inference")
     args = ap.parse_args(argv)
     given_peak = args.matmul_peak_tflops * 1e12 if args.matmul_peak_tflops else None
@@ -242,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         if given_peak:
             rewrite_floor(args.out, given_peak)
         return common.replot(args.out, "inference", plot)
-    device = common.pick_device(args.smoke)
     presets = args.presets or (SMOKE_PRESETS if args.smoke else PRESETS)
+    for name in presets:   # a bad preset or override fails before the GPU is touched
+        model_config(name, args.set)
+    device = common.pick_device(args.smoke)
     seq_lens = args.seq_lens or ([64, 128] if args.smoke else SEQ_LENS)
     batches = args.batches or ([1, 2] if args.smoke else [1, 8])
     warmup, iters = (1, 2) if args.smoke else (args.warmup, args.iters)
@@ -258,17 +286,20 @@ def main(argv: list[str] | None = None) -> int:
                          timing=f"median of {iters} calls after {warmup} warm-up (fewer for rows slower than "
                                 f"--max-row-seconds {max_row_s:g}: never under 3 and 1; column `calls`)",
                          matmul_peak=peak["text"], matmul_peak_flops=peak["flops"],
-                         cuda_graphs="on: the trunk replayed from a CUDA graph per shape" if args.cuda_graphs else "off")
+                         cuda_graphs="on: the trunk replayed from a CUDA graph per shape" if args.cuda_graphs else "off",
+                         **({"overrides": " ".join(args.set)} if args.set else {}))
 
     previous = common.previous_rows(args.out, "inference", head, args.resume)
-    planned = {(p, b, L) for p in presets for b in batches for L in seq_lens}
-    others = [r for r in previous if (r["preset"], r["batch"], r["seq_len"]) not in planned]  # other --presets
+    planned = {(p, b, L, " ".join(args.set)) for p in presets for b in batches for L in seq_lens}
+    others = [r for r in previous    # other --presets or --set
+              if (r["preset"], r["batch"], r["seq_len"], r.get("overrides", "")) not in planned]
 
     rows = others + sweep(presets, batches, seq_lens, device, warmup, iters,
                           max_row_s, args.max_batch_tokens,
                           on_row=lambda new: save_results(args.out, head, others + new), previous=previous,
                           cuda_graphs=args.cuda_graphs,
-                          profile_root=args.out / "inference_profiles" if args.profile else None)
+                          profile_root=args.out / "inference_profiles" if args.profile else None,
+                          overrides=args.set)
     common.print_results(save_results(args.out, head, rows))
     plot(rows, head, args.out / "inference.png")
     return 0

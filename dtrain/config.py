@@ -131,18 +131,8 @@ class RunConfig:
     # ---- the pieces other modules build from it ----
     def model_config(self, vocab_size: int, mask_token_id: int):
         """ModelConfig from the preset + field overrides, with the tokenizer's vocabulary."""
-        from model.config import ModelConfig
-        d = dict(self.model)
-        preset = d.pop("preset", None)
-        base = {}
-        if preset is not None:
-            from model.presets import get_preset
-            base = get_preset(preset).to_dict()
-        mamba = {**base.get("mamba", {}), **d.pop("mamba", {})}
-        merged = {**base, **d, "vocab_size": vocab_size, "mask_token_id": mask_token_id}
-        if mamba:
-            merged["mamba"] = mamba
-        return ModelConfig.from_dict(merged)
+        from model.presets import config_from_fields
+        return config_from_fields(self.model, vocab_size, mask_token_id)
 
     def builtin_data(self) -> dict:
         return {k: self.data.get(k, v) for k, v in BUILTIN_DATA.items()}

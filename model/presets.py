@@ -53,5 +53,20 @@ def get_preset(name: str) -> ModelConfig:
     return copy.deepcopy(PRESETS[name])  # callers may change fields
 
 
+def config_from_fields(fields: dict, vocab_size: int | None = None, mask_token_id: int | None = None) -> ModelConfig:
+    """ModelConfig from a config's model section, {"preset": name, **field overrides} (mamba fields merge
+    into the preset's); vocab_size / mask_token_id, when given, replace the preset's (the tokenizer's)."""
+    d = dict(fields)
+    preset = d.pop("preset", None)
+    base = get_preset(preset).to_dict() if preset is not None else {}
+    mamba = {**base.get("mamba", {}), **d.pop("mamba", {})}
+    merged = {**base, **d}
+    if vocab_size is not None:
+        merged.update(vocab_size=vocab_size, mask_token_id=mask_token_id)
+    if mamba:
+        merged["mamba"] = mamba
+    return ModelConfig.from_dict(merged)
+
+
 def nominal_size(name: str) -> float | None:
     return NOMINAL_SIZE.get(name.split("-")[0])

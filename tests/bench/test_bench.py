@@ -153,6 +153,37 @@ def test_inference_resume_measures_only_missing_rows(tmp_path, monkeypatch):
     assert rows["tiny-diffumamba", 64]["vs_diffutran"] is None
 
 
+def test_inference_set_overrides_the_model_and_its_floor(tmp_path, monkeypatch):
+    """--set model.mamba.chunk_size=8 builds the preset with chunk 8 (the other fields the preset's), counts
+    the floor of that model, labels its rows, and keeps them apart from the plain preset's on --resume."""
+    real, seen = inference.denoise, []
+    monkeypatch.setattr(inference, "denoise", lambda model, ids: seen.append(model.cfg) or real(model, ids))
+    args = ["--smoke", "--out", str(tmp_path), "--presets", "tiny-diffumamba", "--batches", "1", "--seq-lens", "32"]
+    assert inference.main(args) == 0
+    assert inference.main([*args, "--resume", "--set", "model.mamba.chunk_size=8"]) == 0
+    preset = get_preset("tiny-diffumamba")
+    assert {c.mamba.chunk_size for c in seen} == {preset.mamba.chunk_size, 8}
+    assert all(c.replace(mamba=preset.mamba) == preset for c in seen)
+    result = json.loads((tmp_path / "inference.json").read_text())
+    rows = {r["overrides"]: r for r in result["rows"]}
+    assert sorted(rows) == ["", "model.mamba.chunk_size=8"]
+    # the floor of each row, counted by hand: only the intra-chunk SSD terms depend on the chunk length q
+    cfg, L, peak = preset, 32, result["header"]["matmul_peak_flops"]
+    heads, di, n = cfg.mamba_nheads, cfg.d_inner, cfg.mamba.d_state
+    assert heads == di // cfg.mamba.headdim
+    for q, r in ((preset.mamba.chunk_size, rows[""]), (8, rows["model.mamba.chunk_size=8"])):
+        direction = (2 * cfg.d_model * (2 * di + 2 * n + heads) + 2 * 4 * (di + 2 * n)
+                     + 2 * q * n + 2 * q * di + 4 * n * di + 2 * di * cfg.d_model)
+        per_token = 3 * (2 * direction + 2 * 2 * cfg.d_model * cfg.mlp_hidden) + 2 * cfg.d_model * cfg.vocab_size
+        assert r["floor_ms"] == pytest.approx(per_token * L / peak * 1e3)
+    md = (tmp_path / "inference.md").read_text()
+    assert table_header(md)[:2] == ["preset", "--set"] and "| tiny-diffumamba | model.mamba.chunk_size=8 |" in md
+    with pytest.raises(inference.ConfigError, match="train.micro_batch_size"):
+        inference.main([*args, "--set", "train.micro_batch_size=2"])
+    with pytest.raises(inference.ConfigError, match="chunk_sise"):
+        inference.main([*args, "--set", "model.mamba.chunk_sise=8"])
+
+
 def test_guarded_frees_and_reraises_other_errors():
     cpu = torch.device("cpu")
     assert common.guarded(lambda: 7, cpu) == 7
