@@ -1,5 +1,6 @@
 """Scaling benchmark: ZeRO-1 data parallelism and pipeline parallelism vs one GPU, through `dtrain train`.
 
+    python -m bench.scaling --gpus 1 --out bench_results    # the trainer's own tokens/s on one GPU
     python -m bench.scaling --gpus 2 --out bench_results    # 1 GPU, ZeRO-1 DP=2, PP=2
     python -m bench.scaling --gpus 4 --out bench_results    # 1 GPU, ZeRO-1 DP=4, PP=2 x DP=2
     python -m bench.scaling --smoke --out /tmp/bench        # CPU: tiny model, 2 gloo processes
@@ -32,7 +33,7 @@ from bench import common, trace_breakdown
 
 # name: (processes, pipeline stages); data-parallel size = processes / stages
 LAYOUTS = {"1": (1, 1), "dp2": (2, 1), "pp2": (2, 2), "dp4": (4, 1), "pp2dp2": (4, 2)}
-DEFAULT_LAYOUTS = {2: ["1", "dp2", "pp2"], 4: ["1", "dp4", "pp2dp2"]}
+DEFAULT_LAYOUTS = {1: ["1"], 2: ["1", "dp2", "pp2"], 4: ["1", "dp4", "pp2dp2"]}
 LOG_LINE = re.compile(r"step (\d+)/(\d+) \|[^\n]*?\| tok/s (\d+(?:\.\d+)?)(?:[^\n]*?\| mfu (\d+(?:\.\d+)?)%)?")
 
 
@@ -211,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_only:
         return common.replot(args.out, "scaling", plot)
     args.out = args.out.resolve()
+    layouts = args.layouts or (["1", "dp2", "pp2"] if args.smoke else DEFAULT_LAYOUTS[args.gpus])
+    too_big = [name for name in layouts if LAYOUTS[name][0] > args.gpus and not args.smoke]
+    if too_big:
+        sys.exit(f"--layouts {' '.join(too_big)}: more processes than --gpus {args.gpus}")
     if args.smoke:
         args.config = args.config or common.REPO / "configs" / "tiny_cpu.yaml"
         args.steps, args.log_interval = min(args.steps, 4), 1
@@ -222,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available() or torch.cuda.device_count() < args.gpus:
             sys.exit(f"needs {args.gpus} CUDA GPUs (or --smoke for a CPU run with gloo)")
         args.config = args.config or common.REPO / "configs" / "1p3b_diffumamba.yaml"
-    layouts = args.layouts or (["1", "dp2", "pp2"] if args.smoke else DEFAULT_LAYOUTS[args.gpus])
     head = common.header(torch.device("cpu"), "bench.scaling", config=str(args.config),
                          overrides=" ".join(shared_overrides(args)) + " (+ run.name, run.out_dir, "
                                                                       "parallel.pipeline_stages per layout)")

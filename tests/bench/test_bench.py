@@ -326,6 +326,15 @@ def test_training_profile_columns_are_the_breakdowns_ms_per_step():
     assert got["ms_attention"] == 0 and set(got) == {"gpu_idle_pct"} | {f"ms_{k}" for k in trace_breakdown.SINGLE_PROCESS_KINDS}
 
 
+def test_scaling_refuses_layouts_wider_than_gpus(tmp_path):
+    """--gpus 1 runs the trainer's own 1-GPU baseline alone; a layout needing more processes stops before
+    any run, naming it."""
+    assert scaling.DEFAULT_LAYOUTS[1] == ["1"]
+    with pytest.raises(SystemExit, match="--layouts dp2: more processes than --gpus 1"):
+        scaling.main(["--gpus", "1", "--layouts", "1", "dp2", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
 def test_parser_reads_the_trainers_console_line(capsys):
     """Lines printed by dtrain's own Metrics.console, with and without the MFU field."""
     from dtrain.metrics import Metrics
