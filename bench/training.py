@@ -54,6 +54,8 @@ def run_config(preset: str, seq_len: int, micro_batch: int, ac: str, grad_accum:
             f"train.grad_accum={grad_accum}", "train.global_batch_size=null", "train.precision=bf16"]
     if ac != "config":
         over.append(f"train.activation_checkpointing={'true' if ac == 'on' else 'false'}")
+    if ac == "on":   # recomputation cannot run inside a recorded backward: the Mamba configs' graphs go
+        over.append("train.cuda_graphs=false")
     return load_config(config_path(preset), over + list(extra))
 
 
@@ -193,7 +195,8 @@ def sweep(presets, seq_lens, device, *, cap_tokens, warmup, iters, ac, peak, spe
                 start)
             cfg, model_cfg = trial.cfg, trial.model_cfg
             row = {"preset": name, "seq_len": seq_len, "zero_stage": cfg.parallel.zero_stage,
-                   "activation_checkpointing": cfg.train.activation_checkpointing, "attempts": " ".join(attempts),
+                   "activation_checkpointing": cfg.train.activation_checkpointing,
+                   "cuda_graphs": cfg.train.cuda_graphs, "attempts": " ".join(attempts),
                    "micro_batch": mb, "grad_accum": grad_accum, "status": "ok" if got else common.OOM}
             if got:
                 fpt = train_flops_per_token(model_cfg, seq_len)
@@ -211,7 +214,8 @@ def sweep(presets, seq_lens, device, *, cap_tokens, warmup, iters, ac, peak, spe
 
 
 COLUMNS = [("preset", "preset", ""), ("L", "seq_len", ","), ("status", "status", ""), ("ZeRO", "zero_stage", "d"),
-           ("act. ckpt", "activation_checkpointing", ""), ("micro-batch", "micro_batch", "d"),
+           ("act. ckpt", "activation_checkpointing", ""), ("CUDA graphs", "cuda_graphs", ""),
+           ("micro-batch", "micro_batch", "d"),
            ("grad accum", "grad_accum", "d"), ("tried", "attempts", ""), ("step (ms)", "step_ms", ".0f"),
            ("tokens/s/GPU", "tokens_per_s", ",.0f"),
            ("model TFLOP/s", "tflops", ".1f"), ("MFU (measured peak)", "mfu", ".1%"),

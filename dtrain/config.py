@@ -227,12 +227,14 @@ def _check(cfg: RunConfig) -> None:
          f"pipeline parallelism (parallel.pipeline_stages={p.pipeline_stages}) supports ZeRO stage 1 only "
          f"(DeepSpeed refuses 2 and 3), got {p.zero_stage}")
     if t.cuda_graphs:   # the graphs replay fixed parameters with the whole backward recorded
+        off = "; add train.cuda_graphs=false to use it"
         need(not t.activation_checkpointing, "train.cuda_graphs",
-             "cannot be combined with train.activation_checkpointing (recomputation inside a recorded backward)")
+             "cannot be combined with train.activation_checkpointing (recomputation inside a recorded backward)"
+             + off)
         need(p.pipeline_stages == 1, "train.cuda_graphs",
-             f"needs parallel.pipeline_stages 1 (the trunk is graphed whole), got {p.pipeline_stages}")
+             f"needs parallel.pipeline_stages 1 (the trunk is graphed whole), got {p.pipeline_stages}{off}")
         need(p.zero_stage in (1, 2), "train.cuda_graphs",
-             f"needs parallel.zero_stage 1 or 2 (ZeRO-3 gathers parameters on the fly), got {p.zero_stage}")
+             f"needs parallel.zero_stage 1 or 2 (ZeRO-3 gathers parameters on the fly), got {p.zero_stage}{off}")
     need(p.partition_method in PARTITION_METHODS, "parallel.partition_method",
          f"must be one of {PARTITION_METHODS}, got {p.partition_method!r}")
     need(p.backend in (None, "nccl", "gloo"), "parallel.backend", f"must be nccl or gloo, got {p.backend!r}")

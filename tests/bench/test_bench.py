@@ -269,6 +269,12 @@ def test_training_grad_accum_and_overrides(monkeypatch):
     cfg = training.run_config("1.3b-diffumamba-h", 2048, 16, "off", 4, ["model.mamba.chunk_size=128"])
     assert (cfg.train.grad_accum, cfg.train.micro_batch_size, cfg.train.activation_checkpointing) == (4, 16, False)
     assert cfg.model_config(512, 511).mamba.chunk_size == 128
+    # the 1.3B configs replay CUDA graphs, which recomputation cannot run in: --activation-checkpointing on
+    # turns them off, off and config keep the config's choice
+    assert training.run_config("1.3b-diffumamba-h", 2048, 16, "config").train.cuda_graphs
+    assert training.run_config("1.3b-diffumamba-h", 2048, 16, "off").train.cuda_graphs
+    on = training.run_config("1.3b-diffumamba-h", 2048, 16, "on")
+    assert on.train.activation_checkpointing and not on.train.cuda_graphs
     seen = []
     monkeypatch.setattr(training, "train_step", lambda trainee, batches, ga, poison, metrics: seen.append(ga))
     trial = training.Trial("tiny-diffumamba", torch.device("cpu"), "config", grad_accum=4)
@@ -357,14 +363,16 @@ def test_parser_reads_the_trainers_console_line(capsys):
 
 
 @pytest.mark.parametrize("layout", list(scaling.LAYOUTS))
-def test_scaling_runs_a_graphed_config_in_every_layout(tmp_path, layout):
-    """The 240M configs replay CUDA graphs, which the trainer refuses with a pipeline: the pipeline layouts
+@pytest.mark.parametrize("config_name", ["240m_diffumamba_h", "1p3b_diffumamba"])
+def test_scaling_runs_a_graphed_config_in_every_layout(tmp_path, layout, config_name):
+    """The Mamba configs replay CUDA graphs, which the trainer refuses with a pipeline: the pipeline layouts
     turn them off, the others keep the config's choice; an explicit override still wins."""
     from dtrain.config import load_config
     args = SimpleNamespace(out=tmp_path, steps=4, profile_steps=0, log_interval=1, micro_batch=None,
                            grad_accum=None, seq_len=None, data=None, data_root=tmp_path, data_vocab=4096,
                            data_max_bytes=None, override=[])
-    config = REPO / "configs" / "240m_diffumamba_h.yaml"
+    config = REPO / "configs" / f"{config_name}.yaml"
+    assert load_config(config).train.cuda_graphs
     cfg = load_config(config, scaling.overrides(args, layout))
     assert cfg.train.cuda_graphs == (cfg.parallel.pipeline_stages == 1)
     if cfg.parallel.pipeline_stages > 1:
@@ -418,6 +426,20 @@ def test_scaling_profile_summary_averages_the_ranks_traces(tmp_path):
     md = (tmp_path / got["profile"]).read_text()
     assert md.startswith("# PP=2 x DP=2") and "rank1_steps21-22.json.gz" in md
     assert "no trace" in scaling.profile_summary(SimpleNamespace(out=tmp_path), "dp4")["profile"]
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_layout_resume_phases_load_the_default_graphed_config(tmp_path, pp):
+    """layout_resume's default config replays CUDA graphs, which a pipeline cannot: every phase turns them
+    off (the same in each, so the losses of A, B and C compare), and its PP=2 phase loads."""
+    from bench import layout_resume
+    from dtrain.config import load_config
+    config = REPO / "configs" / "1p3b_diffumamba_h.yaml"
+    assert load_config(config).train.cuda_graphs
+    args = SimpleNamespace(out=tmp_path, steps=8, micro_batch=8, seq_len=None, data=None, data_root=tmp_path,
+                           data_vocab=4096, data_max_bytes=None, override=[])
+    cfg = load_config(config, layout_resume.overrides(args, "B", 2 // pp, pp, 2 * pp))
+    assert cfg.parallel.pipeline_stages == pp and not cfg.train.cuda_graphs
 
 
 @pytest.mark.slow

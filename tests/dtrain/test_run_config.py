@@ -107,6 +107,6 @@ def test_zero_communication_settings_reach_deepspeed_only_when_set():
     (["parallel.zero_stage=3"], "zero_stage 1 or 2"),
 ])
 def test_cuda_graphs_refuse_what_a_recorded_trunk_cannot_do(overrides, message):
-    with pytest.raises(ConfigError, match=rf"train\.cuda_graphs: .*{message}"):
+    with pytest.raises(ConfigError, match=rf"train\.cuda_graphs: .*{message}.*add train\.cuda_graphs=false"):
         cfg_with("train.cuda_graphs=true", *overrides)
     cfg_with(*overrides)                                   # fine without graphs
