@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -106,7 +107,7 @@ def add_floor(rows: list[dict], peak_flops: float | None) -> None:
         return
     for r in rows:
         if r.get("ms"):
-            cfg = model_config(r["preset"], r.get("overrides", "").split())
+            cfg = model_config(r["preset"], shlex.split(r.get("overrides", "")))
             flops = forward_flops_per_token(cfg, r["seq_len"]) * r["batch"] * r["seq_len"]
             r["floor_ms"] = flops / peak_flops * 1e3
             r["vs_floor"] = r["ms"] / r["floor_ms"]
@@ -120,7 +121,7 @@ def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batc
     """Every (preset, batch, L); rows found in `previous` (an earlier, interrupted run with the same
     overrides) are kept as they are."""
     done = {(r["preset"], r["batch"], r["seq_len"]): r for r in previous
-            if r.get("overrides", "") == " ".join(overrides)}
+            if r.get("overrides", "") == shlex.join(overrides)}
     rows: list[dict] = []
     for name in presets:
         model = None   # built when the first row of this preset is measured
@@ -134,7 +135,7 @@ def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batc
                     oom_at = seq_len if rows[-1]["status"] != "ok" else None
                     continue
                 row = {"preset": name, "params_M": params, "batch": batch, "seq_len": seq_len,
-                       "overrides": " ".join(overrides)}
+                       "overrides": shlex.join(overrides)}
                 if oom_at is not None:
                     row["status"] = SKIPPED
                 elif max_batch_tokens and batch * seq_len > max_batch_tokens:
@@ -287,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                                 f"--max-row-seconds {max_row_s:g}: never under 3 and 1; column `calls`)",
                          matmul_peak=peak["text"], matmul_peak_flops=peak["flops"],
                          cuda_graphs="on: the trunk replayed from a CUDA graph per shape" if args.cuda_graphs else "off",
-                         **({"overrides": " ".join(args.set)} if args.set else {}))
+                         **({"overrides": shlex.join(args.set)} if args.set else {}))
 
     previous = common.previous_rows(args.out, "inference", head, args.resume)
-    planned = {(p, b, L, " ".join(args.set)) for p in presets for b in batches for L in seq_lens}
+    planned = {(p, b, L, shlex.join(args.set)) for p in presets for b in batches for L in seq_lens}
     others = [r for r in previous    # other --presets or --set
               if (r["preset"], r["batch"], r["seq_len"], r.get("overrides", "")) not in planned]
 

@@ -176,6 +176,10 @@ def test_inference_set_overrides_the_model_and_its_floor(tmp_path, monkeypatch):
                      + 2 * q * n + 2 * q * di + 4 * n * di + 2 * di * cfg.d_model)
         per_token = 3 * (2 * direction + 2 * 2 * cfg.d_model * cfg.mlp_hidden) + 2 * cfg.d_model * cfg.vocab_size
         assert r["floor_ms"] == pytest.approx(per_token * L / peak * 1e3)
+    # a value with a space survives the row's text form
+    spaced = {**rows["model.mamba.chunk_size=8"], "overrides": "'model.mamba.chunk_size= 8'"}
+    inference.add_floor([spaced], peak)
+    assert spaced["floor_ms"] == pytest.approx(rows["model.mamba.chunk_size=8"]["floor_ms"])
     md = (tmp_path / "inference.md").read_text()
     assert table_header(md)[:2] == ["preset", "--set"] and "| tiny-diffumamba | model.mamba.chunk_size=8 |" in md
     with pytest.raises(inference.ConfigError, match="train.micro_batch_size"):
