@@ -90,13 +90,18 @@ def measure(model: DiffusionLM, batch: int, seq_len: int, device: torch.device, 
     return got
 
 
+def row_overrides(row: dict) -> str:
+    """The row's --set, shell-quoted: "" for none (and for rows of results written before --set)."""
+    return row.get("overrides", "")
+
+
 def add_ratios(rows: list[dict]) -> None:
     """tokens/s relative to the baseline family at the same batch, L and overrides (None where either is
     missing)."""
-    base = {(r["batch"], r["seq_len"], r.get("overrides", "")): r.get("tokens_per_s") for r in rows
+    base = {(r["batch"], r["seq_len"], row_overrides(r)): r.get("tokens_per_s") for r in rows
             if family(r["preset"]) == BASELINE}
     for r in rows:
-        b = base.get((r["batch"], r["seq_len"], r.get("overrides", "")))
+        b = base.get((r["batch"], r["seq_len"], row_overrides(r)))
         r["vs_" + BASELINE] = r["tokens_per_s"] / b if r.get("tokens_per_s") and b else None
 
 
@@ -107,7 +112,7 @@ def add_floor(rows: list[dict], peak_flops: float | None) -> None:
         return
     for r in rows:
         if r.get("ms"):
-            cfg = model_config(r["preset"], shlex.split(r.get("overrides", "")))
+            cfg = model_config(r["preset"], shlex.split(row_overrides(r)))
             flops = forward_flops_per_token(cfg, r["seq_len"]) * r["batch"] * r["seq_len"]
             r["floor_ms"] = flops / peak_flops * 1e3
             r["vs_floor"] = r["ms"] / r["floor_ms"]
@@ -121,7 +126,7 @@ def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batc
     """Every (preset, batch, L); rows found in `previous` (an earlier, interrupted run with the same
     overrides) are kept as they are."""
     done = {(r["preset"], r["batch"], r["seq_len"]): r for r in previous
-            if r.get("overrides", "") == shlex.join(overrides)}
+            if row_overrides(r) == shlex.join(overrides)}
     rows: list[dict] = []
     for name in presets:
         model = None   # built when the first row of this preset is measured
@@ -185,8 +190,8 @@ def plot(rows: list[dict], head: dict, path: Path) -> None:
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(3, len(batches), figsize=(6 * len(batches), 11), squeeze=False)
     for j, batch in enumerate(batches):
-        for name, sets in dict.fromkeys((r["preset"], r.get("overrides", "")) for r in rows):
-            ok = [r for r in rows if (r["preset"], r.get("overrides", "")) == (name, sets) and r["batch"] == batch
+        for name, sets in dict.fromkeys((r["preset"], row_overrides(r)) for r in rows):
+            ok = [r for r in rows if (r["preset"], row_overrides(r)) == (name, sets) and r["batch"] == batch
                   and r["status"] == "ok"]
             xs, label = [r["seq_len"] for r in ok], f"{name} {sets}".strip()
             axes[0][j].plot(xs, [r["tokens_per_s"] for r in ok], marker="o", label=label)
@@ -293,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = common.previous_rows(args.out, "inference", head, args.resume)
     planned = {(p, b, L, shlex.join(args.set)) for p in presets for b in batches for L in seq_lens}
     others = [r for r in previous    # other --presets or --set
-              if (r["preset"], r["batch"], r["seq_len"], r.get("overrides", "")) not in planned]
+              if (r["preset"], r["batch"], r["seq_len"], row_overrides(r)) not in planned]
 
     rows = others + sweep(presets, batches, seq_lens, device, warmup, iters,
                           max_row_s, args.max_batch_tokens,

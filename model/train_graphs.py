@@ -6,7 +6,7 @@ fused mixer spends 1.5-2 ms of host time per direction in its forward and 5-6 ms
 whatever the batch, and at 1.3B with 8 x 1,024 tokens a micro-batch the GPU waited on the host 47% of the
 step (docs/benchmarks.md, fifth run). Two graph launches replace the trunk's thousands of kernel launches.
 
-How: PyTorch's partial-network recipe (torch.cuda.make_graphed_callables), written out for two things
+How: PyTorch's partial-network recipe (torch.cuda.make_graphed_callables), written out for three things
 that recipe leaves to its caller:
   - gradient accumulation: the backward graph writes the parameters' gradients into static buffers.
     Where a parameter has no .grad yet, autograd's AccumulateGrad may adopt the tensor it is handed as
