@@ -7,7 +7,8 @@
 
 Each layout is a real training run, `torchrun --nproc_per_node N -m dtrain.cli train --config CONFIG ...`,
 of the same config (micro-batch and grad_accum per data-parallel rank unchanged, so the global batch
-grows with DP), on the built-in corpus unless --data names a dataset. Throughput comes from the trainer's
+grows with DP; --pipeline-micro-batches K cuts a pipeline layout's step into K smaller micro-batches of the
+same sequences, as one runs a pipeline), on the built-in corpus unless --data names a dataset. Throughput comes from the trainer's
 console line (`step 12/12 | ... | tok/s 9021 | ...`, dtrain/metrics.py), all ranks together; the first
 log interval (warm-up) is dropped. Efficiency = tokens/s per GPU of the layout / tokens/s of 1 GPU.
 Writes scaling.{json,md,png} and each run's log under scaling_logs/.
@@ -82,7 +83,29 @@ def overrides(args, layout: str) -> list[str]:
     _, pp = LAYOUTS[layout]
     no_graphs = ["train.cuda_graphs=false"] if pp > 1 else []   # the trainer graphs unpipelined runs only
     return [f"run.name=scaling_{layout}", f"run.out_dir={args.out / 'scaling_runs' / layout}",
-            f"parallel.pipeline_stages={pp}", *no_graphs, *shared_overrides(args)]
+            f"parallel.pipeline_stages={pp}", *no_graphs, *shared_overrides(args), *pipeline_split(args, layout)]
+
+
+def batch_shape(args, layout: str) -> tuple[int, int]:
+    """(micro-batch, grad_accum) per data-parallel rank of one layout's run: the config's, or --micro-batch /
+    --grad-accum; with --pipeline-micro-batches K a pipeline layout cuts the same micro-batch x grad_accum
+    sequences of a step into K micro-batches (a pipeline's bubble is (stages - 1) / (K + stages - 1) of it)."""
+    from dtrain.config import load_config
+    train = load_config(args.config, shared_overrides(args)).train
+    mb, ga = train.micro_batch_size, train.grad_accum
+    k = getattr(args, "pipeline_micro_batches", None)
+    if k and LAYOUTS[layout][1] > 1:
+        if (mb * ga) % k:
+            sys.exit(f"--pipeline-micro-batches {k}: does not divide a step's {mb} x {ga} sequences")
+        mb, ga = mb * ga // k, k
+    return mb, ga
+
+
+def pipeline_split(args, layout: str) -> list[str]:
+    if not getattr(args, "pipeline_micro_batches", None) or LAYOUTS[layout][1] == 1:
+        return []
+    mb, ga = batch_shape(args, layout)
+    return [f"train.micro_batch_size={mb}", f"train.grad_accum={ga}"]
 
 
 def shared_overrides(args) -> list[str]:
@@ -162,7 +185,8 @@ def add_efficiency(rows: list[dict]) -> None:
 
 
 COLUMNS = [("layout", "layout", ""), ("GPUs", "gpus", "d"), ("DP", "dp", "d"), ("PP", "pp", "d"),
-           ("status", "status", ""), ("tokens/s (all GPUs)", "tokens_per_s", ",.0f"),
+           ("micro-batch x grad_accum", "batch", ""), ("status", "status", ""),
+           ("tokens/s (all GPUs)", "tokens_per_s", ",.0f"),
            ("tokens/s/GPU", "tokens_per_s_per_gpu", ",.0f"), ("efficiency vs 1 GPU", "efficiency", ".1%"),
            ("interval spread", "interval_spread", ".1%"), ("MFU (trainer, data-sheet peak)", "mfu_trainer", ".1%"),
            ("run wall (s)", "wall_s", ".0f")]
@@ -202,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                          "kernels' compilation; at 8 steps the 1-GPU run was still speeding up)")
     ap.add_argument("--micro-batch", type=int, help="default: the config's")
     ap.add_argument("--grad-accum", type=int, help="default: the config's (micro-batches per pipeline step)")
+    ap.add_argument("--pipeline-micro-batches", type=int,
+                    help="pipeline layouts cut each step's micro-batch x grad_accum sequences into this many "
+                         "micro-batches (the same sequences per step; a smaller bubble); default: as the others")
     ap.add_argument("--seq-len", type=int, help="default: the config's")
     ap.add_argument("--data", help="a built dataset (dshards build); default: the built-in corpus")
     common.add_builtin_data_args(ap)
@@ -236,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = ["tokens/s: the trainer's console `tok/s` (all ranks) over every log interval but the first",
              ("efficiency = (tokens/s / GPUs) / tokens/s of the 1-GPU run of the same config; micro-batch and "
               "grad_accum per data-parallel rank are the same in every run (PP=2 pipelines grad_accum "
-              "micro-batches per step)"),
+              "micro-batches per step; --pipeline-micro-batches cuts the same sequences finer there)"),
              ("interval spread = (fastest - slowest) / mean tokens/s of the measured log intervals: an "
               "efficiency within the spreads of its run and of the 1-GPU run is noise (more --steps narrow it)")]
 
@@ -257,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         rc, text = launch(args, layout, args.out / "scaling_logs" / f"{layout}.log")
         rows.append(result_row(layout, rc, text, time.time() - t0, args.steps))
+        rows[-1]["batch"] = "{} x {}".format(*batch_shape(args, layout))
         if args.profile_steps and rows[-1]["status"] == "ok":
             rows[-1].update(profile_summary(args, layout))
         print(f"{describe(layout)}: {rows[-1]['status']}"

@@ -385,6 +385,24 @@ def test_scaling_runs_a_graphed_config_in_every_layout(tmp_path, layout, config_
             load_config(config, scaling.overrides(args, layout))
 
 
+def test_scaling_pipeline_micro_batches_cut_the_same_sequences_finer(tmp_path):
+    """--pipeline-micro-batches K: pipeline layouts run K micro-batches of micro_batch x grad_accum / K
+    sequences; the other layouts keep the config's shape; a K that does not divide a step stops the run."""
+    from dtrain.config import load_config
+    config = REPO / "configs" / "1p3b_diffumamba_h.yaml"
+    args = SimpleNamespace(out=tmp_path, steps=4, profile_steps=0, log_interval=1, micro_batch=None,
+                           grad_accum=None, seq_len=None, data=None, data_root=tmp_path, data_vocab=4096,
+                           data_max_bytes=None, override=[], config=config, pipeline_micro_batches=8)
+    base = load_config(config).train
+    assert (base.micro_batch_size, base.grad_accum) == (16, 4)
+    for layout, want in (("1", (16, 4)), ("dp2", (16, 4)), ("pp2", (8, 8)), ("pp2dp2", (8, 8))):
+        train = load_config(config, scaling.overrides(args, layout)).train
+        assert (train.micro_batch_size, train.grad_accum) == want == scaling.batch_shape(args, layout), layout
+    args.pipeline_micro_batches = 48
+    with pytest.raises(SystemExit, match="does not divide"):
+        scaling.overrides(args, "pp2")
+
+
 @pytest.mark.slow
 def test_scaling_smoke_one_process_and_a_two_stage_pipeline(tmp_path):
     """`dtrain train` under torchrun with gloo: the 1-process baseline and PP=2 on two processes, each with
