@@ -30,9 +30,9 @@ from dtrain.optim import lr_at, set_lr
 from dtrain.pipe_sampling import pipeline_sample
 from dtrain.pipeline import nan_unless_finite
 from dtrain.profiling import StepProfiler
+from model.linear import low_precision_weight_cache
 from model.diffusion import diffusion_loss_selected, elbo_perplexity, scored_index
 from model.flops import expected_masked_fraction, peak_flops, train_flops_per_token
-from model.linear import low_precision_weight_cache
 from model.lm import DiffusionLM
 from model.sampler import sample
 

@@ -52,7 +52,7 @@ def test_matches_float64_on_the_rounded_inputs_and_beats_plain_autocast():
 
 def test_plain_linear_outside_autocast_and_without_grad():
     torch.manual_seed(1)
-    layer, x, _ = fresh()
+    layer, x, dy = fresh()
     x64, w64 = x.detach().double(), layer.weight.detach().double()
     torch.testing.assert_close(layer(x).double(), x64 @ w64.t(), rtol=1e-5, atol=1e-5)
     with torch.no_grad(), autocast():
