@@ -47,7 +47,6 @@ from model.blocks import AddNorm
 from model.config import MambaConfig, ModelConfig
 from model.diffusion import mask_batch
 from model.graphs import GraphedDenoiser
-from model.linear import Linear, low_precision_weight_cache
 from model.lm import DiffusionLM
 from model.mamba2 import BiMamba2, add_time_reversed, reverse_time
 from model.presets import get_preset
@@ -259,34 +258,7 @@ def piece_checks(device, gen) -> list:
         checks += compared("time reversals", "flip", device, dtype, tol,
                            ["reversed", "sum with reversed", "grad first", "grad second"], got + got_grads,
                            want + want_grads)
-    return checks + linear_checks(device, gen, d)
-
-
-def linear_checks(device, gen, d) -> list:
-    """model/linear.py's Linear under bf16 autocast, two micro-batches with the cached weight: output and
-    input gradient as bf16 matmuls, the accumulated weight gradient as float64 of the bf16-rounded operands
-    (fp32 accumulation and result: a bf16-rounded gradient would miss the 1e-5 tolerance)."""
-    layer = Linear(d, 2 * d, bias=False).to(device)
-    xs = [torch.randn(2, 512, d, generator=gen).to(device, torch.bfloat16) for _ in range(2)]
-    dys = [torch.randn(2, 512, 2 * d, generator=gen).to(device, torch.bfloat16) for _ in range(2)]
-    w64 = layer.weight.detach().to(torch.bfloat16).double()
-    outs, dxs = [], []
-    with low_precision_weight_cache():
-        for x, dy in zip(xs, dys):
-            x = x.detach().requires_grad_(True)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                y = layer(x)
-            y.backward(dy)
-            outs.append(y.detach())
-            dxs.append(x.grad)
-    want_w = sum(dy.double().flatten(0, 1).t() @ x.double().flatten(0, 1) for x, dy in zip(xs, dys))
-    used = kernels.describe(device)["linear"]
-    return [(f"Linear, bf16 autocast (path: {used}): output", torch.bfloat16, outs[1], xs[1].double() @ w64.t(),
-             1e-2),
-            (f"Linear, bf16 autocast (path: {used}): grad input", torch.bfloat16, dxs[1], dys[1].double() @ w64,
-             1e-2),
-            (f"Linear, bf16 autocast (path: {used}): grad weight, 2 micro-batches", torch.float32,
-             layer.weight.grad, want_w, 1e-5)]
+    return checks
 
 
 def hook_accumulate_grad_nodes(model, hook) -> list:

@@ -111,12 +111,6 @@ def check_batch(cfg: RunConfig, world_size: int) -> int:
     return dp
 
 
-# DeepSpeed reduces the gradients of these modules' parameters in the autocast dtype. It matches classes
-# exactly: its default list (torch.nn's Linear and Conv1d-3d) and model/linear.py's Linear, an nn.Linear.
-LOWER_PRECISION_SAFE_MODULES = ["torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d", "torch.nn.Conv3d",
-                                "model.linear.Linear"]
-
-
 def zero_tuning(p) -> dict:
     """The ZeRO communication settings the config sets (left out: DeepSpeed's defaults apply)."""
     return {k: getattr(p, k) for k in ("overlap_comm", "reduce_bucket_size") if getattr(p, k) is not None}
@@ -135,8 +129,7 @@ def deepspeed_config(cfg: RunConfig, dp_size: int, load_universal: bool = False)
         "wall_clock_breakdown": False,
     }
     if t.precision == "bf16":
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
-                                "lower_precision_safe_modules": LOWER_PRECISION_SAFE_MODULES}
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if cfg.parallel.pipeline_stages > 1:
         ds["pipeline"] = {"activation_checkpoint_interval": int(t.activation_checkpointing)}
     if load_universal:   # resuming from a universal checkpoint (dckpt reshard): any saved layout

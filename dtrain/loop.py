@@ -30,7 +30,6 @@ from dtrain.optim import lr_at, set_lr
 from dtrain.pipe_sampling import pipeline_sample
 from dtrain.pipeline import nan_unless_finite
 from dtrain.profiling import StepProfiler
-from model.linear import low_precision_weight_cache
 from model.diffusion import diffusion_loss_selected, elbo_perplexity, scored_index
 from model.flops import expected_masked_fraction, peak_flops, train_flops_per_token
 from model.lm import DiffusionLM
@@ -129,12 +128,6 @@ def pipe_batches(batches: Iterator[dict]) -> Iterator[tuple]:
 def train_step(trainee: Trainee, batches: TimedBatches | None, ga: int, poison: bool,
                metrics: Metrics) -> tuple[bool, float | None]:
     """One optimizer step (ga micro-batches). Returns (bad, grad_norm) as seen by this rank."""
-    with low_precision_weight_cache():   # the weights change at the step, after the last micro-batch
-        return _micro_batches_and_step(trainee, batches, ga, poison, metrics)
-
-
-def _micro_batches_and_step(trainee: Trainee, batches: TimedBatches | None, ga: int, poison: bool,
-                            metrics: Metrics) -> tuple[bool, float | None]:
     engine = trainee.engine
     if trainee.pipeline:
         trainee.loss_fn.poison = poison

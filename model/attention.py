@@ -11,7 +11,6 @@ from torch import nn
 
 from model import kernels
 from model.config import ModelConfig
-from model.linear import Linear
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float, device, dtype=torch.float32):
@@ -43,8 +42,8 @@ class BidirectionalAttention(nn.Module):
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.rope_theta = cfg.rope_theta
-        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape

@@ -22,7 +22,6 @@ from torch import nn
 
 from model import kernels
 from model.config import ModelConfig
-from model.linear import Linear
 
 
 class AddNorm(nn.Module):
@@ -50,8 +49,8 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = cfg.mlp_kind == "swiglu"
         hidden = cfg.mlp_hidden
-        self.fc_in = Linear(cfg.d_model, (2 if self.gated else 1) * hidden, bias=False)
-        self.fc_out = Linear(hidden, cfg.d_model, bias=False)
+        self.fc_in = nn.Linear(cfg.d_model, (2 if self.gated else 1) * hidden, bias=False)
+        self.fc_out = nn.Linear(hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc_in(x)

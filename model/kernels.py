@@ -11,8 +11,6 @@
     fused_mixer    mamba_ssm's `mamba_split_conv1d_scan_combined`: conv + scan + gated norm + out_proj of
                    one Mamba-2 direction in one autograd function    else  the caller composes the above
     flash_attn_func  flash-attn's kernel, or None
-    linear         model/linear.py's autocast path (cached bf16 weights, fp32 weight gradients), on every
-                   device                                           else  F.linear under autocast
 
 A kernel is used only on CUDA tensors and only when its package imports. The reference path can be
 forced, for tests that run both paths on the same weights:
@@ -43,7 +41,7 @@ from einops import rearrange
 
 from model import ssd
 
-KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip", "linear")
+KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
 
 
@@ -141,7 +139,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 _AVAILABLE = {"scan": HAS_MAMBA_TRITON, "norm": HAS_MAMBA_TRITON, "conv": HAS_CAUSAL_CONV1D,
               "attn": HAS_FLASH_ATTN, "mixer": _mamba_split_conv1d_scan_combined is not None,
               "add_norm": _layer_norm_fn is not None, "swiglu": HAS_TRITON, "rotary": HAS_TRITON,
-              "flip": HAS_TRITON, "linear": True}
+              "flip": HAS_TRITON}
 
 
 # ---------------------------------------------------------------- choosing a path
@@ -181,12 +179,8 @@ def use_reference_kernels(*names: str):
 _ALSO_NEEDS = {"mixer": ("scan", "conv", "norm")}
 
 
-# pure PyTorch, so they run on every device
-_EVERY_DEVICE = ("linear",)
-
-
 def _on(name: str, on_gpu: bool) -> bool:
-    return (_AVAILABLE[name] and (on_gpu or name in _EVERY_DEVICE) and not reference_forced(name)
+    return (_AVAILABLE[name] and on_gpu and not reference_forced(name)
             and all(_on(n, on_gpu) for n in _ALSO_NEEDS.get(name, ())))
 
 

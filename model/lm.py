@@ -16,7 +16,6 @@ from torch import nn
 from model.blocks import Block, make_norm
 from model.config import ModelConfig
 from model.diffusion import diffusion_loss_selected, rows_and_cols, scored_positions
-from model.linear import Linear
 
 
 class Embedding(nn.Module):
@@ -35,7 +34,7 @@ class Head(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = make_norm(cfg)
-        self.proj = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
                 score_mask: torch.Tensor | tuple | None = None) -> torch.Tensor:

@@ -27,7 +27,6 @@ from torch import nn
 
 from model import kernels
 from model.config import ModelConfig
-from model.linear import Linear
 
 FP32_PARAMETERS = ("A_log", "D", "dt_bias")
 # mamba_ssm's Triton kernels and causal-conv1d compute offsets in 32 bits: a (batch, L, channels) input of
@@ -64,8 +63,8 @@ class Mamba2Mixer(nn.Module):
         self.d_in_proj = self.d_inner + self.conv_dim + self.nheads             # z, xBC, dt
 
         if projections:
-            self.in_proj = Linear(self.d_model, self.d_in_proj, bias=False)
-            self.out_proj = Linear(self.d_inner, self.d_model, bias=False)
+            self.in_proj = nn.Linear(self.d_model, self.d_in_proj, bias=False)
+            self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=m.d_conv, groups=self.conv_dim,
                                 padding=m.d_conv - 1, bias=True)
         self.dt_bias = nn.Parameter(torch.empty(self.nheads))
@@ -182,8 +181,8 @@ class BiMamba2(nn.Module):
         self.fwd = Mamba2Mixer(cfg, projections=not self.tied)
         self.bwd = Mamba2Mixer(cfg, projections=not self.tied)
         if self.tied:
-            self.in_proj = Linear(cfg.d_model, self.fwd.d_in_proj, bias=False)
-            self.out_proj = Linear(cfg.d_inner, cfg.d_model, bias=False)
+            self.in_proj = nn.Linear(cfg.d_model, self.fwd.d_in_proj, bias=False)
+            self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=False)
 
     def forward(self, x):
         """x (b, l, d_model) -> (b, l, d_model)."""
