@@ -7,8 +7,8 @@
 
 Each layout is a real training run, `torchrun --nproc_per_node N -m dtrain.cli train --config CONFIG ...`,
 of the same config (micro-batch and grad_accum per data-parallel rank unchanged, so the global batch
-grows with DP; --pipeline-micro-batches K cuts a pipeline layout's step into K smaller micro-batches of the
-same sequences, as one runs a pipeline), on the built-in corpus unless --data names a dataset. Throughput comes from the trainer's
+grows with DP; --global-batch N instead keeps N sequences a step in every layout, as the trainer does on any
+GPU count), on the built-in corpus unless --data names a dataset. Throughput comes from the trainer's
 console line (`step 12/12 | ... | tok/s 9021 | ...`, dtrain/metrics.py), all ranks together; the first
 log interval (warm-up) is dropped. Efficiency = tokens/s per GPU of the layout / tokens/s of 1 GPU.
 Writes scaling.{json,md,png} and each run's log under scaling_logs/.
@@ -83,29 +83,33 @@ def overrides(args, layout: str) -> list[str]:
     _, pp = LAYOUTS[layout]
     no_graphs = ["train.cuda_graphs=false"] if pp > 1 else []   # the trainer graphs unpipelined runs only
     return [f"run.name=scaling_{layout}", f"run.out_dir={args.out / 'scaling_runs' / layout}",
-            f"parallel.pipeline_stages={pp}", *no_graphs, *shared_overrides(args), *pipeline_split(args, layout)]
+            f"parallel.pipeline_stages={pp}", *no_graphs, *shared_overrides(args),
+            *global_batch_overrides(args, layout)]
 
 
 def batch_shape(args, layout: str) -> tuple[int, int]:
     """(micro-batch, grad_accum) per data-parallel rank of one layout's run: the config's, or --micro-batch /
-    --grad-accum; with --pipeline-micro-batches K a pipeline layout cuts the same micro-batch x grad_accum
-    sequences of a step into K micro-batches (a pipeline's bubble is (stages - 1) / (K + stages - 1) of it)."""
+    --grad-accum; with --global-batch N, grad_accum = N / (micro-batch x data-parallel size), so that every
+    layout trains N sequences a step. A pipeline then has N / micro-batch micro-batches in flight a step, and
+    its bubble, (stages - 1) / (micro-batches + stages - 1) of the step, shrinks as the global batch grows."""
     from dtrain.config import load_config
     train = load_config(args.config, shared_overrides(args)).train
     mb, ga = train.micro_batch_size, train.grad_accum
-    k = getattr(args, "pipeline_micro_batches", None)
-    if k and LAYOUTS[layout][1] > 1:
-        if (mb * ga) % k:
-            sys.exit(f"--pipeline-micro-batches {k}: does not divide a step's {mb} x {ga} sequences")
-        mb, ga = mb * ga // k, k
+    n = getattr(args, "global_batch", None)
+    if n:
+        processes, stages = LAYOUTS[layout]
+        dp = processes // stages
+        if n % (mb * dp):
+            sys.exit(f"--global-batch {n}: not a multiple of micro-batch {mb} x data-parallel size {dp} ({layout})")
+        ga = n // (mb * dp)
     return mb, ga
 
 
-def pipeline_split(args, layout: str) -> list[str]:
-    if not getattr(args, "pipeline_micro_batches", None) or LAYOUTS[layout][1] == 1:
+def global_batch_overrides(args, layout: str) -> list[str]:
+    if not getattr(args, "global_batch", None):
         return []
-    mb, ga = batch_shape(args, layout)
-    return [f"train.micro_batch_size={mb}", f"train.grad_accum={ga}"]
+    _, ga = batch_shape(args, layout)
+    return [f"train.grad_accum={ga}", f"train.global_batch_size={args.global_batch}"]
 
 
 def shared_overrides(args) -> list[str]:
@@ -226,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                          "kernels' compilation; at 8 steps the 1-GPU run was still speeding up)")
     ap.add_argument("--micro-batch", type=int, help="default: the config's")
     ap.add_argument("--grad-accum", type=int, help="default: the config's (micro-batches per pipeline step)")
-    ap.add_argument("--pipeline-micro-batches", type=int,
-                    help="pipeline layouts cut each step's micro-batch x grad_accum sequences into this many "
-                         "micro-batches (the same sequences per step; a smaller bubble); default: as the others")
+    ap.add_argument("--global-batch", type=int,
+                    help="sequences per optimizer step in every layout (grad_accum = this / (micro-batch x DP)), "
+                         "as the trainer keeps a config's global batch on any GPU count; default: the config's "
+                         "micro-batch x grad_accum per data-parallel rank")
     ap.add_argument("--seq-len", type=int, help="default: the config's")
     ap.add_argument("--data", help="a built dataset (dshards build); default: the built-in corpus")
     common.add_builtin_data_args(ap)
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     common.add_output_args(ap, "scaling", resume_help="keep the layouts already measured in OUT/scaling.json (same card); run the others")
     ap.add_argument("override", nargs="*", help="more dtrain overrides for every run: model.d_model=512 ...")
     args = ap.parse_args(argv)
+    if args.global_batch and args.grad_accum:
+        ap.error("--global-batch sets grad_accum per layout: leave out --grad-accum")
     if args.plot_only:
         return common.replot(args.out, "scaling", plot)
     args.out = args.out.resolve()
@@ -263,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = ["tokens/s: the trainer's console `tok/s` (all ranks) over every log interval but the first",
              ("efficiency = (tokens/s / GPUs) / tokens/s of the 1-GPU run of the same config; micro-batch and "
               "grad_accum per data-parallel rank are the same in every run (PP=2 pipelines grad_accum "
-              "micro-batches per step; --pipeline-micro-batches cuts the same sequences finer there)"),
+              "micro-batches per step); --global-batch: every layout trains the same sequences a step instead"),
              ("interval spread = (fastest - slowest) / mean tokens/s of the measured log intervals: an "
               "efficiency within the spreads of its run and of the 1-GPU run is noise (more --steps narrow it)")]
 

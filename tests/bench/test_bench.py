@@ -385,22 +385,25 @@ def test_scaling_runs_a_graphed_config_in_every_layout(tmp_path, layout, config_
             load_config(config, scaling.overrides(args, layout))
 
 
-def test_scaling_pipeline_micro_batches_cut_the_same_sequences_finer(tmp_path):
-    """--pipeline-micro-batches K: pipeline layouts run K micro-batches of micro_batch x grad_accum / K
-    sequences; the other layouts keep the config's shape; a K that does not divide a step stops the run."""
+def test_scaling_global_batch_keeps_the_sequences_per_step_in_every_layout(tmp_path):
+    """--global-batch N: grad_accum = N / (micro-batch x DP) per layout, and the trainer's config agrees (its
+    global_batch_size is N); N that the micro-batch x DP does not divide stops the run."""
     from dtrain.config import load_config
     config = REPO / "configs" / "1p3b_diffumamba_h.yaml"
     args = SimpleNamespace(out=tmp_path, steps=4, profile_steps=0, log_interval=1, micro_batch=None,
                            grad_accum=None, seq_len=None, data=None, data_root=tmp_path, data_vocab=4096,
-                           data_max_bytes=None, override=[], config=config, pipeline_micro_batches=8)
-    base = load_config(config).train
-    assert (base.micro_batch_size, base.grad_accum) == (16, 4)
-    for layout, want in (("1", (16, 4)), ("dp2", (16, 4)), ("pp2", (8, 8)), ("pp2dp2", (8, 8))):
+                           data_max_bytes=None, override=[], config=config, global_batch=128)
+    assert load_config(config).train.micro_batch_size == 16
+    for layout, want in (("1", 8), ("dp2", 4), ("pp2", 8), ("dp4", 2), ("pp2dp2", 4)):
         train = load_config(config, scaling.overrides(args, layout)).train
-        assert (train.micro_batch_size, train.grad_accum) == want == scaling.batch_shape(args, layout), layout
-    args.pipeline_micro_batches = 48
-    with pytest.raises(SystemExit, match="does not divide"):
-        scaling.overrides(args, "pp2")
+        processes, stages = scaling.LAYOUTS[layout]
+        assert (train.micro_batch_size, train.grad_accum) == (16, want) == scaling.batch_shape(args, layout)
+        assert train.global_batch_size == 128 == 16 * want * processes // stages, layout
+    args.global_batch = None                                   # the config's shape per data-parallel rank
+    assert all(scaling.batch_shape(args, layout) == (16, 4) for layout in scaling.LAYOUTS)
+    args.global_batch = 40
+    with pytest.raises(SystemExit, match="not a multiple"):
+        scaling.overrides(args, "dp2")
 
 
 @pytest.mark.slow
