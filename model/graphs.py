@@ -38,15 +38,34 @@ def warm_up_on_side_stream(fn, calls: int) -> None:
     torch.cuda.current_stream().wait_stream(side)
 
 
+def out_of_memory_in(error: BaseException) -> BaseException | None:
+    """The CUDA OOM behind `error`, if any: the error itself or one it was raised from or during. An OOM
+    inside a capture surfaces as the capture's end failing ("operation failed due to a previous error
+    during capture"), with the OOM as its context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def capture_or_explain(capture, what: str, instead: str):
     """capture(), or an error that names what to do instead. No eager fallback: a capture that fails
     leaves the CUDA random generator in capture mode (PyTorch does not undo it), and the next random draw
-    on that GPU fails with "Offset increment outside graph capture". An OOM stays an OOM."""
+    on that GPU fails with "Offset increment outside graph capture". An OOM stays an OOM, also one that
+    the end of the capture reported as another error: then it names the remedies, too."""
     try:
         return capture()
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as e:
+        oom = out_of_memory_in(e)
+        if oom is not None:
+            raise torch.cuda.OutOfMemoryError(
+                f"capturing {what} CUDA graph ran out of GPU memory ({oom}); use a smaller batch, or "
+                f"{instead}") from e
         raise RuntimeError(f"capturing {what} CUDA graph failed ({e!r}); {instead}") from e
 
 

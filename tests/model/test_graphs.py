@@ -97,7 +97,18 @@ def test_a_failed_capture_stops_with_what_to_do_instead_and_an_oom_stays_an_oom(
     graphed.error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     with pytest.raises(torch.cuda.OutOfMemoryError, match="Tried to allocate"):
         graphed(ids, mask)
-    assert graphed.captures == 2
+    # an OOM inside the capture, reported by the capture's end as another error: still an OOM, with remedies
+    try:
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        finally:
+            raise RuntimeError("operation failed due to a previous error during capture")
+    except RuntimeError as during_capture:
+        graphed.error = during_capture
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="ran out of GPU memory.*4.00 GiB.*smaller batch.*"
+                                                          "--no-cuda-graphs"):
+        graphed(ids, mask)
+    assert graphed.captures == 3
 
 
 def test_sampler_option_gives_the_same_samples():
