@@ -54,12 +54,10 @@ def out_of_memory_in(error: BaseException) -> BaseException | None:
 def capture_or_explain(capture, what: str, instead: str):
     """capture(), or an error that names what to do instead. No eager fallback: a capture that fails
     leaves the CUDA random generator in capture mode (PyTorch does not undo it), and the next random draw
-    on that GPU fails with "Offset increment outside graph capture". An OOM stays an OOM, also one that
-    the end of the capture reported as another error: then it names the remedies, too."""
+    on that GPU fails with "Offset increment outside graph capture". An OOM stays an OOM (also one that
+    the end of the capture reported as another error), naming the remedies."""
     try:
         return capture()
-    except torch.cuda.OutOfMemoryError:
-        raise
     except Exception as e:
         oom = out_of_memory_in(e)
         if oom is not None:
