@@ -39,9 +39,9 @@ def warm_up_on_side_stream(fn, calls: int) -> None:
 
 
 def out_of_memory_in(error: BaseException) -> BaseException | None:
-    """The CUDA OOM behind `error`, if any: the error itself or one it was raised from or during. An OOM
-    inside a capture surfaces as the capture's end failing ("operation failed due to a previous error
-    during capture"), with the OOM as its context."""
+    """The CUDA OOM behind `error`, if any: the error itself or one it was raised from or during. When an
+    OOM interrupts a capture, the capture's end may fail too (torch.cuda.graph ends it on the way out), and
+    that error is raised with the OOM as its context."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, torch.cuda.OutOfMemoryError):
