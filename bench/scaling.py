@@ -82,34 +82,32 @@ def overrides(args, layout: str) -> list[str]:
     """dtrain overrides of one layout's run: its own name, folder and pipeline depth, then shared_overrides."""
     _, pp = LAYOUTS[layout]
     no_graphs = ["train.cuda_graphs=false"] if pp > 1 else []   # the trainer graphs unpipelined runs only
-    return [f"run.name=scaling_{layout}", f"run.out_dir={args.out / 'scaling_runs' / layout}",
-            f"parallel.pipeline_stages={pp}", *no_graphs, *shared_overrides(args),
-            *global_batch_overrides(args, layout)]
+    layout_overrides = [f"run.name=scaling_{layout}", f"run.out_dir={args.out / 'scaling_runs' / layout}",
+                        f"parallel.pipeline_stages={pp}", *no_graphs, *shared_overrides(args)]
+    return layout_overrides + global_batch_overrides(args, layout, layout_overrides)
 
 
 def batch_shape(args, layout: str) -> tuple[int, int]:
-    """(micro-batch, grad_accum) per data-parallel rank of one layout's run: the config's, or --micro-batch /
-    --grad-accum; with --global-batch N, grad_accum = N / (micro-batch x data-parallel size), so that every
-    layout trains N sequences a step. A pipeline then has N / micro-batch micro-batches in flight a step, and
-    its bubble, (stages - 1) / (micro-batches + stages - 1) of the step, shrinks as the global batch grows."""
+    """(micro-batch, grad_accum) per data-parallel rank of one layout's run, as its overrides make them."""
     from dtrain.config import load_config
-    train = load_config(args.config, shared_overrides(args)).train
-    mb, ga = train.micro_batch_size, train.grad_accum
-    n = getattr(args, "global_batch", None)
-    if n:
-        processes, stages = LAYOUTS[layout]
-        dp = processes // stages
-        if n % (mb * dp):
-            sys.exit(f"--global-batch {n}: not a multiple of micro-batch {mb} x data-parallel size {dp} ({layout})")
-        ga = n // (mb * dp)
-    return mb, ga
+    train = load_config(args.config, overrides(args, layout)).train
+    return train.micro_batch_size, train.grad_accum
 
 
-def global_batch_overrides(args, layout: str) -> list[str]:
+def global_batch_overrides(args, layout: str, layout_overrides: list[str]) -> list[str]:
+    """--global-batch N: N sequences a step on this layout's ranks, by the trainer's own rule on any GPU count
+    (dtrain.submit.keep_global_batch: grad_accum = N / (micro-batch x data-parallel size)). A pipeline then
+    has N / micro-batch micro-batches in flight a step, and its bubble, (stages - 1) / (micro-batches +
+    stages - 1) of the step, shrinks as the global batch grows."""
     if not getattr(args, "global_batch", None):
         return []
-    _, ga = batch_shape(args, layout)
-    return [f"train.grad_accum={ga}", f"train.global_batch_size={args.global_batch}"]
+    from dtrain.submit import keep_global_batch
+    from model.config import ConfigError
+    batch = [f"train.global_batch_size={args.global_batch}"]
+    try:
+        return batch + keep_global_batch(args.config, layout_overrides + batch, LAYOUTS[layout][0])
+    except ConfigError as e:
+        sys.exit(f"--global-batch {args.global_batch} ({layout}): {e}")
 
 
 def shared_overrides(args) -> list[str]:
@@ -253,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.config = args.config or common.REPO / "configs" / "tiny_cpu.yaml"
         args.steps, args.log_interval = min(args.steps, 4), 1
-        args.micro_batch, args.grad_accum = args.micro_batch or 2, args.grad_accum or 2
+        args.micro_batch = args.micro_batch or 2
+        args.grad_accum = args.grad_accum or (None if args.global_batch else 2)
         args.seq_len = args.seq_len or 64
         common.smoke_builtin_data(args)
         args.override = ["train.precision=bf16", "data.num_workers=0", *args.override]
