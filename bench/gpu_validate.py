@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import itertools
 import os
 import sys
 import time
@@ -275,40 +276,47 @@ def hook_accumulate_grad_nodes(model, hook) -> list:
 def training_graph_checks(device, gen, micro_batches: int = 3) -> list:
     """Training with the trunk replayed from CUDA graphs (model/train_graphs.py) against the same training
     without: the losses of `micro_batches` micro-batches (bf16 autocast, fp32 weights, as the trainer runs)
-    and the gradients they accumulate, which a graph's static buffers must not disturb."""
+    and the gradients they accumulate, which a graph's static buffers must not disturb; the graphs' summed
+    gradients handed over after every backward, and only after the last (the trainer's ZeRO-1 way)."""
     preset = "240m-diffumamba-h" if device.type == "cuda" else "tiny-diffumamba-h"
     torch.manual_seed(5)
     plain = DiffusionLM(get_preset(preset).replace(layer_pattern="MA")).to(device).train()
-    graphed = copy.deepcopy(plain)
-    graphs = train_graphs.enable(graphed, torch.bfloat16)
-    # made on the default stream, so a capture that reached them would fail; each must see every micro-batch
-    hooked = [0]
-    nodes = hook_accumulate_grad_nodes(graphed, lambda *_: hooked.__setitem__(0, hooked[0] + 1))
     seq_len = 1024 if device.type == "cuda" else 32
     batches = [{k: v.to(device) for k, v in mask_batch(
         torch.randint(0, plain.cfg.vocab_size - 1, (2, seq_len), generator=gen), seed=0, step=i,
         positions=torch.arange(2), global_batch_size=2, mask_id=plain.cfg.mask_token_id).items()}
         for i in range(micro_batches)]
-    losses = {}
-    for name, model in (("plain", plain), ("graphed", graphed)):
+
+    def train(model):
+        losses = []
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            losses[name] = []
             for b in batches:
                 loss = model.loss(b)[0]
                 loss.backward()
-                losses[name].append(loss.detach().float())
-    grads = {name: torch.cat([p.grad.flatten() for p in m.parameters()]) for name, m in
-             (("plain", plain), ("graphed", graphed))}
-    state = "on" if graphs.captured is not None else "off (CPU)"
-    what = f"training, trunk from CUDA graphs vs plain (graphs: {state})"
-    checks = [(f"{what}: losses of {micro_batches} micro-batches", torch.float32,
-               torch.stack(losses["graphed"]), torch.stack(losses["plain"]), 1e-3),
-              (f"{what}: accumulated gradients", torch.float32, grads["graphed"], grads["plain"], 1e-2),
-              (f"{what}: gradient hooks on the parameters' kept AccumulateGrad nodes, calls", torch.float32,
-               torch.tensor([float(hooked[0])]), torch.tensor([float(len(nodes) * micro_batches)]), 1e-6)]
-    if device.type == "cuda":   # the graph path, not the eager one, is what the rows above compared
-        checks.append(("training CUDA graphs captured", torch.float32,
-                       torch.tensor([float(graphs.captured is not None)]), torch.tensor([1.0]), 1e-6))
+                losses.append(loss.detach().float())
+        return torch.stack(losses), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    want_losses, want_grads = train(plain)
+    checks = []
+    backwards = itertools.count(1)
+    for mode, hand_over in (("every backward", None),
+                            ("last micro-batch", lambda: next(backwards) % micro_batches == 0)):
+        graphed = copy.deepcopy(plain)
+        graphed.zero_grad(set_to_none=True)
+        graphs = train_graphs.enable(graphed, torch.bfloat16, hand_over)
+        # made on the default stream, so a capture that reached them would fail; each must see every hand-over
+        hooked = [0]
+        nodes = hook_accumulate_grad_nodes(graphed, lambda *_, n=hooked: n.__setitem__(0, n[0] + 1))
+        losses, grads = train(graphed)
+        state = "on" if graphs.captured is not None else "off (CPU)"
+        what = f"training, trunk from CUDA graphs vs plain (graphs: {state}, sums handed over: {mode})"
+        checks += [(f"{what}: losses of {micro_batches} micro-batches", torch.float32, losses, want_losses, 1e-3),
+                   (f"{what}: accumulated gradients", torch.float32, grads, want_grads, 1e-2),
+                   (f"{what}: gradient hooks on the parameters' kept AccumulateGrad nodes, calls", torch.float32,
+                    torch.tensor([float(hooked[0])]), torch.tensor([float(len(nodes) * micro_batches)]), 1e-6)]
+        if device.type == "cuda":   # the graph path, not the eager one, is what the rows above compared
+            checks.append((f"training CUDA graphs captured ({mode})", torch.float32,
+                           torch.tensor([float(graphs.captured is not None)]), torch.tensor([1.0]), 1e-6))
     return checks
 
 

@@ -22,8 +22,10 @@ Prints a markdown table (one row per trace) and each trace's top 10 kernels; --o
 For the top element-wise and copy kernels, whose names do not say which model code runs them, it also lists
 the operators that launched them: the CPU operator with the kernel's "External id" and the operators around
 it on the same thread (outer -> inner, e.g. `autograd::engine::evaluate_function: FlipBackward0 >
-aten::flip`), which is what a look at the trace in a viewer would show. Last, per trace, what the host
-did (bench/host_time.py): its threads' time in operators, the top operators and the CUDA runtime calls.
+aten::flip`), which is what a look at the trace in a viewer would show. Then where the GPU sat idle: each
+gap charged to the operators that launched the work ending it (what the GPU waited for). Last, per trace,
+what the host did (bench/host_time.py): its threads' time in operators, the top operators and the CUDA
+runtime calls.
 """
 from __future__ import annotations
 
@@ -102,28 +104,29 @@ def union_us(intervals: list[tuple[float, float]]) -> float:
 def breakdown(events: list[dict], steps: int = 1) -> dict:
     """The GPU time of one trace: totals in ms, percentages of the GPU window, ms per step (totals / steps),
     and every kernel name's total ms and count, largest first. ValueError when there is no GPU event."""
-    gpu = []  # (start us, end us, category, name)
+    gpu = []  # (start us, end us, category, name, operator chain)
     chains = operator_chains(events)
     origin_us = defaultdict(lambda: [0.0, 0])   # (kernel name, operator chain) -> [us, count]
     for ev in events:
         kind = str(ev.get("cat", "")).lower()
         if ev.get("ph") == "X" and kind in GPU_CATS:
             start, name = float(ev["ts"]), str(ev.get("name", "?"))
-            gpu.append((start, start + float(ev.get("dur", 0)), GPU_CATS[kind] or category(name), name))
-            key = (name, chains.get((ev.get("args") or {}).get("External id"), "?"))
+            chain = chains.get((ev.get("args") or {}).get("External id"), "?")
+            gpu.append((start, start + float(ev.get("dur", 0)), GPU_CATS[kind] or category(name), name, chain))
+            key = (name, chain)
             origin_us[key][0] += float(ev.get("dur", 0))
             origin_us[key][1] += 1
     if not gpu:
         raise ValueError("no GPU kernel events")
-    window = max(e for _, e, _, _ in gpu) - min(s for s, _, _, _ in gpu)
-    busy = union_us([(s, e) for s, e, _, _ in gpu])
-    compute_busy = union_us([(s, e) for s, e, c, _ in gpu if not c.startswith("nccl")])
-    nccl_busy = union_us([(s, e) for s, e, c, _ in gpu if c.startswith("nccl")])
+    window = max(g[1] for g in gpu) - min(g[0] for g in gpu)
+    busy = union_us([(g[0], g[1]) for g in gpu])
+    compute_busy = union_us([(g[0], g[1]) for g in gpu if not g[2].startswith("nccl")])
+    nccl_busy = union_us([(g[0], g[1]) for g in gpu if g[2].startswith("nccl")])
     nccl_exposed = busy - compute_busy  # the part of the union that only NCCL kernels cover
     totals = {"window": window, "busy": busy, "idle": window - busy, "compute_busy": compute_busy,
               "nccl_exposed": nccl_exposed, "nccl_overlapped": nccl_busy - nccl_exposed}
     cat_us, per_name = dict.fromkeys(CATEGORIES, 0.0), defaultdict(lambda: [0.0, 0, OTHER])
-    for s, e, c, name in gpu:
+    for s, e, c, name, _ in gpu:
         cat_us[c] += e - s
         per_name[name][0] += e - s
         per_name[name][1] += 1
@@ -142,8 +145,26 @@ def breakdown(events: list[dict], steps: int = 1) -> dict:
         # (kernel name, operator chain, total ms, count), largest first
         "origins": sorted(((n, chain, us / 1e3, count) for (n, chain), (us, count) in origin_us.items()),
                           key=lambda o: -o[2]),
+        # (operator chain that launched the GPU work ending an idle gap, idle ms, gaps, largest ms), largest first
+        "idle_by_operator": idle_gaps(gpu),
         "host": host_breakdown(events, steps),   # what the host did meanwhile (bench/host_time.py)
     }
+
+
+def idle_gaps(gpu: list[tuple]) -> list[tuple[str, float, int, float]]:
+    """The GPU's idle gaps (no event on any stream), each charged to the operator chain that launched the
+    event ending it: what the GPU was waiting for. (chain, total ms, gaps, largest gap ms), largest total
+    first."""
+    by_chain = defaultdict(lambda: [0.0, 0, 0.0])
+    busy_until = None
+    for start, end, _, _, chain in sorted(gpu):
+        if busy_until is not None and start > busy_until:
+            gap = by_chain[chain]
+            gap[0] += start - busy_until
+            gap[1] += 1
+            gap[2] = max(gap[2], start - busy_until)
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return sorted(((c, us / 1e3, n, top / 1e3) for c, (us, n, top) in by_chain.items()), key=lambda g: -g[1])
 
 
 def operator_chains(events: list[dict]) -> dict:
@@ -195,6 +216,10 @@ def markdown(results: list[tuple[str, dict]]) -> str:
         for kernel, *_ in catch_all:
             for _, chain, ms, count in [o for o in r["origins"] if o[0] == kernel][:ORIGINS_PER_KERNEL]:
                 lines.append(f"| {cell(kernel, 60)} | {cell(chain, 200)} | {ms / r['steps']:.3f} | {count} |")
+        lines += ["", f"### {name}: GPU idle, by the operators that launched the work ending each gap (outer > inner)",
+                  "", "| operators | idle ms/step | gaps | largest gap ms |", "|---|---|---|---|"]
+        for chain, ms, count, top in r.get("idle_by_operator", [])[:TOP]:
+            lines.append(f"| {cell(chain, 200)} | {ms / r['steps']:.3f} | {count} | {top:.3f} |")
         lines += host_markdown(name, r.get("host"))
     return "\n".join(lines) + "\n"
 

@@ -177,37 +177,56 @@ def build(cfg: RunConfig, model_cfg: ModelConfig, device: torch.device, load_uni
     grad_norms_in_fp32(engine.optimizer)
     if cfg.train.cuda_graphs:   # after deepspeed.initialize: the graphs record where the parameters live now
         from model import train_graphs
-        train_graphs.enable(module, torch.bfloat16 if cfg.train.precision == "bf16" else None)
+        train_graphs.enable(module, torch.bfloat16 if cfg.train.precision == "bf16" else None,
+                            graph_gradient_hand_over(engine, cfg.parallel.zero_stage))
     if cfg.parallel.pipeline_stages > 1:
         return Trainee(engine, model_cfg, device, True, engine.grid.data_parallel_id, dp_size, engine.stage_id,
                        engine.num_stages, loss_fn)
     return Trainee(engine, model_cfg, device, False, dist.get_rank(), dp_size, 0, 1)
 
 
-def grad_norms_in_fp32(zero_optimizer) -> bool:
-    """Let DeepSpeed's ZeRO-1/2 optimizer take each gradient's norm in fp32, without copying it to float64.
+def graph_gradient_hand_over(engine, zero_stage: int):
+    """When the trunk's CUDA graphs hand their summed gradients to the parameters (model/train_graphs):
+    at DeepSpeed's gradient-accumulation boundary, the only backward whose gradients ZeRO-1 reads (its
+    hooks ignore the others); None, every backward, under ZeRO-2, which reduces each micro-batch's
+    gradient as it arrives."""
+    return engine.is_gradient_accumulation_boundary if zero_stage <= 1 else None
 
-    Its get_grad_norm_direct(gradients, params) casts every gradient to float64 before taking its norm: a
-    float64 copy of all gradients each step (10 ms of a 700 ms step at 1.3B on an H200, one process). Here
-    each gradient's norm comes from one fp32 multi-tensor kernel (torch._foreach_norm, fp32 accumulation),
-    and DeepSpeed's own function gets those norms as one-element tensors: it still filters replicated and
-    model-parallel parameters, sums the squares in float64, all-reduces and masks NaN as before. False
-    when the optimizer has no such method (another DeepSpeed optimizer: left as it is)."""
+
+def grad_norms_in_fp32(zero_optimizer) -> bool:
+    """Let DeepSpeed's ZeRO-1/2 optimizer take the gradient norm with a few fp32 kernels and host calls.
+
+    Its get_grad_norm_direct(gradients, params) takes each gradient's norm in turn, each after a float64
+    copy of the gradient: a float64 copy of all gradients each step (10 ms of a 700 ms step at 1.3B on an
+    H200, one process), and three small operations per parameter on the host (about 50 ms at 1.3B, 346
+    parameters, during which the GPU waits). Here the gradients it would count (DeepSpeed's own rules: no
+    alignment padding, no pipeline-replicated copy, model-parallel ones or rank 0's) get their norms from
+    one fp32 multi-tensor kernel (torch._foreach_norm, fp32 accumulation), combined in float64 into this
+    rank's norm; DeepSpeed's function gets that one number as a one-element "gradient" and all-reduces,
+    takes the root and masks NaN as before. False when the optimizer has no such method (another
+    DeepSpeed optimizer: left as it is)."""
     direct = getattr(zero_optimizer, "get_grad_norm_direct", None)
     if direct is None:
         return False
+    from deepspeed.runtime.constants import PIPE_REPLICATED
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+
+    def counted(p) -> bool:   # DeepSpeed's get_grad_norm_direct's rules
+        if getattr(p, PIPE_REPLICATED, False):
+            return False
+        return is_model_parallel_parameter(p) or zero_optimizer.model_parallel_rank == 0
 
     def get_grad_norm_direct(gradients, params, norm_type=2):
         gradients = list(gradients)
         if float(norm_type) != 2.0 or not gradients:
             return direct(gradients, params, norm_type)
-        # fp32 accumulation and result also for bf16 / fp16 gradients
-        norms = [n.reshape(1) for n in torch._foreach_norm([g.detach() for g in gradients], 2.0,
-                                                           dtype=torch.float32)]
-        for n, g in zip(norms, gradients):          # DeepSpeed skips its alignment padding by this mark
-            if getattr(g, "_zero_padding", False):
-                n._zero_padding = True
-        return direct(norms, params, norm_type)
+        real = (g for g in gradients if not getattr(g, "_zero_padding", False))   # DeepSpeed's alignment
+        pairs = [(g.detach(), p) for g, p in zip(real, params) if counted(p)]
+        if not pairs:
+            return direct([], [], norm_type)
+        norms = torch._foreach_norm([g for g, _ in pairs], 2.0, dtype=torch.float32)
+        rank_norm = torch.linalg.vector_norm(torch.stack(norms).double()).reshape(1)
+        return direct([rank_norm], [pairs[0][1]], norm_type)    # a counted parameter: DeepSpeed counts it
 
     zero_optimizer.get_grad_norm_direct = get_grad_norm_direct
     return True

@@ -6,18 +6,26 @@ fused mixer spends 1.5-2 ms of host time per direction in its forward and 5-6 ms
 whatever the batch, and at 1.3B with 8 x 1,024 tokens a micro-batch the GPU waited on the host 47% of the
 step (docs/benchmarks.md, fifth run). Two graph launches replace the trunk's thousands of kernel launches.
 
-How: PyTorch's partial-network recipe (torch.cuda.make_graphed_callables), written out for three things
-that recipe leaves to its caller:
-  - gradient accumulation: the backward graph writes the parameters' gradients into static buffers.
-    Where a parameter has no .grad yet, autograd's AccumulateGrad may adopt the tensor it is handed as
-    .grad, and the next micro-batch's replay would overwrite it. Such a parameter gets a copy; one that
-    has a .grad gets the buffer, which AccumulateGrad adds in place.
+How: PyTorch's partial-network recipe (torch.cuda.make_graphed_callables), written out for what that
+recipe leaves to its caller:
+  - gradient accumulation inside the graph: the backward graph adds each parameter's gradient to its
+    own sum (Megatron's gradient-accumulation buffers). The sums reach the parameters' .grad only when
+    the caller's `hand_over()` says so: on the last micro-batch of an optimizer step (the trainer passes
+    DeepSpeed's gradient-accumulation boundary), on every backward when there is no such callable. In
+    between, no gradient leaves the graph: no AccumulateGrad add, copy or hook per micro-batch.
+  - the matmul weights in the autocast dtype: under bf16 autocast every nn.Linear weight is cast to bf16
+    for its matmul, and its bf16 gradient cast back to fp32 before it is added up. The graphs compute with
+    a bf16 copy of each such weight instead, refreshed once per optimizer step (at the first forward after a
+    hand-over), and the backward adds the bf16 gradient straight into the fp32 sum: the same numbers
+    (autocast's cast, the same GEMMs, fp32 sums), one cast per step instead of one per micro-batch, and one
+    pass over each gradient instead of three.
   - which calls replay: the first training shape is captured; other shapes, eval mode and no-grad calls
     run the trunk eagerly.
   - the trainer's own gradient hooks: DeepSpeed's ZeRO keeps every parameter's AccumulateGrad node alive,
     created on the default stream, and a gradient reaching such a node from the capture stream breaks the
-    capture. The captured trunk runs on fresh leaf aliases of the parameters (same storage, their own
-    autograd nodes); the replayed gradients reach the parameters' own nodes, and hooks, outside the graph.
+    capture. The captured trunk runs on fresh leaf aliases (of the parameters' storage, or of their bf16
+    copies), with autograd nodes of their own; the handed-over sums reach the parameters' own nodes, and
+    hooks, outside the graph.
 The head runs eagerly after the trunk, as in inference (model/graphs.py): the masked positions it scores
 change from batch to batch.
 
@@ -26,8 +34,8 @@ Limits: the graph reads the parameters where they were at capture. The optimizer
 (parameters gathered per call) and activation checkpointing (recomputation inside the backward graph)
 are refused by the trainer's config check. A capture that fails stops the run at its first micro-batch
 (graphs.capture_or_explain says why there is no eager fallback).
-Memory: the graph keeps one micro-batch's activations and a copy of the trunk's gradients (fp32, 4 bytes
-a parameter) for the whole run.
+Memory: the graph keeps one micro-batch's activations, the gradient sums (4 bytes a parameter) and the
+bf16 weight copies (2 bytes a matmul weight) for the whole run.
 """
 from __future__ import annotations
 
@@ -51,11 +59,13 @@ class Captured:
     outputs: tuple[torch.Tensor, ...]        # the trunk's (hidden, residual), rewritten by each replay
     grad_outputs: tuple[torch.Tensor, ...]   # the head's gradients for them, copied in before backward
     params: tuple[torch.nn.Parameter, ...]
-    param_grads: tuple[torch.Tensor, ...]    # rewritten by each backward replay
+    inputs: tuple[torch.Tensor, ...]         # what the graphs compute with: a parameter or its cast copy
+    grad_sums: tuple[torch.Tensor, ...]      # the backward replay adds each parameter's gradient here
     forward: object                          # torch.cuda.CUDAGraph (or a stand-in in tests)
     backward: object
     names: tuple[str, ...] = ()
     addresses: tuple[int, ...] = ()
+    handed_over: bool = True                 # the sums went to .grad: zero them, re-read the weights
 
     def check_parameters(self) -> None:
         for name, p, address in zip(self.names, self.params, self.addresses):
@@ -64,16 +74,29 @@ class Captured:
                     f"parameter {name} moved in memory since the CUDA graph of the trunk was captured: the "
                     f"graph would read stale weights (train.cuda_graphs needs parameters updated in place)")
 
+    def start_accumulating(self) -> None:
+        """After a hand-over (and before the first replay): zero the sums and refresh the cast copies
+        from the parameters, which the optimizer has updated since."""
+        if not self.handed_over:
+            return
+        copies = [(c, p) for c, p in zip(self.inputs, self.params) if c is not p]
+        with torch.no_grad():
+            if copies:
+                torch._foreach_copy_([c for c, _ in copies], [p for _, p in copies])
+            torch._foreach_zero_(list(self.grad_sums))
+        self.handed_over = False
+
 
 class GraphedTrunkFn(torch.autograd.Function):
-    """The replayed trunk as one autograd node: inputs (captured, input_ids, *params)."""
+    """The replayed trunk as one autograd node: inputs (graphs, captured, input_ids, *params)."""
 
     @staticmethod
-    def forward(ctx, captured: Captured, input_ids: torch.Tensor, *params):
+    def forward(ctx, graphs: TrainingGraphs, captured: Captured, input_ids: torch.Tensor, *params):
+        captured.start_accumulating()
         captured.input_ids.copy_(input_ids)
         with its_gpu(input_ids):
             captured.forward.replay()
-        ctx.captured = captured
+        ctx.graphs, ctx.captured = graphs, captured
         return tuple(o.detach() for o in captured.outputs)
 
     @staticmethod
@@ -87,24 +110,32 @@ class GraphedTrunkFn(torch.autograd.Function):
                 static.copy_(grad)
         with its_gpu(c.grad_outputs[0]):
             c.backward.replay()
-        # a copy where AccumulateGrad could adopt the tensor as .grad: never the buffer the next replay rewrites
-        param_grads = tuple(g.clone() if p.grad is None else g for p, g in zip(c.params, c.param_grads))
-        return (None, None, *param_grads)
+        if not ctx.graphs.hand_over_now():
+            return (None, None, None, *(None for _ in c.params))
+        # copies: AccumulateGrad may adopt a tensor as .grad, and the sums are zeroed for the next step
+        sums = tuple(s.clone() for s in c.grad_sums)
+        c.handed_over = True
+        return (None, None, None, *sums)
 
 
 class TrainingGraphs:
     """model.trunk(input_ids) for training, replayed from CUDA graphs (see the module docstring).
 
-    autocast_dtype: the dtype of the training's autocast (bf16), recorded into the graphs; None for none."""
+    autocast_dtype: the dtype of the training's autocast (bf16), recorded into the graphs; None for none.
+    hand_over: () -> bool, asked after each backward replay: whether the summed gradients go to the
+    parameters now (the last micro-batch of an optimizer step); None: after every backward."""
 
-    def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None):
-        self.model, self.autocast_dtype = model, autocast_dtype
+    def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None, hand_over=None):
+        self.model, self.autocast_dtype, self.hand_over = model, autocast_dtype, hand_over
         self.captured: Captured | None = None    # the first training shape's; other shapes run eagerly
         self.call_trunk = EagerTrunk(model)       # for torch.func.functional_call on parameter aliases
 
     @staticmethod
     def on_gpu(input_ids: torch.Tensor) -> bool:
         return input_ids.is_cuda
+
+    def hand_over_now(self) -> bool:
+        return self.hand_over is None or bool(self.hand_over())
 
     def usable(self, input_ids: torch.Tensor) -> bool:
         c = self.captured
@@ -118,7 +149,7 @@ class TrainingGraphs:
             self.captured = capture_or_explain(lambda: self.capture(input_ids), "the trunk's training",
                                                "train with train.cuda_graphs=false")
         self.captured.check_parameters()
-        return GraphedTrunkFn.apply(self.captured, input_ids, *self.captured.params)
+        return GraphedTrunkFn.apply(self, self.captured, input_ids, *self.captured.params)
 
     def trunk_parameters(self) -> tuple[tuple[str, torch.nn.Parameter], ...]:
         """(name, parameter) of the embedding and the blocks that train, each once (tied weights too)."""
@@ -130,12 +161,34 @@ class TrainingGraphs:
                     out.append((name, p))
         return tuple(out)
 
-    def trunk_on_aliases(self, named, input_ids: torch.Tensor):
-        """The trunk on fresh leaf aliases of the named parameters (views of the same storage, with autograd
-        nodes of their own): (outputs, aliases). Tied weights follow their alias."""
-        aliases = tuple(p.detach().requires_grad_(True) for _, p in named)
+    def cast_weights(self) -> set[int]:
+        """ids of the trunk's nn.Linear weights: autocast casts them to its dtype for every matmul."""
+        if self.autocast_dtype is None:
+            return set()
+        return {id(m.weight) for part in (self.model.embed, self.model.blocks) for m in part.modules()
+                if isinstance(m, torch.nn.Linear)}
+
+    def graph_inputs(self, named) -> tuple[torch.Tensor, ...]:
+        """Per parameter, what the graphs compute with: a new copy in the autocast dtype for a matmul
+        weight (filled by Captured.start_accumulating), else the parameter itself."""
+        cast = self.cast_weights()
+        return tuple(torch.empty_like(p, dtype=self.autocast_dtype) if id(p) in cast else p for _, p in named)
+
+    def trunk_on_aliases(self, named, input_ids: torch.Tensor, inputs=None):
+        """The trunk on fresh leaf aliases of `inputs` (default: the named parameters), views of the same
+        storage with autograd nodes of their own: (outputs, aliases). Tied weights follow their alias."""
+        inputs = tuple(p for _, p in named) if inputs is None else inputs
+        aliases = tuple(t.detach().requires_grad_(True) for t in inputs)
         by_name = {f"model.{name}": a for (name, _), a in zip(named, aliases)}
         return torch.func.functional_call(self.call_trunk, by_name, (input_ids,), tie_weights=True), aliases
+
+    def add_gradients(self, outs, aliases, grad_outs, grad_sums) -> None:
+        """The backward graph's work: each alias's gradient for grad_outs, added to its sum (a cast copy's
+        gradient is cast up in the same pass)."""
+        grads = torch.autograd.grad(outs, aliases, grad_outs, allow_unused=True)
+        used = [(s, g) for s, g in zip(grad_sums, grads) if g is not None]
+        if used:
+            torch._foreach_add_([s for s, _ in used], [g for _, g in used])
 
     def autocast(self, device_type: str = "cuda"):
         # without the autocast cache: its bf16 weight copies would be freed under the graph's feet
@@ -148,24 +201,27 @@ class TrainingGraphs:
         backward as torch.autograd.grad of the captured outputs (the recipe of make_graphed_callables)."""
         named = self.trunk_parameters()
         params = tuple(p for _, p in named)
-        static_ids = input_ids.clone()
+        c = Captured(input_ids.clone(), (), (), params, self.graph_inputs(named),
+                     tuple(torch.zeros_like(p) for p in params), None, None,
+                     tuple(n for n, _ in named), tuple(p.data_ptr() for p in params))
+        c.start_accumulating()
+
         def forward_and_backward():
-            outs, aliases = self.trunk_on_aliases(named, static_ids)
-            torch.autograd.grad(outs, aliases, [torch.ones_like(o) for o in outs], allow_unused=True)
+            outs, aliases = self.trunk_on_aliases(named, c.input_ids, c.inputs)
+            self.add_gradients(outs, aliases, [torch.ones_like(o) for o in outs], c.grad_sums)
 
         with its_gpu(input_ids), self.autocast():
             warm_up_on_side_stream(forward_and_backward, WARMUP_CALLS)
             pool = torch.cuda.graph_pool_handle()
-            forward = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(forward, pool=pool, capture_error_mode=CAPTURE_MODE):
-                outs, aliases = self.trunk_on_aliases(named, static_ids)
-            grad_outs = tuple(torch.empty_like(o) for o in outs)
-            backward = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(backward, pool=pool, capture_error_mode=CAPTURE_MODE):
-                grads = torch.autograd.grad(outs, aliases, grad_outs, allow_unused=True)
-        grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
-        return Captured(static_ids, tuple(outs), grad_outs, params, grads, forward, backward,
-                        tuple(n for n, _ in named), tuple(p.data_ptr() for p in params))
+            c.forward = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(c.forward, pool=pool, capture_error_mode=CAPTURE_MODE):
+                outs, aliases = self.trunk_on_aliases(named, c.input_ids, c.inputs)
+            c.outputs, c.grad_outputs = tuple(outs), tuple(torch.empty_like(o) for o in outs)
+            c.backward = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(c.backward, pool=pool, capture_error_mode=CAPTURE_MODE):
+                self.add_gradients(outs, aliases, c.grad_outputs, c.grad_sums)
+        c.handed_over = True   # the warm-ups' sums are thrown away: the first replay starts from zero
+        return c
 
 
 class EagerTrunk(torch.nn.Module):
@@ -179,8 +235,8 @@ class EagerTrunk(torch.nn.Module):
         return self.model.eager_trunk(input_ids)
 
 
-def enable(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None) -> TrainingGraphs:
-    """Make model.trunk replay CUDA graphs while training (the trainer's train.cuda_graphs)."""
-    model.trunk_graphs = TrainingGraphs(model, autocast_dtype)
+def enable(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None, hand_over=None) -> TrainingGraphs:
+    """Make model.trunk replay CUDA graphs while training (the trainer's train.cuda_graphs); hand_over: see
+    TrainingGraphs."""
+    model.trunk_graphs = TrainingGraphs(model, autocast_dtype, hand_over)
     return model.trunk_graphs
-

@@ -284,3 +284,21 @@ def test_host_time_of_a_real_profiler_trace(tmp_path):
     assert "aten::matmul" in names and any(n.startswith("autograd::engine::evaluate_function: ") for n in names)
     assert all(0 < t["busy_pct"] <= 100 for t in host["threads"]) and host["runtime"] == []
     assert host_breakdown([]) is None
+
+
+def test_idle_gaps_charged_to_the_operators_that_launched_the_work_after_them(tmp_path, capsys):
+    """ORIGIN_EVENTS' GPU work: 500-540, 600-700, 700-800, 800-830, 830-835 us; one gap, 540-600, ended by a
+    backward flip. Two more kernels: an overlapping pair on two streams (900-1000, 950-1100) after a 65 us
+    gap, then a 1,200 us one after another 100 us gap, both launched by the norm's backward copy."""
+    events = ORIGIN_EVENTS + [launched(COPY, 900, 1000, 31), {**launched(COPY, 950, 1100, 31), "tid": 8},
+                              launched(COPY, 1200, 1210, 31)]
+    r = tb.breakdown(events, steps=2)
+    norm_copy = "autograd::engine::evaluate_function: LayerNormFnBackward > aten::copy_"
+    backward_flip = "autograd::engine::evaluate_function: FlipBackward0 > FlipBackward0 > aten::flip"
+    assert r["idle_by_operator"] == [(norm_copy, pytest.approx(0.165), 2, pytest.approx(0.100)),
+                                     (backward_flip, pytest.approx(0.060), 1, pytest.approx(0.060))]
+    assert r["totals_ms"]["idle"] == pytest.approx(0.225)      # the gaps add up to the idle time
+    tb.main([str(write_trace(tmp_path / "rank0_steps1-2.json", events))])
+    text = capsys.readouterr().out.split("GPU idle, by the operators")[1].split("###")[0]
+    rows = [split_row(ln) for ln in text.splitlines() if ln.startswith("| auto")]
+    assert rows == [[norm_copy, "0.083", "2", "0.100"], [backward_flip, "0.030", "1", "0.060"]]

@@ -16,25 +16,35 @@ from graph_standins import TrainingStandIn
 out = {}
 for graphs in ("false", "true", "stand-in"):
     torch.manual_seed(0)
-    trainee = tiny_engine("train.precision=bf16", "train.grad_accum=2",
+    trainee = tiny_engine("train.precision=bf16", "train.grad_accum=2", *sys.argv[1:],
                           f"train.cuda_graphs={'false' if graphs == 'false' else 'true'}")
     module = trainee.engine.module
     if graphs == "stand-in":
-        module.trunk_graphs = TrainingStandIn(module, module.trunk_graphs.autocast_dtype)
+        module.trunk_graphs = TrainingStandIn(module, module.trunk_graphs.autocast_dtype,
+                                             module.trunk_graphs.hand_over)
     batches = masked_batches(4)
     norms = [train_step(trainee, batches, 2, False, NoMetrics())[1] for _ in range(3)]
     tg = module.trunk_graphs
-    out[graphs] = {"norms": norms, "weights": sum(p.double().sum().item() for p in module.parameters()),
+    hand_over = getattr(tg, "hand_over", None)
+    out[graphs] = {"hand_over": hand_over.__name__ if hand_over is not None else None, "norms": norms, "weights": sum(p.double().sum().item() for p in module.parameters()),
                    "graphs": type(tg).__name__ if tg is not None else None,
                    "dtype": str(getattr(tg, "autocast_dtype", None)), "captured": getattr(tg, "captured", None) is not None}
 print("OUT" + json.dumps(out))
 """
 
 
-def test_engine_enables_trunk_graphs_and_trains_as_without_on_the_cpu(tmp_path):
-    out = json.loads(run_probe(PROBE, tmp_path).split("OUT", 1)[1])
+@pytest.mark.parametrize("zero", [["parallel.zero_stage=1", "parallel.overlap_comm=true"],
+                                  ["parallel.zero_stage=2"]], ids=["zero1-overlap", "zero2"])
+def test_engine_enables_trunk_graphs_and_trains_as_without_on_the_cpu(tmp_path, zero):
+    """ZeRO-1 (with overlap_comm, as the configs run: DeepSpeed's hooks on every parameter) gets the graphs'
+    summed gradients at its accumulation boundary only; ZeRO-2, which reduces every micro-batch's, after
+    every backward."""
+    out = json.loads(run_probe(PROBE, tmp_path, *zero).split("OUT", 1)[1])
     assert out["false"]["graphs"] is None
-    assert out["true"] == {**out["true"], "graphs": "TrainingGraphs", "dtype": "torch.bfloat16", "captured": False}
+    hand_over = "is_gradient_accumulation_boundary" if zero[0].endswith("1") else None
+    assert out["true"] == {**out["true"], "graphs": "TrainingGraphs", "dtype": "torch.bfloat16", "captured": False,
+                           "hand_over": hand_over}
+    assert out["stand-in"]["hand_over"] == hand_over
     assert out["true"]["norms"] == out["false"]["norms"] and out["true"]["weights"] == out["false"]["weights"]
     standin = out["stand-in"]
     assert standin["graphs"] == "TrainingStandIn" and standin["captured"]

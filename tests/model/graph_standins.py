@@ -22,17 +22,16 @@ class StandInForward:
 
     def replay(self):
         with torch.no_grad(), self.graphs.autocast("cpu"):
-            for out, new in zip(self.c.outputs, self.graphs.trunk_on_aliases(self.named, self.c.input_ids)[0]):
+            for out, new in zip(self.c.outputs, self.graphs.trunk_on_aliases(self.named, self.c.input_ids,
+                                                                              self.c.inputs)[0]):
                 out.copy_(new)
 
 
 class StandInBackward(StandInForward):
     def replay(self):
         with torch.enable_grad(), self.graphs.autocast("cpu"):
-            outs, aliases = self.graphs.trunk_on_aliases(self.named, self.c.input_ids)
-            grads = torch.autograd.grad(outs, aliases, self.c.grad_outputs, allow_unused=True)
-        for static, g in zip(self.c.param_grads, grads):
-            static.copy_(g) if g is not None else static.zero_()
+            outs, aliases = self.graphs.trunk_on_aliases(self.named, self.c.input_ids, self.c.inputs)
+            self.graphs.add_gradients(outs, aliases, self.c.grad_outputs, self.c.grad_sums)
 
 
 class TrainingStandIn(OnGraphPath, TrainingGraphs):
@@ -45,8 +44,9 @@ class TrainingStandIn(OnGraphPath, TrainingGraphs):
         params = tuple(p for _, p in named)
         with torch.no_grad(), self.autocast("cpu"):
             outs = tuple(o.clone() for o in self.model.eager_trunk(input_ids))
+        # sums full of NaN, as a real capture leaves its warm-ups' sums: the first replay must zero them
         c = Captured(input_ids.clone(), outs, tuple(torch.empty_like(o) for o in outs), params,
-                     tuple(torch.full_like(p, float("nan")) for p in params), None, None,
-                     tuple(n for n, _ in named), tuple(p.data_ptr() for p in params))
+                     self.graph_inputs(named), tuple(torch.full_like(p, float("nan")) for p in params), None,
+                     None, tuple(n for n, _ in named), tuple(p.data_ptr() for p in params))
         c.forward, c.backward = StandInForward(self, c), StandInBackward(self, c)
         return c
