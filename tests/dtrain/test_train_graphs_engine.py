@@ -29,17 +29,19 @@ for graphs in ("false", "true", "stand-in"):
     out[graphs] = {"hand_over": hand_over.__name__ if hand_over is not None else None, "norms": norms, "weights": sum(p.double().sum().item() for p in module.parameters()),
                    "graphs": type(tg).__name__ if tg is not None else None,
                    "dtype": str(getattr(tg, "autocast_dtype", None)), "captured": getattr(tg, "captured", None) is not None}
-print("OUT" + json.dumps(out))
+if torch.distributed.get_rank() == 0:
+    print("OUT" + json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("zero", [["parallel.zero_stage=1", "parallel.overlap_comm=true"],
-                                  ["parallel.zero_stage=2"]], ids=["zero1-overlap", "zero2"])
-def test_engine_enables_trunk_graphs_and_trains_as_without_on_the_cpu(tmp_path, zero):
+@pytest.mark.parametrize("zero, nproc", [(["parallel.zero_stage=1", "parallel.overlap_comm=true"], 1),
+                                         (["parallel.zero_stage=1", "parallel.overlap_comm=true"], 2),
+                                         (["parallel.zero_stage=2"], 1)], ids=["zero1-overlap", "zero1-dp2", "zero2"])
+def test_engine_enables_trunk_graphs_and_trains_as_without_on_the_cpu(tmp_path, zero, nproc):
     """ZeRO-1 (with overlap_comm, as the configs run: DeepSpeed's hooks on every parameter) gets the graphs'
-    summed gradients at its accumulation boundary only; ZeRO-2, which reduces every micro-batch's, after
-    every backward."""
-    out = json.loads(run_probe(PROBE, tmp_path, *zero).split("OUT", 1)[1])
+    summed gradients at its accumulation boundary only, and reduces them over 2 ranks there; ZeRO-2, which
+    reduces every micro-batch's, gets them after every backward."""
+    out = json.loads(run_probe(PROBE, tmp_path, *zero, nproc=nproc, timeout=400).split("OUT", 1)[1])
     assert out["false"]["graphs"] is None
     hand_over = "is_gradient_accumulation_boundary" if zero[0].endswith("1") else None
     assert out["true"] == {**out["true"], "graphs": "TrainingGraphs", "dtype": "torch.bfloat16", "captured": False,
