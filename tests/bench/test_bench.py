@@ -483,3 +483,27 @@ def test_layout_resume_smoke_resumes_exactly_and_on_another_layout(tmp_path):
     c_log = (tmp_path / "layout_resume_logs" / "C.log").read_text()
     assert "at step 4" in c_log and rows["C"]["max_rel_lr_diff"] == 0.0
     assert (tmp_path / "layout_resume_runs" / "universal" / "latest").is_file()
+
+
+def test_matmul_peak_bursts_and_sustained_windows(tmp_path, monkeypatch):
+    """bench.matmul_peak on the CPU: 5 bursts timed as bench.common.matmul_peak times them (20 calls after 5),
+    10 sustained windows of 2 calls (smoke); with every timed call taking 1 ms, 2 * 64^3 FLOPs a matmul make
+    0.524 GFLOP/s a burst call and twice that a window call (2 matmuls a timed call)."""
+    from bench import common, matmul_peak
+    timed = []
+
+    def one_ms_each(fn, device, warmup, iters):
+        timed.append((warmup, iters))
+        fn()
+        return [1e-3] * iters
+
+    monkeypatch.setattr(common, "time_calls", one_ms_each)
+    assert matmul_peak.main(["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "matmul_peak.json").read_text())
+    bursts = [r for r in result["rows"] if r["phase"].startswith("burst")]
+    windows = [r for r in result["rows"] if r["phase"].startswith("sustained")]
+    assert len(bursts) == 5 and len(windows) == 10 and timed == [(5, 20)] * 5 + [(0, 10)]
+    assert all(r["tflops"] == pytest.approx(2 * 64 ** 3 / 1e-3 / 1e12) for r in bursts)
+    assert all(r["tflops"] == pytest.approx(2 * 2 * 64 ** 3 / 1e-3 / 1e12) for r in windows)
+    text = (tmp_path / "matmul_peak.md").read_text()
+    assert "| burst after 0 s idle | 1 | 0.0005243 |" in text and "median 0.001049" in text
