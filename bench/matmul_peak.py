@@ -26,8 +26,13 @@ def tflops(n: int, seconds: float) -> float:
 
 def measure(device: torch.device, n: int, bursts: int, idle_s: float, settle_s: float, windows: int,
             window_calls: int) -> list[dict]:
-    """Rows {phase, index, tflops}: `bursts` bursts, each after idle_s of rest, timed as common.matmul_peak
-    times them; then settle_s of back-to-back calls and `windows` timings of window_calls calls each."""
+    """Rows {phase, index, tflops}: `bursts` runs of common.matmul_peak (the benchmarks' peak), each after
+    idle_s of rest; then settle_s of back-to-back calls and `windows` timings of window_calls calls each."""
+    rows = []
+    for i in range(bursts):
+        time.sleep(idle_s)
+        rows.append({"phase": f"burst after {idle_s:g} s idle", "index": i + 1,
+                     "tflops": common.matmul_peak(device, n)["flops"] / 1e12})
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
@@ -35,11 +40,6 @@ def measure(device: torch.device, n: int, bursts: int, idle_s: float, settle_s: 
     def mm():
         torch.mm(a, b, out=out)
 
-    rows = []
-    for i in range(bursts):
-        time.sleep(idle_s)
-        seconds = common.median(common.time_calls(mm, device, 5, 20))     # common.matmul_peak's recipe
-        rows.append({"phase": f"burst after {idle_s:g} s idle", "index": i + 1, "tflops": tflops(n, seconds)})
     start, calls = time.perf_counter(), 0
     while time.perf_counter() - start < settle_s:
         for _ in range(10):
