@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import norm_backward as norm_bench
 from model import kernels, train_graphs
 from model.attention import apply_rotary, rotary_tables, rotate
 from model.blocks import AddNorm
@@ -262,6 +263,24 @@ def piece_checks(device, gen) -> list:
     return checks
 
 
+def norm_launch_checks(device, rows: int = 4096) -> list:
+    """model/norm_backward's launches of mamba_ssm's norm backward kernels against mamba_ssm's own launch, at
+    the 1.3B presets' widths and the training dtypes (on a GPU with the launchers installed)."""
+    if device.type != "cuda" or not kernels.HAS_MAMBA_TRITON or "norm_backward" in kernels.IMPORT_ERRORS:
+        return []
+    gen, checks = torch.Generator().manual_seed(5), []
+    for kind, module, make, d, names in (
+            ("add_norm", "layer_norm", norm_bench.add_norm_case, 2048, ["dx", "dw", "db", "dresidual_in"]),
+            ("gated", "layernorm_gated", norm_bench.gated_case, 4096, ["dx", "dw", "db", "dz", "out"])):
+        launch = kernels.import_skipping_package_init(f"mamba_ssm.ops.triton.{module}")._layer_norm_bwd
+        args, kwargs, _ = make(rows, d, device, gen)
+        for name, got, want in zip(names, launch(*args, **kwargs), launch.original(*args, **kwargs)):
+            if got is not None:
+                checks.append((f"norm backward, our launch vs mamba_ssm's ({kind}, {rows} x {d}): {name}",
+                               got.dtype, got, want, 1e-5))
+    return checks
+
+
 def hook_accumulate_grad_nodes(model, hook) -> list:
     """As DeepSpeed's ZeRO does: `hook` on every parameter's AccumulateGrad node, the nodes kept alive
     (returned)."""
@@ -325,7 +344,7 @@ def run_model_checks(device, lines) -> bool:
     reference path, and DiffusionLM's logits at masked positions only (score_mask, the training path)
     against the same rows of its full logits, on the kernel path."""
     gen = torch.Generator(device="cpu").manual_seed(2)
-    checks = piece_checks(device, gen)
+    checks = piece_checks(device, gen) + norm_launch_checks(device)
 
     # the whole model, fp32 on the kernel path (tf32 inside the Triton kernels) vs float64 reference path
     torch.manual_seed(4)

@@ -5,6 +5,7 @@
     rmsnorm_gated  mamba_ssm's Triton `rmsnorm_fn`                  else  the same math in torch
     add_norm       mamba_ssm's Triton `layer_norm_fn` (residual add + RMSNorm/LayerNorm in one pass, its
                    Block's fused_add_norm)                          else  the same math in torch
+                   (both norms' backward kernels launched by model/norm_backward.py, more rows in flight)
     swiglu         silu(gate) * up through torch.compile (one kernel forward, one backward)  else  eager
     rotary         the attention's rotary embedding of q and k, the same way (model/attention.py)
     flip           the bidirectional mixer's time reversals, the same way (model/mamba2.py)
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from model import ssd
+from model import norm_backward, ssd
 
 KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
@@ -132,6 +133,12 @@ except Exception as e:  # noqa: BLE001
     IMPORT_ERRORS["flash_attn"] = repr(e)
 
 HAS_MAMBA_TRITON = _mamba_chunk_scan_combined is not None
+if HAS_MAMBA_TRITON:   # the norms' backward launched with more rows in flight (model/norm_backward.py)
+    try:
+        norm_backward.install(*(import_skipping_package_init(f"mamba_ssm.ops.triton.{name}")
+                                for name in ("layer_norm", "layernorm_gated", "ssd_combined")))
+    except RuntimeError as e:   # another mamba_ssm: its own launch, with a note
+        IMPORT_ERRORS["norm_backward"] = str(e)
 HAS_CAUSAL_CONV1D = _causal_conv1d_fn is not None
 HAS_FLASH_ATTN = flash_attn_func is not None
 # torch.compile generates Triton kernels on a GPU: usable where Triton imports (it ships with CUDA torch)
