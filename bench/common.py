@@ -76,11 +76,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Seconds per call of fn() after `warmup` untimed calls: CUDA events on a GPU, wall clock on a CPU."""
+def time_calls(fn, device: torch.device, warmup: int, iters: int, back_to_back: bool = False) -> list[float]:
+    """Seconds per call of fn() after `warmup` untimed calls: CUDA events on a GPU, wall clock on a CPU.
+    back_to_back: no wait for the GPU between calls (a training loop's steps): the host may queue the next
+    call while the GPU runs this one, and any GPU idle while it does counts in the next call's time."""
     for _ in range(warmup):
         fn()
     sync(device)
+    if back_to_back and device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+        events[0].record()
+        for event in events[1:]:
+            fn()
+            event.record()
+        events[-1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
     times = []
     for _ in range(iters):
         if device.type == "cuda":

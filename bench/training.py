@@ -126,7 +126,7 @@ class Trial:
         metrics = NoMetrics()
         ga = self.grad_accum
         sec = common.median(common.time_calls(lambda: train_step(self.trainee, batches, ga, False, metrics),
-                                              self.device, warmup, iters))
+                                              self.device, warmup, iters, back_to_back=True))
         got = {"step_ms": sec * 1e3, "tokens_per_s": micro_batch * ga * seq_len / sec,
                "peak_mem_GiB": common.peak_mem_gib(self.device),
                "peak_reserved_GiB": common.peak_reserved_gib(self.device), "leftover_GiB_at_build": self.leftover_gib}
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                                      + (f"{spec / 1e12:.0f} TFLOP/s" if spec else "unknown"),
                          matmul_peak_flops=mm["flops"], spec_peak_flops=spec,
                          setup=f"one process, DeepSpeed engine as dtrain builds it, grad_accum {args.grad_accum}, "
-                               f"median of {iters} steps after {warmup}"
+                               f"median of {iters} steps after {warmup}, run back to back as the trainer runs them"
                                + (f", overrides {' '.join(args.set)}" if args.set else ""),
                          **({"injected_oom": f"above {inject} tokens per micro-batch"} if inject is not None else {}))
     print("\n".join(common.header_lines(head)), flush=True)

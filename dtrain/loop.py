@@ -3,13 +3,14 @@
 NaN/inf policy. A non-finite loss (or gradient norm) must not reach the weights. The loss of a bad
 micro-batch is multiplied by NaN, so every gradient of that step is NaN; DeepSpeed's optimizers
 (ZeRO 1/2/3 and the pipeline's) compute the global gradient norm across all ranks and stages, find it
-non-finite, and discard the step: gradients zeroed, weights and Adam moments untouched. The trainer then
-all-reduces its own "bad step" flag so every rank and stage agrees, counts the skip, and stops after
+non-finite, and discard the step: gradients zeroed, weights and Adam moments untouched; every rank and
+stage sees the same verdict (the trainer checks that one step later). It counts the skip, and stops after
 train.max_consecutive_nan bad steps in a row. The learning rate follows the step number, so a skip
 never shifts the schedule.
 
-Signals. SIGTERM and SIGUSR1 (what Slurm sends before a time limit) only set a flag; at the next step
-boundary all ranks agree on it (same all-reduce), save a checkpoint and return "preempted".
+Signals. SIGTERM and SIGUSR1 (what Slurm sends before a time limit) only set a flag; the ranks agree on it
+through one small all-reduce per step, read a step later so that the host never waits for the GPU for it
+(LateAgreement), then save a checkpoint and return "preempted".
 """
 from __future__ import annotations
 
@@ -51,6 +52,43 @@ class StopFlag:
 
     def _handler(self, signum, frame):  # only set a flag: the loop checkpoints at the next step boundary
         self.signal_name = signal.Signals(signum).name
+
+
+class LateAgreement:
+    """The ranks agree on each step's flags (step skipped, stop signal seen) without the host waiting for the
+    GPU: the flags are all-reduced (max) on the GPU's stream and copied to pinned host memory there, and
+    the result is read one step later, by when it has long arrived; meanwhile the host queues the next
+    step behind the optimizer's kernels. A stop signal is therefore acted on one step after it arrives.
+    Off a GPU the all-reduce returns at once, and its result is still handed out a step late, as on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.pending = device, None
+
+    def exchange(self, flags: list[bool]) -> list[bool] | None:
+        """Send this step's flags; return the previous step's, agreed (max over ranks), or None at the first."""
+        previous = self.collect()
+        local = torch.tensor([float(f) for f in flags])
+        if self.device.type == "cuda":
+            agreed = local.pin_memory().to(self.device, non_blocking=True)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            host = torch.empty_like(local).pin_memory()
+            host.copy_(agreed, non_blocking=True)
+            arrived = torch.cuda.Event()
+            arrived.record()
+        else:
+            dist.all_reduce(local, op=dist.ReduceOp.MAX)
+            host, arrived = local, None
+        self.pending = (host, arrived)
+        return previous
+
+    def collect(self) -> list[bool] | None:
+        """The flags sent last, agreed (waiting for their all-reduce alone), or None if none are pending."""
+        if self.pending is None:
+            return None
+        (host, arrived), self.pending = self.pending, None
+        if arrived is not None:
+            arrived.synchronize()
+        return [bool(v) for v in host.tolist()]
 
 
 # ------------------------------------------------------------------ data
@@ -126,8 +164,10 @@ def pipe_batches(batches: Iterator[dict]) -> Iterator[tuple]:
 
 # ------------------------------------------------------------------ one step
 def train_step(trainee: Trainee, batches: TimedBatches | None, ga: int, poison: bool,
-               metrics: Metrics) -> tuple[bool, float | None]:
-    """One optimizer step (ga micro-batches). Returns (bad, grad_norm) as seen by this rank."""
+               metrics: Metrics) -> tuple[bool, torch.Tensor | float | None]:
+    """One optimizer step (ga micro-batches). Returns (bad, grad_norm) as seen by this rank; bad is the same
+    on every rank (DeepSpeed's verdict on the global gradient norm, or the pipeline's loss, which every stage
+    receives)."""
     engine = trainee.engine
     if trainee.pipeline:
         trainee.loss_fn.poison = poison
@@ -150,9 +190,7 @@ def train_step(trainee: Trainee, batches: TimedBatches | None, ga: int, poison: 
     if not bad:
         for s in stats:
             metrics.add_stats(s)
-    norm = engine.get_global_grad_norm()
-    norm = float(norm) if norm is not None else None
-    return bad, norm
+    return bad, engine.get_global_grad_norm()   # a tensor stays on the device: read at the next log
 
 
 # ------------------------------------------------------------------ evaluation
@@ -311,6 +349,7 @@ class Trainer:
         stop.install()
         profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.out_dir,
                                 dist.get_rank(), self.device)
+        agreement, previous_bad = LateAgreement(self.device), None
         consecutive_bad, status = 0, "finished"
         try:
             while self.state["step"] < t.steps:
@@ -322,10 +361,13 @@ class Trainer:
                 trace = profiler.after(step)
                 if trace is not None:
                     rank0_print(f"profile of steps {cfg.logging.profile_start}-{step}: {trace.parent}/rank*")
-                # one small all-reduce per step: agree on "bad step" and on "a stop signal arrived"
-                flags = torch.tensor([float(bad), float(stop.signal_name is not None)], device=self.device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                bad, stopping = bool(flags[0]), bool(flags[1])
+                # one small all-reduce per step, read a step late: "a stop signal arrived" on some rank; and
+                # "bad step", which every rank must already have seen alike
+                agreed = agreement.exchange([bad, stop.signal_name is not None])
+                if agreed is not None and agreed[0] != previous_bad:
+                    raise TrainingStopped(f"step {step - 1}: the ranks disagree on whether the step was skipped "
+                                          f"(this rank: {'skipped' if previous_bad else 'applied'})")
+                previous_bad, stopping = bad, agreed is not None and agreed[1]
                 self.state["step"] = step
                 self.state["tokens"] += tokens_per_step
                 self.state["skipped_steps"] += int(bad)

@@ -38,8 +38,8 @@ class Metrics:
 
     def _reset(self):
         # [nelbo per t bucket] + [tokens per t bucket]
-        self.buckets = torch.zeros(2 * self.nb, dtype=torch.float64)
-        self.grad_norms: list[float] = []
+        self.buckets = torch.zeros(2 * self.nb, dtype=torch.float64, device=self.device)
+        self.grad_norms: list[torch.Tensor | float] = []   # read on the host at log(), not per step
         self.steps = 0
         self.skipped = 0
         self.data_wait = 0.0
@@ -47,23 +47,24 @@ class Metrics:
 
     # ---- accumulation (every rank) ----
     def add_stats(self, stats: dict) -> None:
-        """Per-sequence stats of one micro-batch from diffusion_loss."""
-        nelbo = stats["nelbo_per_seq"].double().cpu()
-        tokens = stats["tokens_per_seq"].double().cpu()
-        idx = (stats["t"].double().cpu() * self.nb).long().clamp(0, self.nb - 1)
+        """Per-sequence stats of one micro-batch from diffusion_loss, summed on the device (the host would
+        wait for the GPU to read them)."""
+        nelbo = stats["nelbo_per_seq"].detach().to(self.device, torch.float64)
+        tokens = stats["tokens_per_seq"].detach().to(self.device, torch.float64)
+        idx = (stats["t"].detach().to(self.device, torch.float64) * self.nb).long().clamp(0, self.nb - 1)
         self.buckets[:self.nb].index_add_(0, idx, nelbo)
         self.buckets[self.nb:].index_add_(0, idx, tokens)
 
-    def add_step(self, *, grad_norm: float | None, skipped: bool, data_wait: float) -> None:
+    def add_step(self, *, grad_norm: torch.Tensor | float | None, skipped: bool, data_wait: float) -> None:
         self.steps += 1
         self.skipped += int(skipped)
         self.data_wait += data_wait
-        if grad_norm is not None and not skipped and math.isfinite(grad_norm):
-            self.grad_norms.append(grad_norm)
+        if grad_norm is not None and not skipped:
+            self.grad_norms.append(grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else grad_norm)
 
     # ---- reduction + output ----
     def log(self, step: int, *, lr: float, total_skipped: int) -> dict:
-        local = torch.cat([self.buckets, torch.tensor([self.data_wait], dtype=torch.float64)])
+        local = torch.cat([self.buckets.cpu(), torch.tensor([self.data_wait], dtype=torch.float64)])
         summed = _all_reduce_sum(local, self.device)
         nelbo, tokens = summed[:self.nb], summed[self.nb:2 * self.nb]
         elapsed = time.time() - self.t0
@@ -75,8 +76,10 @@ class Metrics:
             "perf/data_wait_s": float(summed[-1]) / dist.get_world_size() / max(self.steps, 1),
             "perf/tokens_per_s": self.tokens_per_step * self.steps / max(elapsed, 1e-9),
         }
-        if self.grad_norms:
-            out["train/grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+        norms = [float(n) for n in self.grad_norms]
+        norms = [n for n in norms if math.isfinite(n)]
+        if norms:
+            out["train/grad_norm"] = sum(norms) / len(norms)
         for b in range(self.nb):
             if tokens[b] > 0:
                 lo, hi = b / self.nb, (b + 1) / self.nb

@@ -6,7 +6,7 @@ from conftest import run_probe
 # Counts the aten ops of train_step that need a tensor's value on the host (on a GPU the host then waits
 # for the device and cannot queue the next micro-batch ahead of it), with the trainer's engine (ZeRO-2,
 # bf16 autocast) on the CPU.
-PROBE = r"""
+RECORDER = r"""
 import collections, json
 from torch.utils._python_dispatch import TorchDispatchMode
 SYNCING = {"nonzero", "_local_scalar_dense", "is_nonzero", "masked_select", "equal"}
@@ -21,6 +21,9 @@ class Recorder(TorchDispatchMode):
             self.seen[name] += 1
         return func(*args, **(kwargs or {}))
 
+"""
+
+PROBE = RECORDER + r"""
 counts = {}
 for ga in (1, 4):
     trainee = tiny_engine(f"train.grad_accum={ga}", "train.precision=bf16", "parallel.zero_stage=2")
@@ -37,3 +40,54 @@ def test_a_training_step_waits_for_the_device_only_at_the_optimizer_step(tmp_pat
     counts = json.loads(run_probe(PROBE, tmp_path).split("COUNTS", 1)[1])
     assert counts["4"] == counts["1"], counts          # nothing per micro-batch: 4 micro-batches wait as 1 does
     assert not {"nonzero", "masked_select"} & set(counts["4"]), counts
+
+
+# The loop's own work around a step (metrics, the flags' agreement across ranks) must not wait either: the
+# steps of a loop wait exactly as often as train_step alone does. (The grad norm and the losses are read on
+# the host at a log step, not here.)
+LOOP_PROBE = RECORDER + r"""
+from pathlib import Path
+from dtrain.loop import LateAgreement
+from dtrain.metrics import Metrics
+trainee = tiny_engine("train.grad_accum=2", "train.precision=bf16", "parallel.zero_stage=1")
+batches = masked_batches(global_batch_size=2)
+metrics = Metrics(out_dir=str(Path.cwd()), enabled_tb=False, t_buckets=4, tokens_per_step=256, flops_per_token=1.0,
+                  peak_flops_total=None, total_steps=10, device=torch.device("cpu"))
+agreement = LateAgreement(torch.device("cpu"))
+train_step(trainee, batches, 2, False, NoMetrics())
+with Recorder() as alone:
+    train_step(trainee, batches, 2, False, NoMetrics())
+with Recorder() as looped:
+    for _ in range(3):
+        bad, norm = train_step(trainee, batches, 2, False, metrics)
+        agreement.exchange([bad, False])
+        metrics.add_step(grad_norm=norm, skipped=bad, data_wait=0.0)
+logged = metrics.log(3, lr=1e-3, total_skipped=0)
+print("COUNTS" + json.dumps({"alone": dict(alone.seen), "looped": dict(looped.seen),
+                             "logged": sorted(logged)}))
+"""
+
+
+def test_the_loops_bookkeeping_adds_no_waits(tmp_path):
+    counts = json.loads(run_probe(LOOP_PROBE, tmp_path).split("COUNTS", 1)[1])
+    assert counts["looped"] == {k: 3 * v for k, v in counts["alone"].items()}, counts
+    assert "train/grad_norm" in counts["logged"] and "train/loss" in counts["logged"]
+
+
+AGREEMENT_PROBE = r"""
+import json
+import torch.distributed as dist
+from dtrain.loop import LateAgreement
+agreement, rank = LateAgreement(torch.device("cpu")), dist.get_rank()
+# step 1: rank 1 skipped it; step 2: rank 0 saw a stop signal; step 3: nothing
+got = [agreement.exchange([rank == 1 and step == 1, rank == 0 and step == 2]) for step in (1, 2, 3)]
+got += [agreement.collect(), agreement.collect()]
+print(f"RANK{rank}" + json.dumps(got))
+"""
+
+
+def test_late_agreement_hands_out_each_steps_flags_agreed_one_step_later(tmp_path):
+    out = run_probe(AGREEMENT_PROBE, tmp_path, nproc=2)
+    for rank in (0, 1):
+        got = json.loads(out.split(f"RANK{rank}", 1)[1].splitlines()[0])
+        assert got == [None, [True, False], [False, True], [False, False], None], (rank, got)

@@ -23,7 +23,7 @@ for graphs in ("false", "true", "stand-in"):
         module.trunk_graphs = TrainingStandIn(module, module.trunk_graphs.autocast_dtype,
                                              module.trunk_graphs.hand_over)
     batches = masked_batches(4)
-    norms = [train_step(trainee, batches, 2, False, NoMetrics())[1] for _ in range(3)]
+    norms = [float(train_step(trainee, batches, 2, False, NoMetrics())[1]) for _ in range(3)]
     tg = module.trunk_graphs
     hand_over = getattr(tg, "hand_over", None)
     out[graphs] = {"hand_over": hand_over.__name__ if hand_over is not None else None, "norms": norms, "weights": sum(p.double().sum().item() for p in module.parameters()),
