@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import itertools
 import json
 import math
 import os
@@ -90,7 +91,7 @@ def time_calls(fn, device: torch.device, warmup: int, iters: int, back_to_back: 
             fn()
             event.record()
         events[-1].synchronize()
-        return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
+        return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(events)]
     times = []
     for _ in range(iters):
         if device.type == "cuda":
