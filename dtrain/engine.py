@@ -127,6 +127,9 @@ def deepspeed_config(cfg: RunConfig, dp_size: int, load_universal: bool = False)
         "data_types": {"grad_accum_dtype": "fp32"},
         "steps_per_print": 2 ** 31,   # the trainer logs itself
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer waits for the GPU at every micro-batch's forward and step() call;
+        # the trainer measures tokens/s itself
+        "timers": {"throughput": {"enabled": False}},
     }
     if t.precision == "bf16":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}

@@ -11,10 +11,23 @@ import collections, json
 from torch.utils._python_dispatch import TorchDispatchMode
 SYNCING = {"nonzero", "_local_scalar_dense", "is_nonzero", "masked_select", "equal"}
 
+from deepspeed.accelerator import get_accelerator
+
 class Recorder(TorchDispatchMode):
+    # the syncing aten ops, and DeepSpeed's device synchronizations (a no-op on the CPU, a wait on a GPU)
     def __init__(self):
         super().__init__()
         self.seen = collections.Counter()
+    def __enter__(self):
+        accelerator, synchronize = get_accelerator(), get_accelerator().synchronize
+        def counted(*args, **kwargs):
+            self.seen["accelerator.synchronize"] += 1
+            return synchronize(*args, **kwargs)
+        accelerator.synchronize, self.restore = counted, lambda: setattr(accelerator, "synchronize", synchronize)
+        return super().__enter__()
+    def __exit__(self, *exc):
+        self.restore()
+        return super().__exit__(*exc)
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in SYNCING:
@@ -82,7 +95,9 @@ agreement, rank = LateAgreement(torch.device("cpu")), dist.get_rank()
 # step 1: rank 1 skipped it; step 2: rank 0 saw a stop signal; step 3: nothing
 got = [agreement.exchange([rank == 1 and step == 1, rank == 0 and step == 2]) for step in (1, 2, 3)]
 got += [agreement.collect(), agreement.collect()]
-print(f"RANK{rank}" + json.dumps(got))
+print(f"RANK{rank}" + json.dumps(got), flush=True)
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
