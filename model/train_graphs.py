@@ -12,7 +12,8 @@ recipe leaves to its caller:
     own sum (Megatron's gradient-accumulation buffers). The sums reach the parameters' .grad only when
     the caller's `hand_over()` says so: on the last micro-batch of an optimizer step (the trainer passes
     DeepSpeed's gradient-accumulation boundary), on every backward when there is no such callable. In
-    between, no gradient leaves the graph: no AccumulateGrad add, copy or hook per micro-batch.
+    between, no gradient leaves the graph, and the parameters are not even in the autograd graph: no
+    AccumulateGrad add, copy or hook per micro-batch.
   - the matmul weights in the autocast dtype: under bf16 autocast every nn.Linear weight is cast to bf16
     for its matmul, and its bf16 gradient cast back to fp32 before it is added up. The graphs compute with
     a bf16 copy of each such weight instead, refreshed once per optimizer step (at the first forward after a
@@ -66,6 +67,10 @@ class Captured:
     names: tuple[str, ...] = ()
     addresses: tuple[int, ...] = ()
     handed_over: bool = True                 # the sums went to .grad: zero them, re-read the weights
+    placeholder: torch.Tensor | None = None  # the autograd leaf of micro-batches that hand nothing over
+
+    def __post_init__(self):
+        self.placeholder = torch.zeros((), device=self.input_ids.device, requires_grad=True)
 
     def check_parameters(self) -> None:
         for name, p, address in zip(self.names, self.params, self.addresses):
@@ -88,15 +93,18 @@ class Captured:
 
 
 class GraphedTrunkFn(torch.autograd.Function):
-    """The replayed trunk as one autograd node: inputs (graphs, captured, input_ids, *params)."""
+    """The replayed trunk as one autograd node: inputs (captured, hand_over, input_ids, *leaves). leaves: the
+    trunk's parameters when this micro-batch's backward hands the sums over; else one placeholder leaf, which links
+    the outputs to autograd without the parameters, so that the backward calls none of their AccumulateGrad
+    nodes (nor DeepSpeed's hooks on them: 350 calls of host time per micro-batch at 1.3B)."""
 
     @staticmethod
-    def forward(ctx, graphs: TrainingGraphs, captured: Captured, input_ids: torch.Tensor, *params):
+    def forward(ctx, captured: Captured, hand_over: bool, input_ids: torch.Tensor, *leaves):
         captured.start_accumulating()
         captured.input_ids.copy_(input_ids)
         with its_gpu(input_ids):
             captured.forward.replay()
-        ctx.graphs, ctx.captured = graphs, captured
+        ctx.captured, ctx.hand_over = captured, hand_over
         return tuple(o.detach() for o in captured.outputs)
 
     @staticmethod
@@ -110,8 +118,8 @@ class GraphedTrunkFn(torch.autograd.Function):
                 static.copy_(grad)
         with its_gpu(c.grad_outputs[0]):
             c.backward.replay()
-        if not ctx.graphs.hand_over_now():
-            return (None, None, None, *(None for _ in c.params))
+        if not ctx.hand_over:
+            return None, None, None, None
         # copies: AccumulateGrad may adopt a tensor as .grad, and the sums are zeroed for the next step
         sums = tuple(s.clone() for s in c.grad_sums)
         c.handed_over = True
@@ -122,8 +130,10 @@ class TrainingGraphs:
     """model.trunk(input_ids) for training, replayed from CUDA graphs (see the module docstring).
 
     autocast_dtype: the dtype of the training's autocast (bf16), recorded into the graphs; None for none.
-    hand_over: () -> bool, asked after each backward replay: whether the summed gradients go to the
-    parameters now (the last micro-batch of an optimizer step); None: after every backward."""
+    hand_over: () -> bool, asked at each micro-batch's forward: whether its backward hands the summed
+    gradients to the parameters (the last micro-batch of an optimizer step; DeepSpeed's
+    is_gradient_accumulation_boundary() says the same at the forward and the backward); None: every
+    backward does."""
 
     def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None, hand_over=None):
         self.model, self.autocast_dtype, self.hand_over = model, autocast_dtype, hand_over
@@ -148,8 +158,10 @@ class TrainingGraphs:
         if self.captured is None:
             self.captured = capture_or_explain(lambda: self.capture(input_ids), "the trunk's training",
                                                "train with train.cuda_graphs=false")
-        self.captured.check_parameters()
-        return GraphedTrunkFn.apply(self, self.captured, input_ids, *self.captured.params)
+        c = self.captured
+        c.check_parameters()
+        hand_over = self.hand_over_now()
+        return GraphedTrunkFn.apply(c, hand_over, input_ids, *(c.params if hand_over else (c.placeholder,)))
 
     def trunk_parameters(self) -> tuple[tuple[str, torch.nn.Parameter], ...]:
         """(name, parameter) of the embedding and the blocks that train, each once (tied weights too)."""
