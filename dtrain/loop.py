@@ -43,11 +43,18 @@ class TrainingStopped(RuntimeError):
 
 # ------------------------------------------------------------------ signals
 class StopFlag:
+    """Set by SIGTERM or SIGUSR1. install() again at every step: on a GPU, something in the first training
+    step (kernel compilation or CUDA-graph capture, in a library) replaces the process's SIGUSR1 action
+    below Python, which still reports its own handler; the signal was then swallowed, and the run never
+    checkpointed (measured on an H100, docs/benchmarks.md, tenth run). Installing again restores it."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self):
         self.signal_name: str | None = None
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):  # only set a flag: the loop checkpoints at the next step boundary
@@ -358,6 +365,7 @@ class Trainer:
                 wait0 = batches.wait if batches is not None else 0.0
                 profiler.before(step)
                 bad, norm = train_step(self.trainee, batches, t.grad_accum, step in cfg.debug.nan_at_steps, metrics)
+                stop.install()   # again: see StopFlag
                 trace = profiler.after(step)
                 if trace is not None:
                     rank0_print(f"profile of steps {cfg.logging.profile_start}-{step}: {trace.parent}/rank*")
