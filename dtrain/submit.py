@@ -8,7 +8,7 @@ MASTER_ADDR, MASTER_PORT) from submitit's JobEnvironment and runs the trainer in
 `python -m dtrain.cli train --config ... --resume auto ...`: the same trainer and flags as slurm/*.sh.
 
 Timeout and preemption: Slurm sends submitit's signal (USR2) before the time limit. Each task passes it
-on to its trainer as SIGUSR1 (the trainer checkpoints at the next step boundary and exits); once the
+on to its trainer as SIGUSR1 (the trainer checkpoints after the step that follows and exits); once the
 trainer is done, rank 0 lets submitit requeue the job. The requeued job runs `checkpoint()`'s
 DelayedSubmission, which resumes with --resume auto from the latest checkpoint.
 
