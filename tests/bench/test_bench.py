@@ -507,3 +507,24 @@ def test_matmul_peak_bursts_and_sustained_windows(tmp_path, monkeypatch):
     assert all(r["tflops"] == pytest.approx(2 * 2 * 64 ** 3 / 1e-3 / 1e12) for r in windows)
     text = (tmp_path / "matmul_peak.md").read_text()
     assert "| burst after 0 s idle | 1 | 0.0005243 |" in text and "median 0.001049" in text
+
+
+def test_preempt_check_smoke_checkpoints_on_each_signal(tmp_path):
+    """bench.preempt_check on the CPU: SIGUSR1 and SIGTERM after step 2, each run checkpoints within 2 steps."""
+    from bench import preempt_check
+    run_module("bench.preempt_check", "--smoke", "--out", str(tmp_path), "--after-step", "2",
+               "--data-root", str(TEST_CACHE / "builtin"), "data.seq_len=32", timeout=240)
+    rows = json.loads((tmp_path / "preempt_check.json").read_text())["rows"]
+    assert [(r["signal"], r["sent_after"], r["exit"], r["ok"]) for r in rows] == [
+        ("SIGUSR1", 2, 0, "yes"), ("SIGTERM", 2, 0, "yes")], rows
+    assert all(2 < r["saved_at"] <= 4 for r in rows)
+    # a signal that never reached the trainer, a late checkpoint, an incomplete one: each a failure that says so
+    usr1 = preempt_check.signal.SIGUSR1
+    lost = preempt_check.check({"sent_after": 2, "exit": 0}, "step 2/9\nstep 9/9\n", usr1, 2)
+    assert lost["ok"] == "no" and "did not reach" in lost["problem"]
+    saved = next((tmp_path / "preempt_check_runs" / "USR1" / "checkpoints").glob("step*"))
+    line = f"PREEMPTED: received SIGUSR1; checkpoint {saved} saved at step 9; exiting"
+    assert "more than 2 steps" in preempt_check.check({"sent_after": 2, "exit": 0}, line, usr1, 2)["problem"]
+    (saved / preempt_check.MARKER).unlink()
+    line = f"PREEMPTED: received SIGUSR1; checkpoint {saved} saved at step 3; exiting"
+    assert "no COMPLETE marker" in preempt_check.check({"sent_after": 2, "exit": 0}, line, usr1, 2)["problem"]
