@@ -43,10 +43,11 @@ class TrainingStopped(RuntimeError):
 
 # ------------------------------------------------------------------ signals
 class StopFlag:
-    """Set by SIGTERM or SIGUSR1. install() again at every step: on a GPU, something in the first training
-    step (kernel compilation or CUDA-graph capture, in a library) replaces the process's SIGUSR1 action
-    below Python, which still reports its own handler; the signal was then swallowed, and the run never
-    checkpointed (measured on an H100, docs/benchmarks.md, tenth run). Installing again restores it."""
+    """Set by SIGTERM or SIGUSR1. install() again around every step: on a GPU, something in the first
+    training step (kernel compilation or CUDA-graph capture, in a library) replaces the process's SIGUSR1
+    action below Python, which still reports its own handler; the signal was then swallowed, and the run
+    never checkpointed (measured on an H100, docs/benchmarks.md, tenth run). Installing again restores it;
+    a signal that comes while another action is in place is still lost (bench.preempt_check drills it)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -361,11 +362,12 @@ class Trainer:
         try:
             while self.state["step"] < t.steps:
                 step = self.state["step"] + 1   # the step being taken, counted from 1 as in logs and checkpoints
+                stop.install()   # again, after the last step's evaluation, samples and checkpoint: see StopFlag
                 set_lr(self.engine.optimizer, lr_at(step - 1, cfg.optim, t.steps))
                 wait0 = batches.wait if batches is not None else 0.0
                 profiler.before(step)
                 bad, norm = train_step(self.trainee, batches, t.grad_accum, step in cfg.debug.nan_at_steps, metrics)
-                stop.install()   # again: see StopFlag
+                stop.install()   # and after the step itself, where the first step's libraries replace it
                 trace = profiler.after(step)
                 if trace is not None:
                     rank0_print(f"profile of steps {cfg.logging.profile_start}-{step}: {trace.parent}/rank*")
