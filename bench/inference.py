@@ -285,9 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     if given_peak:
         peak = {"flops": given_peak, "text": f"{given_peak / 1e12:.3g} TFLOP/s (given: --matmul-peak-tflops)"}
     else:
-        mm = common.matmul_peak(device, n=256, warmup=1, iters=2) if args.smoke else common.matmul_peak(device, args.matmul_n)
-        peak = {"flops": mm["flops"], "text": f"{mm['flops'] / 1e12:.3g} TFLOP/s measured (bf16 torch.mm "
-                                              f"{mm['n']}^3, {mm['ms']:.2f} ms)"}
+        mm = (common.matmul_peak(device, n=256, warmup=1, iters=2) if args.smoke
+              else common.matmul_peak(device, args.matmul_n, bursts=5))
+        peak = {"flops": mm["flops"], "text": common.matmul_peak_text(mm)}
     head = common.header(device, "bench.inference", dtype="bf16 weights (A_log, D, dt_bias fp32)",
                          timing=f"median of {iters} calls after {warmup} warm-up (fewer for rows slower than "
                                 f"--max-row-seconds {max_row_s:g}: never under 3 and 1; column `calls`)",

@@ -282,11 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     inject = args.inject_oom_tokens if args.inject_oom_tokens is not None else (128 if smoke else None)
 
     dengine.setup_distributed()   # a world of one, as `dtrain train` without a launcher
-    mm = common.matmul_peak(device, n=256, warmup=1, iters=2) if smoke else common.matmul_peak(device, args.matmul_n)
+    mm = (common.matmul_peak(device, n=256, warmup=1, iters=2, bursts=2, rest_s=0.0) if smoke
+          else common.matmul_peak(device, args.matmul_n, bursts=5))
     spec = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     head = common.header(device, "bench.training",
-                         matmul_peak=f"{mm['flops'] / 1e12:.3g} TFLOP/s measured (bf16 torch.mm {mm['n']}^3, "
-                                     f"{mm['ms']:.2f} ms); data sheet: "
+                         matmul_peak=f"{common.matmul_peak_text(mm)}; data sheet: "
                                      + (f"{spec / 1e12:.0f} TFLOP/s" if spec else "unknown"),
                          matmul_peak_flops=mm["flops"], spec_peak_flops=spec,
                          setup=f"one process, DeepSpeed engine as dtrain builds it, grad_accum {args.grad_accum}, "

@@ -528,3 +528,15 @@ def test_preempt_check_smoke_checkpoints_on_each_signal(tmp_path):
     (saved / preempt_check.MARKER).unlink()
     line = f"PREEMPTED: received SIGUSR1; checkpoint {saved} saved at step 3; exiting"
     assert "no COMPLETE marker" in preempt_check.check({"sent_after": 2, "exit": 0}, line, usr1, 2)["problem"]
+
+
+def test_matmul_peak_is_the_median_of_its_bursts(monkeypatch):
+    """common.matmul_peak with bursts: the median of the bursts' times (each burst's own median comes from
+    _time_mm), every burst's rate kept for the header, which states the range."""
+    times = iter([1.0e-3, 1.2e-3, 0.9e-3, 1.1e-3, 1.05e-3])
+    monkeypatch.setattr(common, "_time_mm", lambda device, n, warmup, iters: next(times))
+    mm = common.matmul_peak(torch.device("cpu"), n=100, bursts=5, rest_s=0.0)
+    assert mm["ms"] == pytest.approx(1.05) and mm["flops"] == pytest.approx(2e6 / 1.05e-3)
+    assert mm["burst_tflops"] == pytest.approx([2e6 / t / 1e12 for t in (1.0e-3, 1.2e-3, 0.9e-3, 1.1e-3, 1.05e-3)])
+    text = common.matmul_peak_text(mm)
+    assert text.startswith("0.0019 TFLOP/s measured") and "5 bursts: 0.001667-0.002222" in text, text
