@@ -58,7 +58,7 @@ class StopFlag:
         for sig in self.SIGNALS:
             signal.signal(sig, self._handler)
 
-    def _handler(self, signum, frame):  # only set a flag: the loop checkpoints at the next step boundary
+    def _handler(self, signum, frame):  # only set a flag: the loop agrees on it and checkpoints
         self.signal_name = signal.Signals(signum).name
 
 
