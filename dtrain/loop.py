@@ -8,14 +8,13 @@ stage sees the same verdict (the trainer checks that one step later). It counts 
 train.max_consecutive_nan bad steps in a row. The learning rate follows the step number, so a skip
 never shifts the schedule.
 
-Signals. SIGTERM and SIGUSR1 (what Slurm sends before a time limit) only set a flag; the ranks agree on it
-through one small all-reduce per step, read a step later so that the host never waits for the GPU for it
-(LateAgreement), then save a checkpoint and return "preempted".
+Signals. SIGTERM and SIGUSR1 (what Slurm sends before a time limit) only set a flag (dtrain/signals.py); the
+ranks agree on it through one small all-reduce per step, read a step later so that the host never waits for
+the GPU for it (LateAgreement), then save a checkpoint and return "preempted".
 """
 from __future__ import annotations
 
 import math
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from dtrain.optim import lr_at, set_lr
 from dtrain.pipe_sampling import pipeline_sample
 from dtrain.pipeline import nan_unless_finite
 from dtrain.profiling import StepProfiler
+from dtrain.signals import StopFlag
 from model.diffusion import diffusion_loss_selected, elbo_perplexity, scored_index
 from model.flops import expected_masked_fraction, peak_flops, train_flops_per_token
 from model.lm import DiffusionLM
@@ -42,26 +42,6 @@ class TrainingStopped(RuntimeError):
 
 
 # ------------------------------------------------------------------ signals
-class StopFlag:
-    """Set by SIGTERM or SIGUSR1. install() again around every step: on a GPU, something in the first
-    training step (kernel compilation or CUDA-graph capture, in a library) replaces the process's SIGUSR1
-    action below Python, which still reports its own handler; the signal was then swallowed, and the run
-    never checkpointed (measured on an H100, docs/benchmarks.md, tenth run). Installing again restores it;
-    a signal that comes while another action is in place is still lost (bench.preempt_check drills it)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.signal_name: str | None = None
-
-    def install(self) -> None:
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):  # only set a flag: the loop agrees on it and checkpoints
-        self.signal_name = signal.Signals(signum).name
-
-
 class LateAgreement:
     """The ranks agree on each step's flags (step skipped, stop signal seen) without the host waiting for the
     GPU: the flags are all-reduced (max) on the GPU's stream and copied to pinned host memory there, and
@@ -353,7 +333,7 @@ class Trainer:
                           flops_per_token=self.flops_per_token, peak_flops_total=peak * self.world if peak else None,
                           total_steps=t.steps, device=self.device)
         metrics.start_step = self.state["step"]
-        stop = StopFlag()
+        stop = StopFlag(report=rank0_print)
         stop.install()
         profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.out_dir,
                                 dist.get_rank(), self.device)
@@ -362,12 +342,12 @@ class Trainer:
         try:
             while self.state["step"] < t.steps:
                 step = self.state["step"] + 1   # the step being taken, counted from 1 as in logs and checkpoints
-                stop.install()   # again, after the last step's evaluation, samples and checkpoint: see StopFlag
+                stop.reinstall(step - 1)   # after the last step's evaluation, samples, checkpoint (dtrain/signals.py)
                 set_lr(self.engine.optimizer, lr_at(step - 1, cfg.optim, t.steps))
                 wait0 = batches.wait if batches is not None else 0.0
                 profiler.before(step)
                 bad, norm = train_step(self.trainee, batches, t.grad_accum, step in cfg.debug.nan_at_steps, metrics)
-                stop.install()   # and after the step itself, where the first step's libraries replace it
+                stop.reinstall(step)   # and after the step itself, where the first step's libraries replaced it
                 trace = profiler.after(step)
                 if trace is not None:
                     rank0_print(f"profile of steps {cfg.logging.profile_start}-{step}: {trace.parent}/rank*")

@@ -132,3 +132,4 @@ def test_sigusr1_reaches_the_trainer_after_a_library_replaced_its_action(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the signal came before step 3; its flag is agreed a step later (LateAgreement)
     assert "PREEMPTED: received SIGUSR1" in proc.stdout and "saved at step 4" in proc.stdout, proc.stdout[-3000:]
+    assert "step 1: SIGUSR1's action was replaced below Python by SIG_IGN" in proc.stdout

@@ -1,0 +1,57 @@
+"""dtrain/signals.py: the stop flag, and its watch on the signals' actions below Python (what a library in a
+GPU run's first step changed), emulated here with libc's signal()."""
+import ctypes
+import os
+import signal
+import time
+
+import pytest
+
+from dtrain import signals
+
+LIBC = ctypes.CDLL(None)
+
+
+@pytest.fixture
+def saved_handlers():
+    saved = {sig: signal.getsignal(sig) for sig in signals.StopFlag.SIGNALS}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def raised(flag: signals.StopFlag, sig: signal.Signals) -> bool:
+    flag.signal_name = None
+    os.kill(os.getpid(), sig)
+    for _ in range(100):   # Python runs the handler at its next bytecode boundary
+        if flag.signal_name:
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def test_a_replaced_action_is_found_named_and_undone(saved_handlers):
+    reports = []
+    flag = signals.StopFlag(report=reports.append)
+    flag.install()
+    assert raised(flag, signal.SIGUSR1) and flag.signal_name == "SIGUSR1"
+    flag.reinstall(1)
+    assert reports == []                                   # nothing replaced: nothing said
+    LIBC.signal(signal.SIGUSR1, ctypes.c_void_p(1))          # SIG_IGN, below Python
+    assert signal.getsignal(signal.SIGUSR1) == flag._handler   # Python does not know
+    assert signals.current_action(signal.SIGUSR1) == 1
+    assert not raised(flag, signal.SIGUSR1)                  # the signal is lost
+    flag.reinstall(2)
+    assert reports == [("step 2: SIGUSR1's action was replaced below Python by SIG_IGN; the trainer's handler "
+                        "is installed again")]
+    assert raised(flag, signal.SIGUSR1) and raised(flag, signal.SIGTERM)
+    LIBC.signal(signal.SIGUSR1, ctypes.c_void_p(1))
+    flag.reinstall(3)
+    assert len(reports) == 1 and raised(flag, signal.SIGUSR1)   # said once, installed every time
+
+
+def test_an_action_is_described_by_its_function_and_library():
+    printf = ctypes.cast(LIBC.printf, ctypes.c_void_p).value
+    text = signals.describe_action(printf)
+    assert "printf" in text and "libc" in text, text
+    assert signals.describe_action(0) == "SIG_DFL" and signals.describe_action(1) == "SIG_IGN"
