@@ -61,6 +61,7 @@ SINGLE_PROCESS_KINDS = tuple(k for k in CATEGORIES if not k.startswith("nccl")) 
 GPU_CATS = {"kernel": None, "gpu_memcpy": MEMORY, "gpu_memset": MEMORY}  # event "cat" -> fixed category
 STEPS_IN_NAME = re.compile(r"steps(\d+)-(\d+)")
 TOP = 10
+MIXER_KINDS = ("ssm_scan", "conv1d", "norm")
 ORIGINS_PER_KERNEL = 3    # operator chains listed per kernel
 CHAIN_DEPTH = 4           # innermost operators shown per chain
 
@@ -206,7 +207,12 @@ def markdown(results: list[tuple[str, dict]]) -> str:
     for name, r in results:
         # the top kernels overall, then those of the catch-all kinds, whose names say what they are
         catch_all = [k for k in r["kernels"] if k[3] in (OTHER, MEMORY)][:TOP]
-        for title, top in ((f"top {TOP} kernels", r["kernels"][:TOP]), (f"top {TOP} of {OTHER} and {MEMORY}", catch_all)):
+        # and the Mamba mixer's own kernels, all of them: where a step's time beyond the matmuls goes
+        mixer = [k for k in r["kernels"] if k[3] in MIXER_KINDS]
+        for title, top in ((f"top {TOP} kernels", r["kernels"][:TOP]), (f"top {TOP} of {OTHER} and {MEMORY}", catch_all),
+                           (f"every kernel of {', '.join(MIXER_KINDS)}", mixer)):
+            if not top:
+                continue
             lines += ["", f"### {name}: {title} ({r['steps']} steps)", "",
                       "| kernel | kind | ms/step | count |", "|---|---|---|---|"]
             for kernel, ms, count, kind in top:

@@ -139,6 +139,10 @@ def test_cli_directory_and_out(tmp_path, capsys):
     other = other.split("###")[0]
     kinds = {split_row(ln)[1] for ln in other.splitlines() if ln.startswith("| ") and not ln.startswith("| kernel")}
     assert kinds and kinds <= {"elementwise_other", "memcpy_memset"}
+    # the mixer's kernels, every one (here the scan's alone)
+    mixer = text.split("### rank0_steps20-21.json: every kernel of ssm_scan, conv1d, norm (2 steps)")[1].split("###")[0]
+    assert [split_row(ln)[:2] for ln in mixer.splitlines() if ln.startswith("| _")] == [
+        ["_chunk_scan_fwd_kernel", "ssm_scan"]]
     long_row = next(ln for ln in text.splitlines() if ln.startswith("| void at::native::vectorized"))
     assert len(long_row.split("|")[1].strip()) == 80
 
