@@ -151,6 +151,18 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -
 
 
 # ---------------------------------------------------------------- trainer runs
+def trainer_env(cpu: bool = False) -> dict:
+    """The environment of a trainer process a benchmark starts: the repository importable, no rank or
+    rendezvous inherited from a parent launcher (torchrun sets its own; a world of one needs none); cpu:
+    DeepSpeed's CPU accelerator and no GPU (smoke runs)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    if cpu:
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    return env
+
+
 def torchrun(nproc: int, dtrain_args: list[str], log_path: Path, *, timeout: float, cpu: bool = False,
              ) -> tuple[int | str, str]:
     """`torchrun --nproc_per_node nproc -m dtrain.cli ARGS` on this host: (exit status or 'timeout after
@@ -158,11 +170,7 @@ def torchrun(nproc: int, dtrain_args: list[str], log_path: Path, *, timeout: flo
     from dtrain.engine import free_port
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "dtrain.cli", *dtrain_args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)   # torchrun sets them; stale ones from a parent launcher would confuse it
-    if cpu:
-        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env = trainer_env(cpu)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"$ {shlex.join(cmd)}", flush=True)
     with open(log_path, "w") as log:
@@ -346,6 +354,16 @@ def write_results(out_dir: Path, name: str, title: str, head: dict, tables: list
     path = out_dir / f"{name}.md"
     path.write_text("\n".join(md).rstrip() + "\n")
     return path
+
+
+def save_and_print(out_dir: Path, name: str, head: dict, rows: list[dict], text: str, plot) -> None:
+    """A benchmark with its own markdown: out_dir/name.json (header + rows), name.md (text), name.png
+    (plot(rows, head, path)), and the text printed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps({"header": head, "rows": rows}, indent=1))
+    (out_dir / f"{name}.md").write_text(text)
+    plot(rows, head, out_dir / f"{name}.png")
+    print(text, flush=True)
 
 
 def print_results(path: Path) -> None:

@@ -11,7 +11,6 @@ read 732-775 TFLOP/s and sustained windows 650-710 (docs/benchmarks.md, ninth ru
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -97,12 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.idle, args.settle, args.window_calls = 64, 0.0, 0.05, 2
     rows = measure(device, args.n, args.bursts, args.idle, args.settle, args.windows, args.window_calls)
     head = common.header(device, "bench.matmul_peak", size=f"{args.n}^3 bf16 torch.mm")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "matmul_peak.json").write_text(json.dumps({"header": head, "rows": rows}, indent=1))
-    text = markdown(rows, head)
-    (args.out / "matmul_peak.md").write_text(text)
-    plot(rows, head, args.out / "matmul_peak.png")
-    print(text, flush=True)
+    common.save_and_print(args.out, "matmul_peak", head, rows, markdown(rows, head), plot)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 from pathlib import Path
 
 import torch
@@ -147,12 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda")
     rows = measure(args.rows, args.d_model, args.d_inner, device, args.iters)
     head = common.header(device, "bench.norm_backward")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "norm_backward.json").write_text(json.dumps({"header": head, "rows": rows}, indent=1))
-    text = markdown(rows, head)
-    (args.out / "norm_backward.md").write_text(text)
-    plot(rows, head, args.out / "norm_backward.png")
-    print(text, flush=True)
+    common.save_and_print(args.out, "norm_backward", head, rows, markdown(rows, head), plot)
     return 0
 
 

@@ -46,11 +46,7 @@ def drill(args, sig: signal.Signals) -> dict:
     """One run: SIGNAL after step --after-step; the row of the table."""
     name = sig.name.removeprefix("SIG")
     cmd = [sys.executable, "-m", "dtrain.cli", "train", "--config", str(args.config), *overrides(args, name)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")]))}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    if args.smoke:
-        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env = common.trainer_env(cpu=args.smoke)
     log_path = args.out / "preempt_check_logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     row = {"signal": sig.name, "sent_after": None, "saved_at": None, "seconds_to_exit": None, "exit": None}
