@@ -50,7 +50,7 @@ from model.config import MambaConfig, ModelConfig
 from model.diffusion import mask_batch
 from model.graphs import GraphedDenoiser
 from model.lm import DiffusionLM
-from model.mamba2 import BiMamba2, add_time_reversed, reverse_time
+from model.mamba2 import BiMamba2, Mamba2Mixer, add_time_reversed, reverse_time
 from model.presets import get_preset
 
 DEFAULT_SIZES = {
@@ -281,6 +281,50 @@ def norm_launch_checks(device, rows: int = 4096) -> list:
     return checks
 
 
+MIXER_CASES = {"fp32": (torch.float32, 1e-5, 2000), "bf16": (torch.bfloat16, 1e-2, 2048)}   # 2000: a part chunk
+
+
+def mixer_function_checks(device, gen, cases=tuple(MIXER_CASES)) -> list:
+    """model/mixer_function (the chunk states kept for the backward) against mamba_ssm's own
+    mamba_split_conv1d_scan_combined and against float64 (the reference path), one 1.3B mixer direction,
+    fp32 at L = 2000 (a part chunk) and bf16 autocast at 2048. Against mamba_ssm: equal up to the order of
+    atomic adds in fp32; in bf16 the kept states are bf16 where mamba_ssm recomputes them in fp32 for the
+    decay gradient. Against float64: no further from it than mamba_ssm's function (25% slack)."""
+    if device.type != "cuda" or kernels._mixer_keeping_states is None:
+        return []
+    torch.manual_seed(6)
+    mixer = Mamba2Mixer(get_preset("1.3b-diffumamba-h")).to(device)
+    reference = copy.deepcopy(mixer).double()
+    names = ["output", "grad zxbcdt", "grad conv weight", "grad conv bias", "grad dt_bias", "grad A_log",
+             "grad D", "grad norm weight", "grad out_proj weight"]
+
+    def params(m):
+        return [m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight, m.out_proj.weight]
+
+    def run(m, z, keep, autocast):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            return (kernels.fused_mixer(z, m.conv_weight, m.conv1d.bias, m.dt_bias, m.A, m.D, m.chunk_size,
+                                        m.norm.weight, m.norm.eps, m.out_proj.weight, m.headdim, m.ngroups, keep),)
+
+    def output_and_grads(m, z, keep=True, autocast=False):
+        if m is reference:      # the reference path: conv, model.ssd's chunked scan, gated norm, out_proj
+            with kernels.use_reference_kernels():
+                outs, grads = outputs_and_grads(lambda t: (m.out_proj(m.mix(t)),), [z], params(m))
+        else:
+            outs, grads = outputs_and_grads(functools.partial(run, m, keep=keep, autocast=autocast), [z], params(m))
+        return [t.detach().clone() for t in outs + grads]
+    checks = []
+    for dtype, tol, seqlen in (MIXER_CASES[c] for c in cases):
+        zxbcdt = torch.randn(2, seqlen, mixer.d_in_proj, generator=gen).to(device, dtype)
+        got, want = (output_and_grads(mixer, zxbcdt, keep, dtype == torch.bfloat16) for keep in (True, False))
+        exact = output_and_grads(reference, zxbcdt.double())
+        for name, a, b, c in zip(names, got, want, exact):
+            what = f"fused mixer, states kept (1.3B, L {seqlen}): {name}"
+            checks.append((f"{what} vs mamba_ssm's function", dtype, a, b, tol))
+            checks.append((f"{what} vs float64", dtype, a, c, max(1.25 * rel_err(b.double(), c), 1e-6)))
+    return checks
+
+
 def hook_accumulate_grad_nodes(model, hook) -> list:
     """As DeepSpeed's ZeRO does: `hook` on every parameter's AccumulateGrad node, the nodes kept alive
     (returned)."""
@@ -349,7 +393,7 @@ def run_model_checks(device, lines) -> bool:
     reference path, and DiffusionLM's logits at masked positions only (score_mask, the training path)
     against the same rows of its full logits, on the kernel path."""
     gen = torch.Generator(device="cpu").manual_seed(2)
-    checks = piece_checks(device, gen) + norm_launch_checks(device)
+    checks = piece_checks(device, gen) + norm_launch_checks(device) + mixer_function_checks(device, gen)
 
     # the whole model, fp32 on the kernel path (tf32 inside the Triton kernels) vs float64 reference path
     torch.manual_seed(4)
@@ -403,7 +447,11 @@ def run_model_checks(device, lines) -> bool:
                        torch.tensor([1.0]), 1e-6))
 
     checks += training_graph_checks(device, gen)
+    return report_checks(checks, lines)
 
+
+def report_checks(checks, lines) -> bool:
+    """Print and append the table of (what, dtype, got, want, tol) checks; whether all pass."""
     lines.append("## Model pieces on the kernel path\n")
     lines.append("| check | dtype | max abs | rel | tol | ok |")
     lines.append("|---|---|---|---|---|---|")
@@ -479,6 +527,10 @@ def main(argv=None):
                             ("bench-iters", None)]:
         p.add_argument(f"--{name}", type=int, help=help_text)
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--mixer-function-only", action="store_true",
+                   help="only model/mixer_function against mamba_ssm's function and float64 (Triton's autotuning "
+                        "of its kernels takes minutes on a fresh machine)")
+    p.add_argument("--mixer-cases", nargs="+", choices=sorted(MIXER_CASES), default=sorted(MIXER_CASES))
     p.add_argument("--pieces-only", action="store_true",
                    help="only the model-level checks (every kernel once, a whole model): minutes less than the "
                         "mixer matrix, whose Triton autotuning takes about 40 s a row")
@@ -496,8 +548,13 @@ def main(argv=None):
              f"- torch {torch.__version__}; kernels on {device.type}: {kernels.describe(device)}",
              f"- import errors: {kernels.IMPORT_ERRORS or 'none'}\n"]
     print("\n".join(lines), flush=True)
-    all_pass = True if args.pieces_only else run_validation(args, device, lines)
-    all_pass &= run_model_checks(device, lines)
+    if args.mixer_function_only:
+        all_pass = report_checks(mixer_function_checks(device, torch.Generator().manual_seed(2), args.mixer_cases),
+                                 lines)
+        args.skip_bench = True
+    else:
+        all_pass = True if args.pieces_only else run_validation(args, device, lines)
+        all_pass &= run_model_checks(device, lines)
     if not args.skip_bench:
         run_timing(args, device, lines)
     lines.append(f"**{'PASS' if all_pass else 'FAIL'}**")

@@ -37,7 +37,9 @@ COLUMNS = [("signal", "signal", "s"), ("sent after step", "sent_after", "d"), ("
 
 def overrides(args, name: str) -> list[str]:
     return [f"run.name=preempt_{name}", f"run.out_dir={args.out / 'preempt_check_runs' / name}",
-            "train.steps=1000000", "train.eval_interval=0", "checkpoint.interval=0", "checkpoint.save_final=false",
+            # the config's global batch assumes its GPU count: one process accumulates what the config says
+            "train.steps=1000000", "train.global_batch_size=null", "train.eval_interval=0",
+            "checkpoint.interval=0", "checkpoint.save_final=false",
             "logging.log_interval=1", "logging.num_samples=0", *common.builtin_data_overrides(args),
             *args.override]
 
@@ -78,7 +80,7 @@ def check(row: dict, text: str, sig: signal.Signals, max_late: int) -> dict:
     if found:
         row["saved_at"] = int(found[3])
     if row["sent_after"] is None:
-        problem = "the run ended before the step the signal was due after"
+        problem = f"the run ended before the step the signal was due after: {common.log_tail(text, lines=1)}"
     elif row["exit"] != 0:
         problem = f"exit status {row['exit']}"
     elif not found or found[1] != sig.name:

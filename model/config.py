@@ -46,6 +46,9 @@ class MambaConfig:
     # None picks by d_model; true halves the mixer's launches, which pays where the host cannot keep up
     # with the GPU (small micro-batches).
     fuse_directions: bool | None = None
+    # GPU: the fused mixer keeps the states entering the scan's chunks for its backward instead of
+    # recomputing them (model/mixer_function.py): 2% faster at 1.3B, and 2.1 GB more at micro-batch 8 x 2048.
+    keep_scan_states: bool = True
 
 
 @dataclass

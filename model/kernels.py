@@ -11,6 +11,8 @@
     flip           the bidirectional mixer's time reversals, the same way (model/mamba2.py)
     fused_mixer    mamba_ssm's `mamba_split_conv1d_scan_combined`: conv + scan + gated norm + out_proj of
                    one Mamba-2 direction in one autograd function    else  the caller composes the above
+                   (by default model/mixer_function.py's copy of it, whose backward does not recompute
+                   the scan's chunk states)
     flash_attn_func  flash-attn's kernel, or None
 
 A kernel is used only on CUDA tensors and only when its package imports. The reference path can be
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from model import norm_backward, ssd
+from model import mixer_function, norm_backward, ssd
 
 KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
@@ -139,6 +141,13 @@ if HAS_MAMBA_TRITON:   # the norms' backward launched with more rows in flight (
                                 for name in ("layer_norm", "layernorm_gated", "ssd_combined")))
     except RuntimeError as e:   # another mamba_ssm: its own launch, with a note
         IMPORT_ERRORS["norm_backward"] = str(e)
+_mixer_keeping_states = None
+if _mamba_split_conv1d_scan_combined is not None:
+    try:
+        _mixer_keeping_states = mixer_function.MixerFunction.build(
+            import_skipping_package_init("mamba_ssm.ops.triton.ssd_combined"))
+    except RuntimeError as e:   # another mamba_ssm: its own function, which recomputes the states
+        IMPORT_ERRORS["mixer_function"] = str(e)
 HAS_CAUSAL_CONV1D = _causal_conv1d_fn is not None
 HAS_FLASH_ATTN = flash_attn_func is not None
 # torch.compile generates Triton kernels on a GPU: usable where Triton imports (it ships with CUDA torch)
@@ -270,11 +279,16 @@ def fused_mixer_usable(zxbcdt: torch.Tensor, conv_channels: int, conv_width: int
 
 
 def fused_mixer(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, norm_eps, out_weight,
-                headdim, ngroups):
+                headdim, ngroups, keep_scan_states=True):
     """out_proj(RMSNorm(SSD(silu(conv(xBC))) * silu(z))) from zxbcdt = in_proj(u) = [z, xBC, dt], one
     direction, the same function as Mamba2Mixer's pieces (norm over groups, gate before the norm).
     One autograd function: its backward recomputes the conv and the norm output instead of keeping
-    them, and writes the gradients of z, xBC and dt into one buffer (no concatenation)."""
+    them, and writes the gradients of z, xBC and dt into one buffer (no concatenation).
+    keep_scan_states: keep the scan's chunk states etc. for the backward (model/mixer_function.py),
+    instead of mamba_ssm's recomputing them."""
+    if keep_scan_states and _mixer_keeping_states is not None:
+        return _mixer_keeping_states(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight,
+                                     norm_eps, out_weight, headdim, ngroups)
     return _mamba_split_conv1d_scan_combined(
         zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, activation="silu",
         rmsnorm_weight=norm_weight, rmsnorm_eps=norm_eps, outproj_weight=out_weight, outproj_bias=None,

@@ -11,8 +11,9 @@ BiMamba2 runs one mixer over the sequence and one over the reversed sequence and
 so every position sees the whole sequence, as a masked-diffusion denoiser needs.
 
 On a GPU with mamba-ssm and causal-conv1d, a direction's conv, scan, gated norm and out_proj run as one
-fused autograd function (kernels.fused_mixer, the same function; its backward recomputes instead of
-storing, -23% training memory at 1.3B); elsewhere, and when the directions are fused, the pieces run.
+fused autograd function (kernels.fused_mixer, the same function; its backward recomputes the conv and
+the norm instead of storing them, -23% training memory at 1.3B, and by default keeps the scan's chunk
+states, model/mixer_function.py); elsewhere, and when the directions are fused, the pieces run.
 
 A_log, D and dt_bias stay fp32 when the module is cast to bf16 (exp(A_log) and softplus(dt) lose too
 much in bf16); the scan itself runs in fp32 in the reference and inside the Triton kernel.
@@ -58,6 +59,7 @@ class Mamba2Mixer(nn.Module):
         self.d_model, self.d_inner = cfg.d_model, cfg.d_inner
         self.nheads, self.headdim = cfg.mamba_nheads, m.headdim
         self.ngroups, self.d_state, self.chunk_size = m.ngroups, m.d_state, m.chunk_size
+        self.keep_scan_states = m.keep_scan_states
         self.dt_min, self.dt_max = m.dt_min, m.dt_max
         self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state          # channels of x, B, C
         self.d_in_proj = self.d_inner + self.conv_dim + self.nheads             # z, xBC, dt
@@ -133,7 +135,7 @@ class Mamba2Mixer(nn.Module):
             # the same function in one autograd node: less activation memory, fewer copies (kernels.py)
             return kernels.fused_mixer(zxbcdt, self.conv_weight, self.conv1d.bias, self.dt_bias, self.A, self.D,
                                        self.chunk_size, self.norm.weight, self.norm.eps, self.out_proj.weight,
-                                       self.headdim, self.ngroups)
+                                       self.headdim, self.ngroups, self.keep_scan_states)
         return self.out_proj(self.mix(zxbcdt))
 
 

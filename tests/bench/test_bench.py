@@ -510,9 +510,13 @@ def test_matmul_peak_bursts_and_sustained_windows(tmp_path, monkeypatch):
 
 
 def test_preempt_check_smoke_checkpoints_on_each_signal(tmp_path):
-    """bench.preempt_check on the CPU: SIGUSR1 and SIGTERM after step 2, each run checkpoints within 2 steps."""
+    """bench.preempt_check on the CPU: SIGUSR1 and SIGTERM after step 2, each run checkpoints within 2 steps.
+    The config sets a global batch for 8 GPUs, as the shipped ones do: the drill's one process must run."""
     from bench import preempt_check
-    run_module("bench.preempt_check", "--smoke", "--out", str(tmp_path), "--after-step", "2",
+    config = tmp_path / "eight_gpus.yaml"
+    config.write_text((REPO / "configs" / "tiny_cpu.yaml").read_text().replace(
+        "  grad_accum: 1\n", "  grad_accum: 1\n  global_batch_size: 128\n"))
+    run_module("bench.preempt_check", "--smoke", "--config", str(config), "--out", str(tmp_path), "--after-step", "2",
                "--data-root", str(TEST_CACHE / "builtin"), "data.seq_len=32", timeout=240)
     rows = json.loads((tmp_path / "preempt_check.json").read_text())["rows"]
     assert [(r["signal"], r["sent_after"], r["exit"], r["ok"]) for r in rows] == [
@@ -522,6 +526,8 @@ def test_preempt_check_smoke_checkpoints_on_each_signal(tmp_path):
     usr1 = preempt_check.signal.SIGUSR1
     lost = preempt_check.check({"sent_after": 2, "exit": 0}, "step 2/9\nstep 9/9\n", usr1, 2)
     assert lost["ok"] == "no" and "did not reach" in lost["problem"]
+    early = preempt_check.check({"sent_after": None, "exit": 2}, "loading\nconfig error: train.steps: bad\n", usr1, 2)
+    assert early["ok"] == "no" and "config error: train.steps: bad" in early["problem"]
     saved = next((tmp_path / "preempt_check_runs" / "USR1" / "checkpoints").glob("step*"))
     line = f"PREEMPTED: received SIGUSR1; checkpoint {saved} saved at step 9; exiting"
     assert "more than 2 steps" in preempt_check.check({"sent_after": 2, "exit": 0}, line, usr1, 2)["problem"]

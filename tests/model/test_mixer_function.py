@@ -1,0 +1,89 @@
+"""model/mixer_function: one Mamba-2 direction whose backward runs on the scan's kept chunk states.
+
+Triton does not run here: the function runs on float64 stand-ins of mamba_ssm's launchers
+(tests/model/ssd_emulation.py, bound by the launchers' parameter names). Its output and every gradient
+are compared with autograd through the model's own reference path (conv, model.ssd's chunked scan, gated
+norm, out_proj), so a kept piece handed to the wrong kernel, a gradient written to the wrong buffer or a
+missing term shows. bench/gpu_validate.py compares it with mamba_ssm's own function on a GPU."""
+import pytest
+import torch
+
+from model import mixer_function
+from model.config import MambaConfig, ModelConfig
+from model.mamba2 import Mamba2Mixer
+from tests.model import ssd_emulation
+
+
+def mixer(ngroups, seed=0):
+    cfg = ModelConfig(d_model=12, layer_pattern="M", mamba=MambaConfig(
+        d_state=3, headdim=4, expand=2, chunk_size=8, ngroups=ngroups))
+    torch.manual_seed(seed)
+    m = Mamba2Mixer(cfg).double()
+    with torch.no_grad():               # every parameter off its initial value, so wiring mistakes show
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+def fused_args(m, zxbcdt):
+    return (zxbcdt, m.conv_weight, m.conv1d.bias, m.dt_bias, m.A, m.D, m.chunk_size, m.norm.weight, m.norm.eps,
+            m.out_proj.weight, m.headdim, m.ngroups)
+
+
+def output_and_grads(m, zxbcdt, run, dout):
+    m.zero_grad(set_to_none=True)
+    zxbcdt = zxbcdt.detach().requires_grad_()
+    out = run(zxbcdt)
+    out.backward(dout)
+    return out.detach(), {"zxbcdt": zxbcdt.grad, **{n: p.grad for n, p in m.named_parameters() if n != "in_proj.weight"}}
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_matches_the_reference_path(ngroups, chunks):
+    m = mixer(ngroups)
+    fused = mixer_function.MixerFunction.build(ssd_emulation.namespace())
+    g = torch.Generator().manual_seed(ngroups * 10 + chunks)
+    zxbcdt = torch.randn(2, 8 * chunks, m.d_in_proj, generator=g, dtype=torch.float64)
+    dout = torch.randn(2, 8 * chunks, m.d_model, generator=g, dtype=torch.float64)
+
+    want_out, want = output_and_grads(m, zxbcdt, lambda t: m.out_proj(m.mix(t)), dout)
+    got_out, got = output_and_grads(m, zxbcdt, lambda t: fused(*fused_args(m, t)), dout)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-10, atol=1e-10)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name] is not None, f"no gradient for {name}"
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_backward_does_not_recompute_the_states():
+    calls = []
+
+    def counted(name):
+        fn = getattr(ssd_emulation, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        wrapper.__signature__ = __import__("inspect").signature(fn)
+        return wrapper
+    names = ("_chunk_cumsum_fwd", "_chunk_state_fwd", "_state_passing_fwd", "_bmm_chunk_fwd", "_chunk_scan_fwd")
+    fused = mixer_function.MixerFunction.build(ssd_emulation.namespace(**{n: counted(n) for n in names}))
+    m = mixer(1)
+    zxbcdt = torch.randn(1, 16, m.d_in_proj, dtype=torch.float64, requires_grad=True)
+    out = fused(*fused_args(m, zxbcdt))
+    assert sorted(calls) == sorted(names)
+    calls.clear()
+    out.sum().backward()
+    assert sorted(calls) == ["_bmm_chunk_fwd", "_chunk_cumsum_fwd"], "only the cheap pieces are recomputed"
+
+
+def test_build_refuses_another_mamba_ssm():
+    def renamed(dt, A, chunk_size, dt_bias=None, softplus=False, dt_limit=(0.0, float("inf"))):
+        raise AssertionError
+    with pytest.raises(RuntimeError, match="_chunk_cumsum_fwd is not the launcher"):
+        mixer_function.MixerFunction.build(ssd_emulation.namespace(_chunk_cumsum_fwd=renamed))
+    with pytest.raises(RuntimeError, match="_mamba_chunk_scan_combined_bwd"):
+        mixer_function.MixerFunction.build(ssd_emulation.namespace(_mamba_chunk_scan_combined_bwd=lambda dout: None))
+    with pytest.raises(RuntimeError, match="causal_conv1d_bwd_function"):
+        mixer_function.MixerFunction.build(ssd_emulation.namespace(causal_conv1d_bwd_function=None))
