@@ -3,7 +3,8 @@ loop acts on (dtrain/loop.py: the ranks agree on it, save a checkpoint and retur
 
 On a GPU, something in the first training step (kernel compilation or CUDA-graph capture, in a library)
 replaced the process's SIGUSR1 action below Python, which still reported its own handler: the signal was
-swallowed and the run never checkpointed (measured on an H100, docs/benchmarks.md, tenth run). So the loop
+swallowed and the run never checkpointed (measured on an H100, docs/benchmarks.md, tenth run; the eleventh
+named Triton's libtriton.so, which links LLVM, as the one replacing both SIGTERM and SIGUSR1). So the loop
 installs the handler again around every step (`StopFlag.reinstall`), and the first time it finds an action
 replaced it says which library's function had taken its place (libc's sigaction and dladdr, through ctypes;
 where they are missing, it installs again without saying). A signal that comes while another action is in
