@@ -10,13 +10,14 @@ One run per signal, one process (`python -m dtrain.cli train`, a world of one), 
 Checked for each: exit status 0, the PREEMPTED line naming the signal, a complete checkpoint (its COMPLETE
 marker) at the step that line names, saved within --max-late steps of the signal (the ranks agree on it a
 step late). Writes preempt_check.{md,json} and the runs' logs under preempt_check_logs/; exit status 1 when
-a check fails.
+a check fails. Each run's checkpoints (GBs at 240M) are deleted once checked, unless --keep-runs.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,8 @@ def drill(args, sig: signal.Signals) -> dict:
     if sent_at is not None:
         row["seconds_to_exit"] = time.time() - sent_at
     row.update(check(row, "".join(text), sig, args.max_late))
+    if not args.keep_runs:
+        shutil.rmtree(args.out / "preempt_check_runs" / name, ignore_errors=True)
     return row
 
 
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--after-step", type=int, default=6, help="send the signal once this step is logged")
     ap.add_argument("--max-late", type=int, default=2, help="the checkpoint's step at most this many after it")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    ap.add_argument("--keep-runs", action="store_true", help="keep each run's folder (checkpoints) after the check")
     common.add_builtin_data_args(ap)
     ap.add_argument("--out", type=Path, default=Path("bench_results"))
     ap.add_argument("override", nargs="*", help="more dtrain overrides for every run")

@@ -522,13 +522,17 @@ def test_preempt_check_smoke_checkpoints_on_each_signal(tmp_path):
     assert [(r["signal"], r["sent_after"], r["exit"], r["ok"]) for r in rows] == [
         ("SIGUSR1", 2, 0, "yes"), ("SIGTERM", 2, 0, "yes")], rows
     assert all(2 < r["saved_at"] <= 4 for r in rows)
+    assert not any((tmp_path / "preempt_check_runs").iterdir()), "the runs' checkpoints are deleted once checked"
+    assert (tmp_path / "preempt_check_logs" / "USR1.log").is_file()
     # a signal that never reached the trainer, a late checkpoint, an incomplete one: each a failure that says so
     usr1 = preempt_check.signal.SIGUSR1
     lost = preempt_check.check({"sent_after": 2, "exit": 0}, "step 2/9\nstep 9/9\n", usr1, 2)
     assert lost["ok"] == "no" and "did not reach" in lost["problem"]
     early = preempt_check.check({"sent_after": None, "exit": 2}, "loading\nconfig error: train.steps: bad\n", usr1, 2)
     assert early["ok"] == "no" and "config error: train.steps: bad" in early["problem"]
-    saved = next((tmp_path / "preempt_check_runs" / "USR1" / "checkpoints").glob("step*"))
+    saved = tmp_path / "checkpoints" / "step00000009"
+    saved.mkdir(parents=True)
+    (saved / preempt_check.MARKER).write_text("")
     line = f"PREEMPTED: received SIGUSR1; checkpoint {saved} saved at step 9; exiting"
     assert "more than 2 steps" in preempt_check.check({"sent_after": 2, "exit": 0}, line, usr1, 2)["problem"]
     (saved / preempt_check.MARKER).unlink()
