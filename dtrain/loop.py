@@ -31,6 +31,7 @@ from dtrain.pipe_sampling import pipeline_sample
 from dtrain.pipeline import nan_unless_finite
 from dtrain.profiling import StepProfiler
 from dtrain.signals import StopFlag
+from model import kernels
 from model.diffusion import diffusion_loss_selected, elbo_perplexity, scored_index
 from model.flops import expected_masked_fraction, peak_flops, train_flops_per_token
 from model.lm import DiffusionLM
@@ -292,6 +293,7 @@ class Trainer:
         rank0_print(f"world {self.world} = {self.trainee.dp_size} data-parallel x {self.trainee.num_stages} "
                     f"pipeline stages | ZeRO-{cfg.parallel.zero_stage} | {cfg.train.precision} | global batch "
                     f"{cfg.train.micro_batch_size * cfg.train.grad_accum * self.trainee.dp_size} x {self.seq_len}")
+        rank0_print(kernels.summary(self.device))
 
     # ---- checkpoints
     def restore(self) -> None:

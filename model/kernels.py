@@ -211,6 +211,20 @@ def describe(device: torch.device | str = "cuda") -> dict[str, str]:
     return {name: "kernel" if _on(name, on_gpu) else "reference" for name in KERNEL_NAMES}
 
 
+def summary(device: torch.device | str = "cuda") -> str:
+    """One log line: the kernels `device` runs, those on the reference path, and why a package is missing
+    or mamba_ssm's own function runs instead of ours (a cluster node without a package shows here)."""
+    used = describe(device)
+    kernels = [n for n in KERNEL_NAMES if used[n] == "kernel"]
+    reference = [n for n in KERNEL_NAMES if used[n] == "reference"]
+    line = f"kernels on {torch.device(device).type}: {', '.join(kernels) or 'none'}"
+    if reference:
+        line += f" | reference path: {', '.join(reference)}"
+    if torch.device(device).type == "cuda" and IMPORT_ERRORS:
+        line += " | " + "; ".join(f"{k}: {v[:160]}" for k, v in sorted(IMPORT_ERRORS.items()))
+    return line
+
+
 # ---------------------------------------------------------------- the scan
 def chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False):
     """Mamba-2 SSD scan. x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n), D/dt_bias (h,).

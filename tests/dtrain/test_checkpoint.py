@@ -97,6 +97,7 @@ def test_sigusr1_on_one_rank_checkpoints_and_exits_cleanly(tmp_path, dataset):
     out = "".join(lines) + proc.stdout.read()
     assert proc.wait(timeout=120) == 0, out[-4000:]
     assert "PREEMPTED" in out and "--resume auto" in out
+    assert "kernels on cpu: none | reference path: scan, " in out      # the banner says which path runs
     ckpts = tmp_path / "sig" / "checkpoints"
     tag = (ckpts / LATEST).read_text()
     assert (ckpts / tag / MARKER).is_file() and int(tag[4:]) >= 3

@@ -237,15 +237,20 @@ def split_conv1d_scan_contract(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D
     return (y * rmsnorm_weight) @ outproj_weight.T
 
 
+@pytest.mark.parametrize("keep_scan_states", [True, False])
 @pytest.mark.parametrize("directions,fuse,d_state,expect_fused", [
     ("independent", False, 4, True),          # the 1.3B case: one fused call per direction
     ("independent", False, 3, False),         # 70 conv channels: causal-conv1d's channel-last path refuses
     ("independent", True, 4, False),          # directions fused: their own kernel calls
     ("tied_projections", False, 4, False)])   # shared projections: out_proj after the sum
-def test_fused_mixer_receives_the_mixers_arguments(monkeypatch, directions, fuse, d_state, expect_fused):
+def test_fused_mixer_receives_the_mixers_arguments(monkeypatch, directions, fuse, d_state, expect_fused,
+                                                   keep_scan_states):
+    """Mamba2Mixer's arguments reach mamba_ssm's function, or with keep_scan_states model/mixer_function's
+    (its signature is kernels.fused_mixer's), and give the mixer's pieces' result."""
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=32, layer_pattern="M", mamba=MambaConfig(
-        d_state=d_state, headdim=8, chunk_size=8, ngroups=2, directions=directions))
+        d_state=d_state, headdim=8, chunk_size=8, ngroups=2, directions=directions,
+        keep_scan_states=keep_scan_states))
     bi = BiMamba2(cfg, fuse_directions=fuse).double()
     with torch.no_grad():                     # non-trivial norm weights and D, so a swapped argument shows
         for name, p in bi.named_parameters():
@@ -256,14 +261,34 @@ def test_fused_mixer_receives_the_mixers_arguments(monkeypatch, directions, fuse
     calls = []
 
     def fused(*args, **kwargs):
-        calls.append(args[0].shape)
+        calls.append("mamba_ssm")
         return split_conv1d_scan_contract(*args, **kwargs)
 
+    def kept(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, norm_eps, out_weight, headdim,
+             ngroups):
+        calls.append("kept states")
+        return split_conv1d_scan_contract(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, activation="silu",
+                                          rmsnorm_weight=norm_weight, rmsnorm_eps=norm_eps, outproj_weight=out_weight,
+                                          headdim=headdim, ngroups=ngroups, norm_before_gate=False)
+
     monkeypatch.setattr(kernels, "_mamba_split_conv1d_scan_combined", fused)
+    monkeypatch.setattr(kernels, "_mixer_keeping_states", kept)
     monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: name == "mixer")
     got = bi(x)
-    assert len(calls) == (2 if expect_fused else 0)
+    assert calls == ([("kept states" if keep_scan_states else "mamba_ssm")] * 2 if expect_fused else [])
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_summary_names_the_paths_and_why_a_kernel_is_missing(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    available = dict.fromkeys(kernels.KERNEL_NAMES, True)
+    available["attn"] = False
+    monkeypatch.setattr(kernels, "_AVAILABLE", available)
+    monkeypatch.setattr(kernels, "IMPORT_ERRORS", {"flash_attn": "ModuleNotFoundError('flash_attn')"})
+    line = kernels.summary("cuda")
+    assert line.startswith("kernels on cuda: scan, conv, ") and "| reference path: attn |" in line
+    assert line.endswith("flash_attn: ModuleNotFoundError('flash_attn')")
+    assert kernels.summary("cpu") == f"kernels on cpu: none | reference path: {', '.join(kernels.KERNEL_NAMES)}"
 
 
 def test_forcing_a_piece_of_the_fused_mixer_forces_the_mixer(monkeypatch):
