@@ -107,10 +107,22 @@ dengine.setup_distributed()
 """
 
 
+# A probe that finished leaves as `dtrain` does (dtrain/cli.py console_main): without the interpreter's
+# finalisation, where a native thread of torch.distributed / DeepSpeed now and then aborts a finished rank.
+PROBE_EXIT = r"""
+import os, sys
+import torch.distributed as _dist
+if _dist.is_initialized():
+    _dist.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
+"""
+
+
 def run_probe(code: str, tmp: Path, *args: str, nproc: int = 1, timeout: int = 300) -> str:
     """Run ENGINE_PROBE + code in fresh processes (torchrun for nproc > 1) with `args`; their stdout."""
     script = tmp / "probe.py"
-    script.write_text(ENGINE_PROBE + code)
+    script.write_text(ENGINE_PROBE + code + PROBE_EXIT)
     proc = subprocess.run([*launcher(nproc), str(script), *args], cwd=REPO, env=cpu_env(), capture_output=True,
                           text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
