@@ -306,18 +306,16 @@ def mixer_function_checks(device, gen, cases=tuple(MIXER_CASES)) -> list:
             return (kernels.fused_mixer(z, m.conv_weight, m.conv1d.bias, m.dt_bias, m.A, m.D, m.chunk_size,
                                         m.norm.weight, m.norm.eps, m.out_proj.weight, m.headdim, m.ngroups, keep),)
 
-    def output_and_grads(m, z, keep=True, autocast=False):
-        if m is reference:      # the reference path: conv, model.ssd's chunked scan, gated norm, out_proj
-            with kernels.use_reference_kernels():
-                outs, grads = outputs_and_grads(lambda t: (m.out_proj(m.mix(t)),), [z], params(m))
-        else:
-            outs, grads = outputs_and_grads(functools.partial(run, m, keep=keep, autocast=autocast), [z], params(m))
+    def output_and_grads(fn, m, z):
+        outs, grads = outputs_and_grads(fn, [z], params(m))
         return [t.detach().clone() for t in outs + grads]
     checks = []
     for dtype, tol, seqlen in (MIXER_CASES[c] for c in cases):
         zxbcdt = torch.randn(2, seqlen, mixer.d_in_proj, generator=gen).to(device, dtype)
-        got, want = (output_and_grads(mixer, zxbcdt, keep, dtype == torch.bfloat16) for keep in (True, False))
-        exact = output_and_grads(reference, zxbcdt.double())
+        got, want = (output_and_grads(functools.partial(run, mixer, keep=keep, autocast=dtype == torch.bfloat16),
+                                      mixer, zxbcdt) for keep in (True, False))
+        with kernels.use_reference_kernels():   # conv, model.ssd's chunked scan, gated norm, out_proj
+            exact = output_and_grads(lambda t: (reference.out_proj(reference.mix(t)),), reference, zxbcdt.double())
         for name, a, b, c in zip(names, got, want, exact):
             what = f"fused mixer, states kept (1.3B, L {seqlen}): {name}"
             checks.append((f"{what} vs mamba_ssm's function", dtype, a, b, tol))

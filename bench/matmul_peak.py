@@ -74,10 +74,7 @@ def plot(rows: list[dict], head: dict, path: Path) -> None:
     ax.set_ylabel("bf16 matmul TFLOP/s")
     ax.set_xticks([])
     ax.legend(loc="lower right")
-    ax.set_title(f"matmul rate — {head['card']} — {head['date']} — {head['commit']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, head, "matmul rate", path)
 
 
 def main(argv: list[str] | None = None) -> int:

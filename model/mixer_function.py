@@ -70,6 +70,16 @@ def split_xBC(xBC, nheads, ngroups, dstate):
             rearrange(C, "b l (g n) -> b l g n", g=ngroups))
 
 
+def split_inputs(ssd, zxbcdt, conv_weight, conv_bias, nheads, headdim, ngroups):
+    """zxbcdt = [z, xBC, dt] -> (sizes of the three, z, xBC, dt, (x, B, C) from silu(conv(xBC)))."""
+    d_inner = nheads * headdim
+    dstate = (conv_weight.shape[0] - d_inner) // ngroups // 2
+    sizes = [d_inner, d_inner + 2 * ngroups * dstate, nheads]
+    assert zxbcdt.shape[-1] == sum(sizes), "zxbcdt is not [z, xBC, dt]"
+    z, xBC, dt_raw = torch.split(zxbcdt, sizes, dim=-1)
+    return sizes, z, xBC, dt_raw, split_xBC(conv_silu(ssd, xBC, conv_weight, conv_bias), nheads, ngroups, dstate)
+
+
 def chunk_pieces(ssd, x, dt_raw, A, B, C, dt_bias, chunk_size):
     """(dA_cumsum, softplus(dt + dt_bias), CB), as mamba_ssm computes them (fp32)."""
     dA_cumsum, dt = ssd._chunk_cumsum_fwd(dt_raw, A, chunk_size, dt_bias=dt_bias, dt_softplus=True,
@@ -126,12 +136,9 @@ class MixerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ssd, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, norm_eps,
                 out_weight, headdim, ngroups):
-        nheads = D.shape[0]
-        d_inner = nheads * headdim
-        dstate = (conv_weight.shape[0] - d_inner) // ngroups // 2
-        assert zxbcdt.shape[-1] == 2 * d_inner + 2 * ngroups * dstate + nheads, "zxbcdt is not [z, xBC, dt]"
-        z, xBC, dt_raw = torch.split(zxbcdt, [d_inner, d_inner + 2 * ngroups * dstate, nheads], dim=-1)
-        x, B, C = split_xBC(conv_silu(ssd, xBC, conv_weight, conv_bias), nheads, ngroups, dstate)
+        sizes, z, _, dt_raw, (x, B, C) = split_inputs(ssd, zxbcdt, conv_weight, conv_bias, D.shape[0], headdim,
+                                                      ngroups)
+        d_inner = sizes[0]
         y, states = scan_forward(ssd, x, dt_raw, A, B, C, D, dt_bias, chunk_size)
         normed, _, rstd = ssd._layer_norm_fwd(
             rearrange(y, "b s h p -> (b s) (h p)"), norm_weight.contiguous(), None, norm_eps,
@@ -151,16 +158,14 @@ class MixerFunction(torch.autograd.Function):
         (zxbcdt, conv_weight, conv_bias, y, A, D, dt_bias, norm_weight, rstd, out_weight,
          states) = ctx.saved_tensors
         ssd, ngroups = ctx.ssd, ctx.ngroups
-        nheads = D.shape[0]
-        d_inner = nheads * ctx.headdim
-        dstate = (conv_weight.shape[0] - d_inner) // ngroups // 2
-        z, xBC, dt_raw = torch.split(zxbcdt, [d_inner, d_inner + 2 * ngroups * dstate, nheads], dim=-1)
-        x, B, C = split_xBC(conv_silu(ssd, xBC, conv_weight, conv_bias), nheads, ngroups, dstate)
+        sizes, z, xBC, dt_raw, (x, B, C) = split_inputs(ssd, zxbcdt, conv_weight, conv_bias, D.shape[0],
+                                                        ctx.headdim, ngroups)
+        d_inner = sizes[0]
         # the gradients of z, xBC and dt land in one buffer shaped like zxbcdt
         dzxbcdt = torch.empty_like(zxbcdt)
-        dz, dxBC_given, ddt_raw = torch.split(dzxbcdt, [d_inner, d_inner + 2 * ngroups * dstate, nheads], dim=-1)
+        dz, dxBC_given, ddt_raw = torch.split(dzxbcdt, sizes, dim=-1)
         dxBC = torch.empty_like(xBC)
-        dx, dB, dC = split_xBC(dxBC, nheads, ngroups, dstate)
+        dx, dB, dC = split_xBC(dxBC, D.shape[0], ngroups, B.shape[-1])
 
         batch = dout.shape[0]
         normed = torch.empty(*y.shape[:2], d_inner, device=y.device, dtype=y.dtype)   # recomputed for out_proj
