@@ -108,6 +108,11 @@ def time_calls(fn, device: torch.device, warmup: int, iters: int, back_to_back: 
     return times
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: how far a result is from the one it is checked against."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import norm_backward as norm_bench
+from bench.common import rel_err
 from model import kernels, train_graphs
 from model.attention import apply_rotary, rotary_tables, rotate
 from model.blocks import AddNorm
@@ -95,10 +96,6 @@ def forward_backward(model, x, grad_out, autocast=False):
         raise RuntimeError(f"no gradient reached {missing}")
     as64 = lambda t: t.detach().double().cpu()
     return as64(out), {n: as64(g) for n, g in grads.items()}
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def validate_one(cfg, precision, forced, fused, device, batch, seqlen):

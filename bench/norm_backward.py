@@ -56,11 +56,8 @@ def calls(fn, args, kwargs, n: int) -> None:
 
 def max_rel_diff(got, want) -> float:
     """Largest ||a - b|| / ||b|| over the tensors two launches return."""
-    worst = 0.0
-    for a, b in zip(got, want):
-        if isinstance(a, torch.Tensor):
-            worst = max(worst, ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item())
-    return worst
+    return max((common.rel_err(a.double(), b.double()) for a, b in zip(got, want) if isinstance(a, torch.Tensor)),
+               default=0.0)
 
 
 def setting(kind: str, per_sm: int, warps: int | None):
