@@ -60,7 +60,7 @@ def overrides(args, phase: str, dp: int, pp: int, ga: int) -> list[str]:
             f"train.steps={args.steps}", "logging.log_interval=1", "train.global_batch_size=null",
             f"train.micro_batch_size={args.micro_batch}", f"train.grad_accum={ga}",
             f"parallel.pipeline_stages={pp}", "parallel.zero_stage=1",
-            "train.cuda_graphs=false",   # pipelines run without; every phase alike, so losses compare exactly
+            "train.cuda_graphs=false",   # every phase alike (graphs sum gradients in another order): losses compare exactly
             f"checkpoint.interval={args.steps // 2}", "checkpoint.keep=0",
             f"train.eval_interval={args.steps // 2}", "train.eval_iters=2", "logging.num_samples=0",
             f"optim.warmup_steps={args.steps // 4}", *common.builtin_data_overrides(args)]

@@ -81,9 +81,8 @@ def gpu_description() -> tuple[str, dict]:
 def overrides(args, layout: str) -> list[str]:
     """dtrain overrides of one layout's run: its own name, folder and pipeline depth, then shared_overrides."""
     _, pp = LAYOUTS[layout]
-    no_graphs = ["train.cuda_graphs=false"] if pp > 1 else []   # the trainer graphs unpipelined runs only
     layout_overrides = [f"run.name=scaling_{layout}", f"run.out_dir={args.out / 'scaling_runs' / layout}",
-                        f"parallel.pipeline_stages={pp}", *no_graphs, *shared_overrides(args)]
+                        f"parallel.pipeline_stages={pp}", *shared_overrides(args)]
     return layout_overrides + global_batch_overrides(args, layout, layout_overrides)
 
 

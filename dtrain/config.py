@@ -40,7 +40,7 @@ class TrainSection:
     global_batch_size: int | None = None  # if set, must equal micro * grad_accum * data-parallel size
     precision: str = "fp32"            # bf16: bf16 compute, fp32 weights/master/grad accumulation
     activation_checkpointing: bool = False
-    cuda_graphs: bool = False          # replay the trunk from CUDA graphs (model/train_graphs.py; experimental)
+    cuda_graphs: bool = False          # replay the blocks from CUDA graphs (model/train_graphs.py)
     grad_clip: float = 1.0
     eval_interval: int = 500           # 0 disables periodic evaluation
     eval_iters: int = 4                # global batches of the validation split per evaluation
@@ -231,8 +231,6 @@ def _check(cfg: RunConfig) -> None:
         need(not t.activation_checkpointing, "train.cuda_graphs",
              "cannot be combined with train.activation_checkpointing (recomputation inside a recorded backward)"
              + off)
-        need(p.pipeline_stages == 1, "train.cuda_graphs",
-             f"needs parallel.pipeline_stages 1 (the trunk is graphed whole), got {p.pipeline_stages}{off}")
         need(p.zero_stage in (1, 2), "train.cuda_graphs",
              f"needs parallel.zero_stage 1 or 2 (ZeRO-3 gathers parameters on the fly), got {p.zero_stage}{off}")
     need(p.partition_method in PARTITION_METHODS, "parallel.partition_method",

@@ -179,9 +179,13 @@ def build(cfg: RunConfig, model_cfg: ModelConfig, device: torch.device, load_uni
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
     grad_norms_in_fp32(engine.optimizer)
     if cfg.train.cuda_graphs:   # after deepspeed.initialize: the graphs record where the parameters live now
-        from model import train_graphs
-        train_graphs.enable(module, torch.bfloat16 if cfg.train.precision == "bf16" else None,
-                            graph_gradient_hand_over(engine, cfg.parallel.zero_stage))
+        autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+        if cfg.parallel.pipeline_stages > 1:
+            from dtrain.pipeline import enable_block_graphs
+            enable_block_graphs(module, autocast_dtype, engine.gradient_accumulation_steps())
+        else:
+            from model import train_graphs
+            train_graphs.enable(module, autocast_dtype, graph_gradient_hand_over(engine, cfg.parallel.zero_stage))
     if cfg.parallel.pipeline_stages > 1:
         return Trainee(engine, model_cfg, device, True, engine.grid.data_parallel_id, dp_size, engine.stage_id,
                        engine.num_stages, loss_fn)

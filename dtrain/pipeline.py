@@ -11,8 +11,14 @@ The layers are the model's own modules (model.lm / model.blocks) and are initial
 DiffusionLM built with the run seed, so a pipelined run starts from exactly the weights of a plain one.
 Inputs: the first stage reads input_ids; the last stage reads (input_ids, targets, t, loss_mask, scored_index)
 as labels.
+
+With train.cuda_graphs each stage's run of blocks replays CUDA graphs while training (enable_block_graphs,
+model/train_graphs.StageGraphs); the embedding, final norm and head around them run eagerly.
 """
 from __future__ import annotations
+
+import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -145,10 +151,54 @@ def checkpoint_keeping_autocast(function, *args):
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
 
 
+@functools.cache
+def pipeline_module_class():
+    """DeepSpeed's PipelineModule, whose forward can run the stage's blocks through CUDA graphs (made on
+    first use: importing deepspeed.pipe is slow and only the trainer needs it)."""
+    from deepspeed.pipe import PipelineModule
+
+    class DiffusionPipe(PipelineModule):
+        block_graphs = None   # StageGraphs over forward_funcs[block_range[0]:block_range[1]]
+        block_range = (0, 0)
+
+        def forward(self, forward_input):
+            if self.block_graphs is None:
+                return super().forward(forward_input)
+            self.micro_offset += 1   # as DeepSpeed's forward (per-layer seeds are off)
+            start, stop = self.block_range
+            x = forward_input
+            for layer in self.forward_funcs[:start]:
+                x = layer(x)
+            x = self.block_graphs(x)
+            for layer in self.forward_funcs[stop:]:
+                x = layer(x)
+            return x
+
+    return DiffusionPipe
+
+
+def enable_block_graphs(pipe, autocast_dtype: torch.dtype | None, micro_batches: int):
+    """Replay this stage's blocks from CUDA graphs while training (train.cuda_graphs). The gradient sums go
+    to the parameters at each step's last backward: backwards run in the forwards' order, so that is the
+    backward of every micro_batches-th forward. Up to min(stages from here to the last, micro_batches)
+    micro-batches are in flight here (1F1B), each in its own graph slot. None when the stage has no block."""
+    from model.train_graphs import StageGraphs
+    at = [i for i, f in enumerate(pipe.forward_funcs) if isinstance(f, PipeBlock)]
+    if not at:
+        return None
+    if at != list(range(at[0], at[-1] + 1)):
+        raise ValueError(f"train.cuda_graphs: the blocks of pipeline stage {pipe.stage_id} are not consecutive")
+    calls = itertools.count(1)
+    pipe.block_range = (at[0], at[-1] + 1)
+    pipe.block_graphs = StageGraphs(pipe.forward_funcs[at[0]:at[-1] + 1], autocast_dtype,
+                                    lambda: next(calls) % micro_batches == 0,
+                                    max_slots=min(pipe.num_stages - pipe.stage_id, micro_batches))
+    return pipe.block_graphs
+
+
 def build_pipeline_module(cfg: ModelConfig, *, num_stages: int, partition_method: str, seed: int,
                           activation_checkpointing: bool, loss_fn: PipeLoss):
-    from deepspeed.pipe import PipelineModule
-    pipe = PipelineModule(layers=layer_specs(cfg), num_stages=num_stages, loss_fn=loss_fn,
+    pipe = pipeline_module_class()(layers=layer_specs(cfg), num_stages=num_stages, loss_fn=loss_fn,
                           partition_method=partition_method,
                           activation_checkpoint_interval=1 if activation_checkpointing else 0,
                           activation_checkpoint_func=checkpoint_keeping_autocast,

@@ -54,23 +54,19 @@ CAPTURE_MODE = "thread_local"
 
 
 @dataclass
-class Captured:
-    """One shape's graphs and the static tensors they read and write."""
-    input_ids: torch.Tensor                  # copied in before the forward replay
-    outputs: tuple[torch.Tensor, ...]        # the trunk's (hidden, residual), rewritten by each replay
-    grad_outputs: tuple[torch.Tensor, ...]   # the head's gradients for them, copied in before backward
+class Accumulation:
+    """What every captured slot shares: the parameters, what the graphs compute with (a parameter or its
+    cast copy) and the sums each backward replay adds the gradients to."""
     params: tuple[torch.nn.Parameter, ...]
-    inputs: tuple[torch.Tensor, ...]         # what the graphs compute with: a parameter or its cast copy
-    grad_sums: tuple[torch.Tensor, ...]      # the backward replay adds each parameter's gradient here
-    forward: object                          # torch.cuda.CUDAGraph (or a stand-in in tests)
-    backward: object
+    inputs: tuple[torch.Tensor, ...]
+    grad_sums: tuple[torch.Tensor, ...]
     names: tuple[str, ...] = ()
     addresses: tuple[int, ...] = ()
     handed_over: bool = True                 # the sums went to .grad: zero them, re-read the weights
     placeholder: torch.Tensor | None = None  # the autograd leaf of micro-batches that hand nothing over
 
     def __post_init__(self):
-        self.placeholder = torch.zeros((), device=self.input_ids.device, requires_grad=True)
+        self.placeholder = torch.zeros((), device=self.params[0].device, requires_grad=True)
 
     def check_parameters(self) -> None:
         for name, p, address in zip(self.names, self.params, self.addresses):
@@ -92,18 +88,33 @@ class Captured:
         self.handed_over = False
 
 
+@dataclass
+class Captured:
+    """One slot: the graphs of one micro-batch in flight and the static tensors they read and write."""
+    acc: Accumulation
+    input: torch.Tensor                      # copied in before the forward replay: token ids, or a stream
+    outputs: tuple[torch.Tensor, ...]        # rewritten by each forward replay
+    grad_outputs: tuple[torch.Tensor, ...]   # copied in before the backward replay
+    forward: object                          # torch.cuda.CUDAGraph (or a stand-in in tests)
+    backward: object
+    grad_input: torch.Tensor | None = None   # a float input's gradient, written by the backward replay
+    in_flight: bool = False                  # its forward replayed, its backward still to come
+
+
 class GraphedTrunkFn(torch.autograd.Function):
-    """The replayed trunk as one autograd node: inputs (captured, hand_over, input_ids, *leaves). leaves: the
+    """The replayed trunk as one autograd node: inputs (captured, hand_over, x, *leaves). leaves: the
     trunk's parameters when this micro-batch's backward hands the sums over; else one placeholder leaf, which links
     the outputs to autograd without the parameters, so that the backward calls none of their AccumulateGrad
-    nodes (nor DeepSpeed's hooks on them: 350 calls of host time per micro-batch at 1.3B)."""
+    nodes (nor DeepSpeed's hooks on them: 350 calls of host time per micro-batch at 1.3B). x's gradient
+    comes back when x is a float tensor that needs one (a pipeline stage's input)."""
 
     @staticmethod
-    def forward(ctx, captured: Captured, hand_over: bool, input_ids: torch.Tensor, *leaves):
-        captured.start_accumulating()
-        captured.input_ids.copy_(input_ids)
-        with its_gpu(input_ids):
+    def forward(ctx, captured: Captured, hand_over: bool, x: torch.Tensor, *leaves):
+        captured.acc.start_accumulating()
+        captured.input.copy_(x)
+        with its_gpu(x):
             captured.forward.replay()
+        captured.in_flight = True
         ctx.captured, ctx.hand_over = captured, hand_over
         return tuple(o.detach() for o in captured.outputs)
 
@@ -118,12 +129,14 @@ class GraphedTrunkFn(torch.autograd.Function):
                 static.copy_(grad)
         with its_gpu(c.grad_outputs[0]):
             c.backward.replay()
+        c.in_flight = False
+        grad_x = c.grad_input.clone() if c.grad_input is not None and ctx.needs_input_grad[2] else None
         if not ctx.hand_over:
-            return None, None, None, None
+            return None, None, grad_x, None
         # copies: AccumulateGrad may adopt a tensor as .grad, and the sums are zeroed for the next step
-        sums = tuple(s.clone() for s in c.grad_sums)
-        c.handed_over = True
-        return (None, None, None, *sums)
+        sums = tuple(s.clone() for s in c.acc.grad_sums)
+        c.acc.handed_over = True
+        return (None, None, grad_x, *sums)
 
 
 class TrainingGraphs:
@@ -134,39 +147,66 @@ class TrainingGraphs:
     gradients to the parameters (the last micro-batch of an optimizer step; DeepSpeed's
     is_gradient_accumulation_boundary() says the same at the forward and the backward); None: every
     backward does."""
+    what = "the trunk's training"
+    max_slots = 1   # micro-batches in flight: one (forward, backward, forward, ...)
 
     def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None, hand_over=None):
         self.model, self.autocast_dtype, self.hand_over = model, autocast_dtype, hand_over
-        self.captured: Captured | None = None    # the first training shape's; other shapes run eagerly
+        self.slots: list[Captured] = []           # the first training shape's; other shapes run eagerly
+        self.acc: Accumulation | None = None      # shared by the slots
         self.call_trunk = EagerTrunk(model)       # for torch.func.functional_call on parameter aliases
 
+    @property
+    def captured(self) -> Captured | None:
+        return self.slots[0] if self.slots else None
+
     @staticmethod
-    def on_gpu(input_ids: torch.Tensor) -> bool:
-        return input_ids.is_cuda
+    def on_gpu(x: torch.Tensor) -> bool:
+        return x.is_cuda
+
+    def parts(self) -> tuple[tuple[str, torch.nn.Module], ...]:
+        """The graphed modules, by attribute name of the model."""
+        return ("embed", self.model.embed), ("blocks", self.model.blocks)
+
+    def is_training(self) -> bool:
+        return self.model.training
 
     def hand_over_now(self) -> bool:
         return self.hand_over is None or bool(self.hand_over())
 
-    def usable(self, input_ids: torch.Tensor) -> bool:
+    def usable(self, x: torch.Tensor) -> bool:
         c = self.captured
-        same_shape = c is None or (c.input_ids.shape == input_ids.shape and c.input_ids.device == input_ids.device)
-        return self.on_gpu(input_ids) and torch.is_grad_enabled() and self.model.training and same_shape
+        same_shape = c is None or (c.input.shape == x.shape and c.input.dtype == x.dtype
+                                   and c.input.device == x.device)
+        return self.on_gpu(x) and torch.is_grad_enabled() and self.is_training() and same_shape
 
-    def __call__(self, input_ids: torch.Tensor):
-        if not self.usable(input_ids):
-            return self.model.eager_trunk(input_ids)
-        if self.captured is None:
-            self.captured = capture_or_explain(lambda: self.capture(input_ids), "the trunk's training",
-                                               "train with train.cuda_graphs=false")
-        c = self.captured
-        c.check_parameters()
+    def __call__(self, x: torch.Tensor):
+        if not self.usable(x):
+            return self.model.eager_trunk(x)
+        c = self.free_slot(x)
+        c.acc.check_parameters()
         hand_over = self.hand_over_now()
-        return GraphedTrunkFn.apply(c, hand_over, input_ids, *(c.params if hand_over else (c.placeholder,)))
+        return GraphedTrunkFn.apply(c, hand_over, x, *(c.acc.params if hand_over else (c.acc.placeholder,)))
+
+    def free_slot(self, x: torch.Tensor) -> Captured:
+        """A slot whose micro-batch has had its backward; a new capture while all are in flight, up to
+        max_slots. With one slot, a forward whose backward never ran (its outputs dropped) is replaced."""
+        free = [c for c in self.slots if not c.in_flight]
+        if free:
+            return free[0]
+        if len(self.slots) < self.max_slots:
+            self.slots.append(capture_or_explain(lambda: self.capture(x), self.what,
+                                                 "train with train.cuda_graphs=false"))
+            return self.slots[-1]
+        if self.max_slots == 1:
+            return self.slots[0]
+        raise RuntimeError(f"{self.what} CUDA graphs: {self.max_slots + 1} micro-batches in flight, at most "
+                           f"{self.max_slots} expected (the pipeline schedule's)")
 
     def trunk_parameters(self) -> tuple[tuple[str, torch.nn.Parameter], ...]:
-        """(name, parameter) of the embedding and the blocks that train, each once (tied weights too)."""
+        """(name, parameter) of the graphed modules' parameters that train, each once (tied weights too)."""
         seen, out = set(), []
-        for prefix, module in (("embed", self.model.embed), ("blocks", self.model.blocks)):
+        for prefix, module in self.parts():
             for name, p in module.named_parameters(prefix=prefix):
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
@@ -174,30 +214,47 @@ class TrainingGraphs:
         return tuple(out)
 
     def cast_weights(self) -> set[int]:
-        """ids of the trunk's nn.Linear weights: autocast casts them to its dtype for every matmul."""
+        """ids of the graphed nn.Linear weights: autocast casts them to its dtype for every matmul."""
         if self.autocast_dtype is None:
             return set()
-        return {id(m.weight) for part in (self.model.embed, self.model.blocks) for m in part.modules()
-                if isinstance(m, torch.nn.Linear)}
+        return {id(m.weight) for _, part in self.parts() for m in part.modules() if isinstance(m, torch.nn.Linear)}
 
     def graph_inputs(self, named) -> tuple[torch.Tensor, ...]:
         """Per parameter, what the graphs compute with: a new copy in the autocast dtype for a matmul
-        weight (filled by Captured.start_accumulating), else the parameter itself."""
+        weight (filled by Accumulation.start_accumulating), else the parameter itself."""
         cast = self.cast_weights()
         return tuple(torch.empty_like(p, dtype=self.autocast_dtype) if id(p) in cast else p for _, p in named)
 
-    def trunk_on_aliases(self, named, input_ids: torch.Tensor, inputs=None):
+    def accumulation(self) -> Accumulation:
+        """The slots' shared state, made at the first capture."""
+        if self.acc is None:
+            named = self.trunk_parameters()
+            params = tuple(p for _, p in named)
+            self.acc = Accumulation(params, self.graph_inputs(named), tuple(torch.zeros_like(p) for p in params),
+                                    tuple(n for n, _ in named), tuple(p.data_ptr() for p in params))
+        return self.acc
+
+    def trunk_on_aliases(self, named, x: torch.Tensor, inputs=None):
         """The trunk on fresh leaf aliases of `inputs` (default: the named parameters), views of the same
         storage with autograd nodes of their own: (outputs, aliases). Tied weights follow their alias."""
         inputs = tuple(p for _, p in named) if inputs is None else inputs
         aliases = tuple(t.detach().requires_grad_(True) for t in inputs)
         by_name = {f"model.{name}": a for (name, _), a in zip(named, aliases)}
-        return torch.func.functional_call(self.call_trunk, by_name, (input_ids,), tie_weights=True), aliases
+        return torch.func.functional_call(self.call_trunk, by_name, (x,), tie_weights=True), aliases
 
-    def add_gradients(self, outs, aliases, grad_outs, grad_sums) -> None:
+    @staticmethod
+    def input_leaf(c: Captured) -> torch.Tensor:
+        """What the graphs read the input through: a leaf that takes a gradient when the slot returns one."""
+        return c.input if c.grad_input is None else c.input.detach().requires_grad_(True)
+
+    def add_gradients(self, outs, aliases, grad_outs, grad_sums, x=None, grad_x=None) -> None:
         """The backward graph's work: each alias's gradient for grad_outs, added to its sum (a cast copy's
-        gradient is cast up in the same pass)."""
-        grads = torch.autograd.grad(outs, aliases, grad_outs, allow_unused=True)
+        gradient is cast up in the same pass); x's gradient written to grad_x when both are given."""
+        wrt = tuple(aliases) + ((x,) if grad_x is not None else ())
+        grads = torch.autograd.grad(outs, wrt, grad_outs, allow_unused=True)
+        if grad_x is not None:
+            *grads, g = grads
+            grad_x.copy_(g) if g is not None else grad_x.zero_()
         used = [(s, g) for s, g in zip(grad_sums, grads) if g is not None]
         if used:
             torch._foreach_add_([s for s, _ in used], [g for _, g in used])
@@ -208,31 +265,40 @@ class TrainingGraphs:
             return torch.autocast(device_type, enabled=False)
         return torch.autocast(device_type, dtype=self.autocast_dtype, cache_enabled=False)
 
-    def capture(self, input_ids: torch.Tensor) -> Captured:
+    def new_slot(self, x: torch.Tensor) -> Captured:
+        """A slot for inputs like x, graphs to be recorded; the shared sums ready for its first replay."""
+        acc = self.accumulation()
+        acc.start_accumulating()   # the cast copies are read by the warm-ups
+        grad_input = torch.empty_like(x) if x.is_floating_point() else None
+        return Captured(acc, x.clone(), (), (), None, None, grad_input)
+
+    def capture(self, x: torch.Tensor) -> Captured:
         """Warm-up forward + backward calls on a side stream, then one of each under torch.cuda.graph, the
-        backward as torch.autograd.grad of the captured outputs (the recipe of make_graphed_callables)."""
-        named = self.trunk_parameters()
-        params = tuple(p for _, p in named)
-        c = Captured(input_ids.clone(), (), (), params, self.graph_inputs(named),
-                     tuple(torch.zeros_like(p) for p in params), None, None,
-                     tuple(n for n, _ in named), tuple(p.data_ptr() for p in params))
-        c.start_accumulating()
+        backward as torch.autograd.grad of the captured outputs (the recipe of make_graphed_callables).
+        Each slot has its own memory pool: slots in flight at once hold their activations at once."""
+        c = self.new_slot(x)
+        named = tuple(zip(c.acc.names, c.acc.params))
 
-        def forward_and_backward():
-            outs, aliases = self.trunk_on_aliases(named, c.input_ids, c.inputs)
-            self.add_gradients(outs, aliases, [torch.ones_like(o) for o in outs], c.grad_sums)
+        def forward():
+            leaf = self.input_leaf(c)
+            outs, aliases = self.trunk_on_aliases(named, leaf, c.acc.inputs)
+            return outs, aliases, leaf
 
-        with its_gpu(input_ids), self.autocast():
-            warm_up_on_side_stream(forward_and_backward, WARMUP_CALLS)
+        def warm_up():   # the gradients are dropped: another slot's micro-batch may be adding to the sums
+            outs, aliases, leaf = forward()
+            wrt = aliases + ((leaf,) if c.grad_input is not None else ())
+            torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
+
+        with its_gpu(x), self.autocast():
+            warm_up_on_side_stream(warm_up, WARMUP_CALLS)
             pool = torch.cuda.graph_pool_handle()
             c.forward = torch.cuda.CUDAGraph()
             with torch.cuda.graph(c.forward, pool=pool, capture_error_mode=CAPTURE_MODE):
-                outs, aliases = self.trunk_on_aliases(named, c.input_ids, c.inputs)
+                outs, aliases, leaf = forward()
             c.outputs, c.grad_outputs = tuple(outs), tuple(torch.empty_like(o) for o in outs)
             c.backward = torch.cuda.CUDAGraph()
             with torch.cuda.graph(c.backward, pool=pool, capture_error_mode=CAPTURE_MODE):
-                self.add_gradients(outs, aliases, c.grad_outputs, c.grad_sums)
-        c.handed_over = True   # the warm-ups' sums are thrown away: the first replay starts from zero
+                self.add_gradients(outs, aliases, c.grad_outputs, c.acc.grad_sums, leaf, c.grad_input)
         return c
 
 
@@ -252,3 +318,41 @@ def enable(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None, ha
     TrainingGraphs."""
     model.trunk_graphs = TrainingGraphs(model, autocast_dtype, hand_over)
     return model.trunk_graphs
+
+
+class BlockRun(torch.nn.Module):
+    """Consecutive blocks as one module: a stream in, the last block's stream out, as a tuple. Holds the
+    blocks without owning them (they stay where they are registered)."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def eager_trunk(self, stream):
+        for block in self.blocks:
+            stream = block(stream)
+        return stream if isinstance(stream, tuple) else (stream,)
+
+
+class StageGraphs(TrainingGraphs):
+    """A pipeline stage's run of blocks (stream -> stream), replayed from CUDA graphs while training.
+
+    A pipeline keeps several micro-batches in flight on a stage (1F1B: up to the number of stages from this
+    one to the last): each gets its own slot, graphs and activations, captured when the schedule first
+    needs it; every slot adds to the same gradient sums, handed over at the step's last backward. The
+    backward replay also returns the gradient of the stage's input, which the previous stage needs."""
+    what = "the pipeline stage's training"
+
+    def __init__(self, blocks, autocast_dtype: torch.dtype | None = None, hand_over=None, max_slots: int = 1):
+        super().__init__(BlockRun(blocks), autocast_dtype, hand_over)
+        self.max_slots = max_slots
+
+    def parts(self):
+        return (("blocks", self.model.blocks),)
+
+    def is_training(self) -> bool:
+        return self.model.blocks[0].training   # BlockRun itself is nobody's child: its own flag never changes
+
+    def __call__(self, stream):
+        out = super().__call__(stream)
+        return out[0] if len(out) == 1 else out

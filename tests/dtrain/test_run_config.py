@@ -103,10 +103,15 @@ def test_zero_communication_settings_reach_deepspeed_only_when_set():
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.activation_checkpointing=true"], "activation_checkpointing"),
-    (["parallel.pipeline_stages=2", "parallel.zero_stage=1"], "pipeline_stages 1"),
     (["parallel.zero_stage=3"], "zero_stage 1 or 2"),
 ])
 def test_cuda_graphs_refuse_what_a_recorded_trunk_cannot_do(overrides, message):
     with pytest.raises(ConfigError, match=rf"train\.cuda_graphs: .*{message}.*add train\.cuda_graphs=false"):
         cfg_with("train.cuda_graphs=true", *overrides)
     cfg_with(*overrides)                                   # fine without graphs
+
+
+def test_cuda_graphs_take_pipelines():
+    """Each stage graphs its own blocks (dtrain/pipeline.enable_block_graphs)."""
+    cfg = cfg_with("train.cuda_graphs=true", "parallel.pipeline_stages=2", "parallel.zero_stage=1")
+    assert cfg.train.cuda_graphs and cfg.parallel.pipeline_stages == 2

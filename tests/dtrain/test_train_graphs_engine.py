@@ -54,3 +54,54 @@ def test_engine_enables_trunk_graphs_and_trains_as_without_on_the_cpu(tmp_path, 
     # amplify to ~3e-4; a micro-batch lost or counted twice would change the norms by tens of percent
     assert standin["norms"] == pytest.approx(out["false"]["norms"], rel=2e-3)
     assert standin["weights"] == pytest.approx(out["false"]["weights"], rel=1e-4)
+
+
+PIPE_PROBE = r"""
+import json
+import sys
+sys.path.insert(0, "tests/model")
+from graph_standins import StageStandIn
+out = {}
+for graphs in ("false", "true", "stand-in"):
+    torch.manual_seed(0)
+    trainee = tiny_engine("train.precision=bf16", "train.grad_accum=3", "parallel.pipeline_stages=2",
+                          "parallel.zero_stage=1", f"train.cuda_graphs={'false' if graphs == 'false' else 'true'}")
+    pipe = trainee.engine.module
+    g = pipe.block_graphs
+    if graphs == "stand-in":
+        g = pipe.block_graphs = StageStandIn(g.model.blocks, g.autocast_dtype, g.hand_over, g.max_slots)
+    batches = masked_batches(6)
+    flat = lambda: torch.cat([p.detach().double().flatten() for p in pipe.parameters()])
+    start = flat()
+    norms = [float(train_step(trainee, batches, 3, False, NoMetrics())[1]) for _ in range(3)]
+    moved = flat() - start
+    if graphs == "false":
+        plain_moved = moved
+    # how far the weights ended from the run without graphs, relative to how far training moved them
+    off = float((moved - plain_moved).norm() / plain_moved.norm())
+    row = {"norms": norms, "off": off, "graphs": type(g).__name__ if g is not None else None,
+           "slots": len(g.slots) if g is not None else 0, "max_slots": getattr(g, "max_slots", 0),
+           "blocks": pipe.block_range[1] - pipe.block_range[0]}
+    rows = [None, None]
+    torch.distributed.all_gather_object(rows, row)
+    out[graphs] = rows
+if torch.distributed.get_rank() == 0:
+    print("OUT" + json.dumps(out))
+"""
+
+
+def test_pipeline_stages_graph_their_blocks_and_train_as_without_on_the_cpu(tmp_path):
+    """PP=2, 3 micro-batches a step: stage 0 keeps two in flight (two graph slots), the last stage one; the
+    stand-in graphs' summed gradients reach the parameters at the step's last backward only, and the stages
+    train step for step as without graphs (the pipeline's gradient norms, and the weights of each stage)."""
+    out = json.loads(run_probe(PIPE_PROBE, tmp_path, nproc=2, timeout=400).split("OUT", 1)[1])
+    assert [r["graphs"] for r in out["false"]] == [None, None]
+    assert [(r["graphs"], r["max_slots"], r["slots"]) for r in out["true"]] == [("StageGraphs", 2, 0),
+                                                                                 ("StageGraphs", 1, 0)]
+    assert all(r["norms"] == w["norms"] and r["off"] == 0 for r, w in zip(out["true"], out["false"]))
+    standin = out["stand-in"]
+    assert [(r["graphs"], r["slots"]) for r in standin] == [("StageStandIn", 2), ("StageStandIn", 1)]
+    assert sum(r["blocks"] for r in standin) == 3                 # the tiny config's three blocks, split
+    for got, want in zip(standin, out["false"]):
+        assert got["norms"] == pytest.approx(want["norms"], rel=2e-3)
+        assert got["off"] < 0.05, got

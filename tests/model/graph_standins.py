@@ -1,7 +1,7 @@
 """What the CUDA-graph tests share: stand-ins that take the graph path on the CPU."""
 import torch
 
-from model.train_graphs import Captured, TrainingGraphs
+from model.train_graphs import StageGraphs, TrainingGraphs
 
 
 class OnGraphPath:
@@ -18,35 +18,46 @@ class StandInForward:
     """Recomputes what the captured graph would, on the parameters' aliases as the real capture does."""
     def __init__(self, graphs, c):
         self.graphs, self.c = graphs, c
-        self.named = tuple(zip(c.names, c.params))
+        self.named = tuple(zip(c.acc.names, c.acc.params))
 
     def replay(self):
         with torch.no_grad(), self.graphs.autocast("cpu"):
-            for out, new in zip(self.c.outputs, self.graphs.trunk_on_aliases(self.named, self.c.input_ids,
-                                                                              self.c.inputs)[0]):
+            for out, new in zip(self.c.outputs, self.graphs.trunk_on_aliases(self.named, self.c.input,
+                                                                              self.c.acc.inputs)[0]):
                 out.copy_(new)
 
 
 class StandInBackward(StandInForward):
     def replay(self):
+        c = self.c
         with torch.enable_grad(), self.graphs.autocast("cpu"):
-            outs, aliases = self.graphs.trunk_on_aliases(self.named, self.c.input_ids, self.c.inputs)
-            self.graphs.add_gradients(outs, aliases, self.c.grad_outputs, self.c.grad_sums)
+            leaf = self.graphs.input_leaf(c)
+            outs, aliases = self.graphs.trunk_on_aliases(self.named, leaf, c.acc.inputs)
+            self.graphs.add_gradients(outs, aliases, c.grad_outputs, c.acc.grad_sums, leaf, c.grad_input)
 
 
-class TrainingStandIn(OnGraphPath, TrainingGraphs):
-    """model/train_graphs.TrainingGraphs on the graph path on the CPU: its graphs are stand-ins that
-    recompute into the captured buffers, under the autocast a capture records (on the CPU); counts captures."""
+class StandInCapture(OnGraphPath):
+    """Stand-in graphs that recompute into the captured buffers, under the autocast a capture records (on
+    the CPU); counts captures."""
 
-    def capture(self, input_ids):
+    def capture(self, x):
         self.captures += 1
-        named = self.trunk_parameters()
-        params = tuple(p for _, p in named)
+        fresh = self.acc is None
+        c = self.new_slot(x)
+        if fresh:   # sums full of NaN, as a real capture could leave them: the first replay must zero them
+            for s in c.acc.grad_sums:
+                s.fill_(float("nan"))
+            c.acc.handed_over = True
         with torch.no_grad(), self.autocast("cpu"):
-            outs = tuple(o.clone() for o in self.model.eager_trunk(input_ids))
-        # sums full of NaN, as a real capture leaves its warm-ups' sums: the first replay must zero them
-        c = Captured(input_ids.clone(), outs, tuple(torch.empty_like(o) for o in outs), params,
-                     self.graph_inputs(named), tuple(torch.full_like(p, float("nan")) for p in params), None,
-                     None, tuple(n for n, _ in named), tuple(p.data_ptr() for p in params))
+            c.outputs = tuple(o.clone() for o in self.model.eager_trunk(x))
+        c.grad_outputs = tuple(torch.empty_like(o) for o in c.outputs)
         c.forward, c.backward = StandInForward(self, c), StandInBackward(self, c)
         return c
+
+
+class TrainingStandIn(StandInCapture, TrainingGraphs):
+    """model/train_graphs.TrainingGraphs on the graph path on the CPU."""
+
+
+class StageStandIn(StandInCapture, StageGraphs):
+    """model/train_graphs.StageGraphs on the graph path on the CPU."""

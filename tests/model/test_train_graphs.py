@@ -109,7 +109,7 @@ def test_between_hand_overs_no_gradient_reaches_the_trunk():
     assert all(p.grad is None for _, p in graphs.trunk_parameters())
     assert model.head.norm.weight.grad is not None          # the head, run eagerly, accumulates as usual
     accumulate(model, micro[2:], torch.bfloat16)
-    sums = {s.data_ptr() for s in graphs.captured.grad_sums}
+    sums = {s.data_ptr() for s in graphs.acc.grad_sums}
     assert handed.keys() == {name for name, _ in graphs.trunk_parameters()}
     assert all(len(ptrs) == 1 and ptrs[0] is not None and ptrs[0] not in sums for ptrs in handed.values())
 

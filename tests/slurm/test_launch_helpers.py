@@ -19,7 +19,7 @@ CFG_1P3B = str(REPO / "configs/1p3b_diffumamba.yaml")   # global batch 512 = mic
                                              (128, ["train.micro_batch_size=4", "train.grad_accum=1"])])
 def test_keep_global_batch(world, expected):
     assert keep_global_batch(CFG_1P3B, [], world) == expected
-    pipelined = ["parallel.pipeline_stages=2", "train.cuda_graphs=false"]   # the config's graphs need one stage
+    pipelined = ["parallel.pipeline_stages=2"]
     assert keep_global_batch(CFG_1P3B, pipelined, 2 * world) == expected   # same DP size
 
 
