@@ -29,6 +29,9 @@ recipe leaves to its caller:
     hooks, outside the graph.
 The head runs eagerly after the trunk, as in inference (model/graphs.py): the masked positions it scores
 change from batch to batch.
+Under pipeline parallelism a stage's run of blocks is graphed instead (StageGraphs, at the end): the stage
+keeps several micro-batches in flight, each in its own slot (graphs, static buffers, memory pool), all adding
+to the same gradient sums (Accumulation).
 
 Limits: the graph reads the parameters where they were at capture. The optimizer updates them in place
 (ZeRO 1-2 keep fp32 parameters in place); a parameter that moved stops the run with its name. ZeRO-3
