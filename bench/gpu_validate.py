@@ -383,6 +383,56 @@ def training_graph_checks(device, gen, micro_batches: int = 3) -> list:
     return checks
 
 
+def stage_graph_checks(device, gen) -> list:
+    """A pipeline stage's blocks replayed from CUDA graphs (model/train_graphs.StageGraphs) against the same
+    blocks run eagerly, three micro-batches in 1F1B order with two in flight (two graph slots): the losses,
+    the stage input's gradients (sent to the previous stage) and the summed gradients, handed over at the
+    third backward (bf16 autocast, fp32 weights, as the trainer runs)."""
+    from dtrain.pipeline import PipeBlock  # the trainer's pipeline layer: a stream in, a stream out
+    cfg = get_preset("240m-diffumamba-h" if device.type == "cuda" else "tiny-diffumamba-h").replace(layer_pattern="MA")
+    torch.manual_seed(6)
+    plain = torch.nn.ModuleList(PipeBlock(kind, cfg) for kind in cfg.layer_pattern).to(device).train()
+    plain[-1].ends_stage = True
+    seq_len = 1024 if device.type == "cuda" else 32
+    xs = [torch.randn(2, seq_len, cfg.d_model, generator=gen).to(device) for _ in range(3)]
+    weight = torch.randn(2, seq_len, cfg.d_model, generator=gen).to(device)
+    order = [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("B", 2)]
+
+    def train(run_stage, blocks):
+        leaves = [x.clone().requires_grad_(True) for x in xs]
+        losses = {}
+        for kind, i in order:
+            if kind == "F":
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    losses[i] = (run_stage(leaves[i]).float() * weight).mean()
+            else:
+                losses[i].backward()
+        return (torch.stack([losses[i].detach() for i in range(3)]), torch.cat([x.grad.flatten() for x in leaves]),
+                torch.cat([p.grad.flatten() for p in blocks.parameters()]))
+
+    def eager(x):
+        for block in plain:
+            x = block(x)
+        return x
+
+    want = train(eager, plain)
+    graphed_blocks = copy.deepcopy(plain)
+    graphed_blocks.zero_grad(set_to_none=True)
+    backwards = itertools.count(1)
+    graphs = train_graphs.StageGraphs(list(graphed_blocks), torch.bfloat16, lambda: next(backwards) % 3 == 0,
+                                      max_slots=2)
+    got = train(graphs, graphed_blocks)
+    state = f"on, {len(graphs.slots)} slots" if graphs.slots else "off (CPU)"
+    what = f"pipeline stage, blocks from CUDA graphs vs plain (graphs: {state}, 1F1B, 2 in flight)"
+    checks = [(f"{what}: losses of 3 micro-batches", torch.float32, got[0], want[0], 1e-3),
+              (f"{what}: the stage input's gradients", torch.float32, got[1], want[1], 1e-2),
+              (f"{what}: accumulated gradients", torch.float32, got[2], want[2], 1e-2)]
+    if device.type == "cuda":
+        checks.append(("pipeline stage CUDA graph slots captured", torch.float32,
+                       torch.tensor([float(len(graphs.slots))]), torch.tensor([2.0]), 1e-6))
+    return checks
+
+
 def run_model_checks(device, lines) -> bool:
     """The blocks' pieces against float64 formulas, a whole model's loss and gradients against the float64
     reference path, and DiffusionLM's logits at masked positions only (score_mask, the training path)
@@ -441,7 +491,7 @@ def run_model_checks(device, lines) -> bool:
         checks.append(("CUDA graph captured", torch.float32, torch.tensor([float(len(graphed.graphs))]),
                        torch.tensor([1.0]), 1e-6))
 
-    checks += training_graph_checks(device, gen)
+    checks += training_graph_checks(device, gen) + stage_graph_checks(device, gen)
     return report_checks(checks, lines)
 
 
