@@ -75,7 +75,6 @@ def test_pipeline_recomputes_checkpointed_blocks_under_the_forward_autocast(monk
     """bf16 autocast + activation checkpointing in the pipeline: the recomputation must run in bf16 like
     the forward, so the gradients equal those of the un-checkpointed block exactly. DeepSpeed's default
     checkpoint function recomputes in fp32, and its gradients differ."""
-    import deepspeed.pipe
     import torch
 
     from dtrain import pipeline
@@ -111,7 +110,7 @@ def test_pipeline_recomputes_checkpointed_blocks_under_the_forward_autocast(monk
         seen.update(kwargs)
         raise Captured
 
-    monkeypatch.setattr(deepspeed.pipe, "PipelineModule", fake_pipeline_module)
+    monkeypatch.setattr(pipeline, "pipeline_module_class", lambda: fake_pipeline_module)
     with pytest.raises(Captured):
         pipeline.build_pipeline_module(cfg, num_stages=2, partition_method="parameters", seed=0,
                                        activation_checkpointing=True, loss_fn=pipeline.PipeLoss(cfg.mask_token_id))
