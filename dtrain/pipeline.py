@@ -199,10 +199,10 @@ def enable_block_graphs(pipe, autocast_dtype: torch.dtype | None, micro_batches:
 def build_pipeline_module(cfg: ModelConfig, *, num_stages: int, partition_method: str, seed: int,
                           activation_checkpointing: bool, loss_fn: PipeLoss):
     pipe = pipeline_module_class()(layers=layer_specs(cfg), num_stages=num_stages, loss_fn=loss_fn,
-                          partition_method=partition_method,
-                          activation_checkpoint_interval=1 if activation_checkpointing else 0,
-                          activation_checkpoint_func=checkpoint_keeping_autocast,
-                          checkpointable_layers=["PipeBlock"])
+                                   partition_method=partition_method,
+                                   activation_checkpoint_interval=1 if activation_checkpointing else 0,
+                                   activation_checkpoint_func=checkpoint_keeping_autocast,
+                                   checkpointable_layers=["PipeBlock"])
     mark_stage_end(pipe)
     # start from the weights a single-process DiffusionLM gets with this seed
     torch.manual_seed(seed)
