@@ -70,7 +70,8 @@ for graphs in ("false", "true", "stand-in"):
     g = pipe.block_graphs
     if graphs == "stand-in":
         g = pipe.block_graphs = StageStandIn(g.model.blocks, g.autocast_dtype, g.hand_over, g.max_slots)
-    batches = masked_batches(6)
+    torch.manual_seed(100 + trainee.dp_rank)   # each data-parallel rank its own sequences, both stages the same
+    batches = masked_batches(6 * trainee.dp_size)
     flat = lambda: torch.cat([p.detach().double().flatten() for p in pipe.parameters()])
     start = flat()
     norms = [float(train_step(trainee, batches, 3, False, NoMetrics())[1]) for _ in range(3)]
@@ -81,27 +82,30 @@ for graphs in ("false", "true", "stand-in"):
     off = float((moved - plain_moved).norm() / plain_moved.norm())
     row = {"norms": norms, "off": off, "graphs": type(g).__name__ if g is not None else None,
            "slots": len(g.slots) if g is not None else 0, "max_slots": getattr(g, "max_slots", 0),
-           "blocks": pipe.block_range[1] - pipe.block_range[0]}
-    rows = [None, None]
+           "blocks": pipe.block_range[1] - pipe.block_range[0], "stage": trainee.stage, "dp_rank": trainee.dp_rank}
+    rows = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(rows, row)
-    out[graphs] = rows
+    out[graphs] = sorted(rows, key=lambda r: (r["stage"], r["dp_rank"]))
 if torch.distributed.get_rank() == 0:
     print("OUT" + json.dumps(out))
 """
 
 
-def test_pipeline_stages_graph_their_blocks_and_train_as_without_on_the_cpu(tmp_path):
-    """PP=2, 3 micro-batches a step: stage 0 keeps two in flight (two graph slots), the last stage one; the
-    stand-in graphs' summed gradients reach the parameters at the step's last backward only, and the stages
-    train step for step as without graphs (the pipeline's gradient norms, and the weights of each stage)."""
-    out = json.loads(run_probe(PIPE_PROBE, tmp_path, nproc=2, timeout=400).split("OUT", 1)[1])
-    assert [r["graphs"] for r in out["false"]] == [None, None]
-    assert [(r["graphs"], r["max_slots"], r["slots"]) for r in out["true"]] == [("StageGraphs", 2, 0),
-                                                                                 ("StageGraphs", 1, 0)]
+@pytest.mark.parametrize("nproc", [2, 4], ids=["pp2", "pp2-dp2"])
+def test_pipeline_stages_graph_their_blocks_and_train_as_without_on_the_cpu(tmp_path, nproc):
+    """PP=2 (x DP=2: the stages' gradients all-reduced after the hand-over), 3 micro-batches a step: stage 0
+    keeps two in flight (two graph slots), the last stage one; the stand-in graphs' summed gradients reach
+    the parameters at the step's last backward only, and every rank trains step for step as without graphs
+    (the pipeline's gradient norms, and the weights of each stage)."""
+    out = json.loads(run_probe(PIPE_PROBE, tmp_path, nproc=nproc, timeout=400).split("OUT", 1)[1])
+    dp = nproc // 2
+    assert [r["graphs"] for r in out["false"]] == [None] * nproc
+    assert [(r["graphs"], r["max_slots"], r["slots"]) for r in out["true"]] == \
+        [("StageGraphs", 2, 0)] * dp + [("StageGraphs", 1, 0)] * dp
     assert all(r["norms"] == w["norms"] and r["off"] == 0 for r, w in zip(out["true"], out["false"]))
     standin = out["stand-in"]
-    assert [(r["graphs"], r["slots"]) for r in standin] == [("StageStandIn", 2), ("StageStandIn", 1)]
-    assert sum(r["blocks"] for r in standin) == 3                 # the tiny config's three blocks, split
+    assert [(r["graphs"], r["slots"]) for r in standin] == [("StageStandIn", 2)] * dp + [("StageStandIn", 1)] * dp
+    assert standin[0]["blocks"] + standin[-1]["blocks"] == 3      # the tiny config's three blocks, split
     for got, want in zip(standin, out["false"]):
         assert got["norms"] == pytest.approx(want["norms"], rel=2e-3)
         assert got["off"] < 0.05, got
