@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import itertools
 import os
 import sys
 import time
@@ -356,9 +355,7 @@ def training_graph_checks(device, gen, micro_batches: int = 3) -> list:
 
     want_losses, want_grads = train(plain)
     checks = []
-    backwards = itertools.count(1)
-    for mode, hand_over in (("every backward", None),
-                            ("last micro-batch", lambda: next(backwards) % micro_batches == 0)):
+    for mode, hand_over in (("every backward", None), ("last micro-batch", train_graphs.every_nth_call(micro_batches))):
         graphed = copy.deepcopy(plain)
         graphed.zero_grad(set_to_none=True)
         graphs = train_graphs.enable(graphed, torch.bfloat16, hand_over)
@@ -418,8 +415,7 @@ def stage_graph_checks(device, gen) -> list:
     want = train(eager, plain)
     graphed_blocks = copy.deepcopy(plain)
     graphed_blocks.zero_grad(set_to_none=True)
-    backwards = itertools.count(1)
-    graphs = train_graphs.StageGraphs(list(graphed_blocks), torch.bfloat16, lambda: next(backwards) % 3 == 0,
+    graphs = train_graphs.StageGraphs(list(graphed_blocks), torch.bfloat16, train_graphs.every_nth_call(3),
                                       max_slots=2)
     got = train(graphs, graphed_blocks)
     state = f"on, {len(graphs.slots)} slots" if graphs.slots else "off (CPU)"

@@ -18,7 +18,6 @@ model/train_graphs.StageGraphs); the embedding, final norm and head around them 
 from __future__ import annotations
 
 import functools
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -182,16 +181,15 @@ def enable_block_graphs(pipe, autocast_dtype: torch.dtype | None, micro_batches:
     to the parameters at each step's last backward: backwards run in the forwards' order, so that is the
     backward of every micro_batches-th forward. Up to min(stages from here to the last, micro_batches)
     micro-batches are in flight here (1F1B), each in its own graph slot. None when the stage has no block."""
-    from model.train_graphs import StageGraphs
+    from model.train_graphs import StageGraphs, every_nth_call
     at = [i for i, f in enumerate(pipe.forward_funcs) if isinstance(f, PipeBlock)]
     if not at:
         return None
     if at != list(range(at[0], at[-1] + 1)):
         raise ValueError(f"train.cuda_graphs: the blocks of pipeline stage {pipe.stage_id} are not consecutive")
-    calls = itertools.count(1)
     pipe.block_range = (at[0], at[-1] + 1)
     pipe.block_graphs = StageGraphs(pipe.forward_funcs[at[0]:at[-1] + 1], autocast_dtype,
-                                    lambda: next(calls) % micro_batches == 0,
+                                    every_nth_call(micro_batches),
                                     max_slots=min(pipe.num_stages - pipe.stage_id, micro_batches))
     return pipe.block_graphs
 

@@ -22,11 +22,11 @@ launcher used; tests hand in stand-ins with the same names.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from model.norm_backward import launcher_parameters
 
 NO_DT_LIMIT = (0.0, float("inf"))
 # the launchers used, with the parameters of mamba_ssm 2.3 (build() compares)
@@ -194,16 +194,13 @@ class MixerFunction(torch.autograd.Function):
         """fused_mixer(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, norm_eps,
         out_weight, headdim, ngroups) on `ssd`'s launchers. RuntimeError, naming the first difference,
         when `ssd` is not the mamba_ssm this was written against."""
-        def params(fn):
-            return tuple(inspect.signature(fn).parameters)
         combined_bwd = getattr(ssd, "_mamba_chunk_scan_combined_bwd", None)
-        if combined_bwd is None or params(combined_bwd) != COMBINED_BWD_PARAMS:
+        if combined_bwd is None or launcher_parameters(combined_bwd) != COMBINED_BWD_PARAMS:
             raise RuntimeError(f"{getattr(ssd, '__name__', ssd)}: _mamba_chunk_scan_combined_bwd is not the one "
                                "model/mixer_function.py follows")
         for name, expected in LAUNCHERS.items():
-            fn = getattr(ssd, name, None)
-            fn = getattr(fn, "original", fn)     # model/norm_backward's launcher wraps mamba_ssm's
-            if fn is None or params(fn) != expected:
+            fn = getattr(ssd, name, None)   # _layer_norm_bwd: model/norm_backward's launcher wraps mamba_ssm's
+            if fn is None or launcher_parameters(fn) != expected:
                 raise RuntimeError(f"{getattr(ssd, '__name__', ssd)}.{name} is not the launcher "
                                    "model/mixer_function.py was written for")
         for name in ("causal_conv1d_fwd_function", "causal_conv1d_bwd_function", "ensure_stride"):

@@ -154,8 +154,10 @@ def make_gated_norm_backward(module):
     return gated_norm_backward
 
 
-def _parameters(fn) -> tuple[str, ...]:
-    return tuple(inspect.signature(fn).parameters)
+def launcher_parameters(fn) -> tuple[str, ...]:
+    """The parameter names of a mamba_ssm launcher (of mamba_ssm's own where ours wraps it): what
+    this module and model/mixer_function.py compare with the mamba_ssm they were written against."""
+    return tuple(inspect.signature(getattr(fn, "original", fn)).parameters)
 
 
 def install(layer_norm, layernorm_gated, ssd_combined) -> None:
@@ -163,12 +165,12 @@ def install(layer_norm, layernorm_gated, ssd_combined) -> None:
     changing nothing, when a launcher's signature is not the one these were written against."""
     for module, expected in ((layer_norm, ADD_NORM_PARAMS), (layernorm_gated, GATED_NORM_PARAMS)):
         current = getattr(module, "_layer_norm_bwd", None)
-        current = getattr(current, "original", current)
         if current is None or not hasattr(module, "_layer_norm_bwd_kernel"):
             raise RuntimeError(f"{module.__name__} has no _layer_norm_bwd / _layer_norm_bwd_kernel to launch")
-        if _parameters(current) != expected:
-            raise RuntimeError(f"{module.__name__}._layer_norm_bwd{inspect.signature(current)} is not the "
-                               f"launcher model/norm_backward.py was written for")
+        if launcher_parameters(current) != expected:
+            found = inspect.signature(getattr(current, "original", current))
+            raise RuntimeError(f"{module.__name__}._layer_norm_bwd{found} is not the launcher "
+                               f"model/norm_backward.py was written for")
     if not hasattr(layer_norm._layer_norm_bwd, "original"):
         layer_norm._layer_norm_bwd = make_add_norm_backward(layer_norm)
     if not hasattr(layernorm_gated._layer_norm_bwd, "original"):

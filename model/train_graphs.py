@@ -43,6 +43,7 @@ bf16 weight copies (2 bytes a matmul weight) for the whole run.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -303,6 +304,12 @@ class TrainingGraphs:
             with torch.cuda.graph(c.backward, pool=pool, capture_error_mode=CAPTURE_MODE):
                 self.add_gradients(outs, aliases, c.grad_outputs, c.acc.grad_sums, leaf, c.grad_input)
         return c
+
+
+def every_nth_call(n: int):
+    """A hand_over callable that says yes on every n-th call: the last micro-batch of each n-micro-batch step."""
+    calls = itertools.count(1)
+    return lambda: next(calls) % n == 0
 
 
 class EagerTrunk(torch.nn.Module):

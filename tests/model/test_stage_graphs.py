@@ -3,7 +3,6 @@ in flight. On the CPU the graphs are stand-ins (graph_standins.py) that recomput
 a replay rewrites them; the slots, the shared gradient sums, the input's gradient and the hand-over at the
 step's last backward run as on a GPU. The reference is the same blocks run eagerly, one micro-batch after
 another, with autograd accumulating the gradients."""
-import itertools
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from graph_standins import StageStandIn
 
 from model.lm import DiffusionLM
 from model.presets import get_preset
+from model.train_graphs import every_nth_call
 
 
 class StreamBlock(torch.nn.Module):
@@ -87,11 +87,6 @@ def run_steps(model, run_stage, steps, order, dtype=None):
     return record
 
 
-def every_nth(n: int):
-    calls = itertools.count(1)
-    return lambda: next(calls) % n == 0
-
-
 def eager(blocks):
     def run(x):
         for b in blocks:
@@ -113,7 +108,7 @@ def test_a_stage_with_two_micro_batches_in_flight_trains_as_eagerly(ends_stage, 
     want = run_steps(model, eager(blocks), steps, order, dtype)
 
     model, blocks = stage(ends_stage)
-    graphs = StageStandIn(blocks, dtype, every_nth(count), max_slots=2)
+    graphs = StageStandIn(blocks, dtype, every_nth_call(count), max_slots=2)
     got = run_steps(model, graphs, steps, order, dtype)
 
     assert graphs.captures == 2 and len(graphs.slots) == 2
@@ -130,7 +125,7 @@ def test_a_stage_with_two_micro_batches_in_flight_trains_as_eagerly(ends_stage, 
 
 def test_before_the_last_backward_no_gradient_reaches_the_stage_but_the_input_gets_its_own():
     model, blocks = stage(True)
-    graphs = StageStandIn(blocks, None, every_nth(3), max_slots=2)
+    graphs = StageStandIn(blocks, None, every_nth_call(3), max_slots=2)
     x = [model.embed(ids) for ids in micro_batches(2, seed=5)]
     outs = [graphs(xi) for xi in x]
     sum(o.sum() for o in outs).backward()

@@ -3,7 +3,6 @@ a GPU (bench/gpu_validate.py compares graphed and plain training steps there); h
 replaced by stand-in graphs (graph_standins.py) whose replays recompute into the captured static buffers,
 as a CUDA graph's replay rewrites them, so the autograd node, gradient accumulation over micro-batches,
 the calls that run eagerly, a failed capture and the parameter check run as they do on a GPU."""
-import itertools
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from bench.gpu_validate import hook_accumulate_grad_nodes
 from model import train_graphs
 from model.lm import DiffusionLM
 from model.presets import get_preset
+from model.train_graphs import every_nth_call
 
 
 def tiny(tied: bool = True) -> DiffusionLM:
@@ -49,12 +49,6 @@ def optimizer_step(model, lr=0.05) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def last_of(n: int):
-    """A hand_over callable that says yes on every n-th backward (the trainer's accumulation boundary)."""
-    calls = itertools.count(1)
-    return lambda: next(calls) % n == 0
-
-
 class AutocastCastsInGraph(TrainingStandIn):
     """The graphs on the parameters themselves, autocast casting the matmul weights on every call: the
     reference for the bf16 copies (the same numbers, up to the order of fp32 sums)."""
@@ -78,7 +72,7 @@ def test_graphed_steps_accumulate_the_same_gradients_as_eager(tied, hooked, hand
     if dtype is not None:
         reference.trunk_graphs = AutocastCastsInGraph(reference, dtype)
     graphs = graphed.trunk_graphs = TrainingStandIn(graphed, dtype,
-                                                    None if hand_over == "every backward" else last_of(3))
+                                                    None if hand_over == "every backward" else every_nth_call(3))
     nodes = hook_accumulate_grad_nodes(graphed, lambda *_: None) if hooked else []
     for step in range(3):
         micro = [batch(10 * step + i) for i in range(3)]
@@ -99,7 +93,7 @@ def test_between_hand_overs_no_gradient_reaches_the_trunk():
     graphs: no gradient, no hook call (DeepSpeed's ZeRO-1 acts at the accumulation boundary only); the third
     hands over the sum of all three, a copy of the graph's sums, to every parameter's hook once."""
     model = tiny(tied=False)
-    graphs = model.trunk_graphs = TrainingStandIn(model, torch.bfloat16, last_of(3))
+    graphs = model.trunk_graphs = TrainingStandIn(model, torch.bfloat16, every_nth_call(3))
     handed = {}
     for name, p in graphs.trunk_parameters():
         p.register_hook(lambda g, name=name: handed.setdefault(name, []).append(g if g is None else g.data_ptr()))
