@@ -36,6 +36,9 @@ from bench import common, trace_breakdown
 LAYOUTS = {"1": (1, 1), "dp2": (2, 1), "pp2": (2, 2), "dp4": (4, 1), "pp2dp2": (4, 2)}
 DEFAULT_LAYOUTS = {1: ["1"], 2: ["1", "dp2", "pp2"], 4: ["1", "dp4", "pp2dp2"]}
 LOG_LINE = re.compile(r"step (\d+)/(\d+) \|[^\n]*?\| tok/s (\d+(?:\.\d+)?)(?:[^\n]*?\| mfu (\d+(?:\.\d+)?)%)?")
+# dtrain.metrics.memory_line, printed after a log line whenever it changed: "0: 61.2/74.9, 1: ..."
+MEMORY_LINE = re.compile(r"peak memory per rank \(GiB allocated/reserved\): ([^\n]*)")
+RANK_MEMORY = re.compile(r"(\d+): (\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)")
 
 
 def describe(layout: str) -> str:
@@ -49,6 +52,13 @@ def parse_log(text: str) -> list[dict]:
     """The trainer's progress lines: step, total steps, tokens/s of the interval (all ranks), MFU if logged."""
     return [{"step": int(m[1]), "steps": int(m[2]), "tokens_per_s": float(m[3]),
              "mfu": float(m[4]) / 100 if m[4] else None} for m in LOG_LINE.finditer(text)]
+
+
+def parse_memory(text: str) -> list[tuple[float, float]] | None:
+    """Every rank's (peak allocated, peak reserved) GiB, rank order, from the run's last memory line; None
+    when the run printed none (CPU runs)."""
+    found = MEMORY_LINE.findall(text)
+    return [(float(a), float(r)) for _, a, r in RANK_MEMORY.findall(found[-1])] if found else None
 
 
 def measured_lines(lines: list[dict], steps: int) -> list[dict]:
@@ -148,6 +158,10 @@ def result_row(layout: str, rc, text: str, wall_s: float, steps: int) -> dict:
         row["status"] = f"failed ({why}): {tail}" if rc != 0 else "failed: fewer than 2 progress lines"
         return row
     mfus = [ln["mfu"] for ln in lines[1:] if ln["mfu"] is not None]
+    memory = parse_memory(text)
+    if memory:
+        row.update(peak_reserved_gib=max(r for _, r in memory),
+                   reserved_per_rank=" / ".join(f"{r:.1f}" for _, r in memory))
     row.update(status="ok", tokens_per_s=tps, tokens_per_s_per_gpu=tps / n,
                mfu_trainer=sum(mfus) / len(mfus) if mfus else None, interval_spread=interval_spread(lines))
     return row
@@ -190,6 +204,7 @@ COLUMNS = [("layout", "layout", ""), ("GPUs", "gpus", "d"), ("DP", "dp", "d"), (
            ("tokens/s (all GPUs)", "tokens_per_s", ",.0f"),
            ("tokens/s/GPU", "tokens_per_s_per_gpu", ",.0f"), ("efficiency vs 1 GPU", "efficiency", ".1%"),
            ("interval spread", "interval_spread", ".1%"), ("MFU (trainer, data-sheet peak)", "mfu_trainer", ".1%"),
+           ("peak reserved per rank (GiB)", "reserved_per_rank", ""),
            ("run wall (s)", "wall_s", ".0f")]
 # with --profile-steps: the traced steps' GPU time, mean over ranks (bench/trace_breakdown.py)
 PROFILE_COLUMNS = [("layout", "layout", ""), ("GPU window / step (ms)", "gpu_step_ms", ",.0f"),
@@ -270,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
               "grad_accum per data-parallel rank are the same in every run (PP=2 pipelines grad_accum "
               "micro-batches per step); --global-batch: every layout trains the same sequences a step instead"),
              ("interval spread = (fastest - slowest) / mean tokens/s of the measured log intervals: an "
-              "efficiency within the spreads of its run and of the 1-GPU run is noise (more --steps narrow it)")]
+              "efficiency within the spreads of its run and of the 1-GPU run is noise (more --steps narrow it)"),
+             ("peak reserved per rank: torch.cuda.max_memory_reserved of the whole run, rank 0 first (pipeline "
+              "stage 0 first), from the trainer's memory line; it includes CUDA graph pools")]
 
     def save(rows):
         add_efficiency(rows)

@@ -1,7 +1,9 @@
 """Training metrics: accumulated per log interval, reduced across ranks, written to TensorBoard + console.
 
 Every rank accumulates what it saw (under pipeline parallelism only the last stage sees losses); one
-all-reduce per log interval sums them, so the numbers are global whatever the parallel layout.
+all-reduce per log interval sums them, so the numbers are global whatever the parallel layout. The same
+all-reduce carries every rank's peak device memory in its own slot, so the log shows the fullest rank
+(pipeline stages and their CUDA graph pools differ), and a line lists them all whenever it changes.
 """
 from __future__ import annotations
 
@@ -18,10 +20,28 @@ def t_bucket_edges(n: int) -> list[float]:
     return [i / n for i in range(n + 1)]
 
 
+def device_memory_gib(device) -> tuple[float, float] | None:
+    """(peak allocated, peak reserved) GiB of a CUDA device since the start; None elsewhere. Reserved
+    includes what the caching allocator holds for CUDA graph pools, the real limit of a graphed run."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30, torch.cuda.max_memory_reserved(device) / 2 ** 30
+
+
+def memory_line(per_rank: list[tuple[float, float]]) -> str:
+    """The console's per-rank memory report: 'peak memory per rank (GiB allocated/reserved): 0: a/r, ...'."""
+    return "peak memory per rank (GiB allocated/reserved): " + ", ".join(
+        f"{rank}: {a:.1f}/{r:.1f}" for rank, (a, r) in enumerate(per_rank))
+
+
 class Metrics:
     def __init__(self, *, out_dir: str, enabled_tb: bool, t_buckets: int, tokens_per_step: int,
-                 flops_per_token: float, peak_flops_total: float | None, total_steps: int, device):
+                 flops_per_token: float, peak_flops_total: float | None, total_steps: int, device,
+                 memory_reader=device_memory_gib):
         self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.memory_reader = memory_reader
+        self.memory_printed = None   # the last per-rank line printed: printed again only when it changes
         self.nb = t_buckets
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
@@ -64,16 +84,21 @@ class Metrics:
 
     # ---- reduction + output ----
     def log(self, step: int, *, lr: float, total_skipped: int) -> dict:
-        local = torch.cat([self.buckets.cpu(), torch.tensor([self.data_wait], dtype=torch.float64)])
+        memory = self.memory_reader(self.device)
+        slots = torch.zeros(2 * self.world, dtype=torch.float64)   # this rank's (allocated, reserved), others 0
+        if memory is not None:
+            slots[2 * self.rank:2 * self.rank + 2] = torch.tensor(memory, dtype=torch.float64)
+        local = torch.cat([self.buckets.cpu(), torch.tensor([self.data_wait], dtype=torch.float64), slots])
         summed = _all_reduce_sum(local, self.device)
         nelbo, tokens = summed[:self.nb], summed[self.nb:2 * self.nb]
+        data_wait, per_rank = summed[2 * self.nb], summed[2 * self.nb + 1:].view(-1, 2)
         elapsed = time.time() - self.t0
         out = {
             "train/loss": float(nelbo.sum() / tokens.sum().clamp_min(1.0)) if tokens.sum() > 0 else float("nan"),
             "train/lr": lr,
             "train/skipped_steps": float(total_skipped),
             "perf/step_time_s": elapsed / max(self.steps, 1),
-            "perf/data_wait_s": float(summed[-1]) / dist.get_world_size() / max(self.steps, 1),
+            "perf/data_wait_s": float(data_wait) / self.world / max(self.steps, 1),
             "perf/tokens_per_s": self.tokens_per_step * self.steps / max(elapsed, 1e-9),
         }
         norms = [float(n) for n in self.grad_norms]
@@ -86,11 +111,16 @@ class Metrics:
                 out[f"train/loss_t/{lo:.1f}-{hi:.1f}"] = float(nelbo[b] / tokens[b])
         if self.peak:
             out["perf/mfu"] = out["perf/tokens_per_s"] * self.flops_per_token / self.peak
-        if torch.cuda.is_available():
-            out["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        if memory is not None:   # the fullest rank's
+            out["perf/gpu_mem_gib"] = float(per_rank[:, 0].max())
+            out["perf/gpu_reserved_gib"] = float(per_rank[:, 1].max())
         self.write(step, out)
         if self.rank == 0:
             self.console(step, out)
+            line = memory_line(per_rank.tolist()) if memory is not None else None
+            if line != self.memory_printed:
+                print(line, flush=True)
+                self.memory_printed = line
         self._reset()
         return out
 
@@ -114,6 +144,8 @@ class Metrics:
         parts.append(f"tok/s {m['perf/tokens_per_s']:.0f}")
         if "perf/mfu" in m:
             parts.append(f"mfu {100 * m['perf/mfu']:.2f}%")
+        if "perf/gpu_reserved_gib" in m:
+            parts.append(f"mem {m['perf/gpu_mem_gib']:.1f}/{m['perf/gpu_reserved_gib']:.1f} GiB")
         if m["train/skipped_steps"]:
             parts.append(f"skipped {int(m['train/skipped_steps'])}")
         parts.append(f"elapsed {_hms(elapsed)}")

@@ -346,14 +346,22 @@ def test_scaling_refuses_layouts_wider_than_gpus(tmp_path):
 
 
 def test_parser_reads_the_trainers_console_line(capsys):
-    """Lines printed by dtrain's own Metrics.console, with and without the MFU field."""
-    from dtrain.metrics import Metrics
+    """Lines printed by dtrain's own Metrics.console, with and without the MFU and memory fields, and its
+    per-rank memory line."""
+    from dtrain.metrics import Metrics, memory_line
     stub = SimpleNamespace(start=0.0, total_steps=12, start_step=0)
     base = {"train/loss": 6.36, "train/lr": 1e-3, "train/grad_norm": 0.6, "perf/tokens_per_s": 9021.4,
             "train/skipped_steps": 0.0}
     Metrics.console(stub, 3, base)
-    Metrics.console(stub, 6, {**base, "perf/tokens_per_s": 12000.0, "perf/mfu": 0.4137, "train/skipped_steps": 1.0})
-    lines = scaling.parse_log("some other output\n" + capsys.readouterr().out)
+    Metrics.console(stub, 6, {**base, "perf/tokens_per_s": 12000.0, "perf/mfu": 0.4137, "train/skipped_steps": 1.0,
+                              "perf/gpu_mem_gib": 61.25, "perf/gpu_reserved_gib": 74.9})
+    print(memory_line([(60.0, 70.04), (61.25, 74.9)]))
+    print(memory_line([(60.0, 72.0), (61.25, 74.9)]))            # a later, fuller line wins
+    text = "some other output\n" + capsys.readouterr().out
+    assert "| mem 61.2/74.9 GiB |" in text
+    assert scaling.parse_memory(text) == [(60.0, 72.0), (61.2, 74.9)]     # as printed, to 0.1 GiB
+    assert scaling.parse_memory("step 3/12 | loss 6.36") is None
+    lines = scaling.parse_log(text)
     assert [(ln["step"], ln["steps"], ln["tokens_per_s"]) for ln in lines] == [(3, 12, 9021.0), (6, 12, 12000.0)]
     assert lines[0]["mfu"] is None and lines[1]["mfu"] == pytest.approx(0.4137)
     # tokens/s after the warm-up interval; two intervals of 3 and 1 steps: 4 steps / (3/100 + 1/50)
