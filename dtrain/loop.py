@@ -348,7 +348,16 @@ class Trainer:
                 set_lr(self.engine.optimizer, lr_at(step - 1, cfg.optim, t.steps))
                 wait0 = batches.wait if batches is not None else 0.0
                 profiler.before(step)
+                first_step = step == metrics.start_step + 1
+                if first_step:   # on a fresh GPU node it runs minutes without a line: say why
+                    rank0_print(f"step {step}: the first step runs now" + (
+                        f"; it compiles the Triton and torch.compile kernels"
+                        f"{' and captures the CUDA graphs' if t.cuda_graphs else ''} (minutes on a fresh node, "
+                        f"seconds from a warm kernel cache)" if self.device.type == "cuda" else ""))
+                    first_t0 = time.perf_counter()
                 bad, norm = train_step(self.trainee, batches, t.grad_accum, step in cfg.debug.nan_at_steps, metrics)
+                if first_step:
+                    rank0_print(f"step {step}: the first step took {time.perf_counter() - first_t0:.1f} s")
                 stop.reinstall(step)   # and after the step itself, where the first step's libraries replaced it
                 trace = profiler.after(step)
                 if trace is not None:

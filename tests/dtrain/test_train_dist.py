@@ -5,6 +5,7 @@ scalars, checkpoints, exit codes. Reference numbers come from plain PyTorch in t
 """
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -53,6 +54,9 @@ def test_zero1_checkpoint_resume_and_interrupted_write(tmp_path, dataset):
     assert sorted(tb["train/loss"]) == list(range(1, 9))
     assert not math.isfinite(tb["train/loss"][2]) and tb["train/skipped_steps"][2] == 1  # NaN step skipped
     assert tb["train/skipped_steps"][8] == 1 and "skipped" in ref.stdout
+    # the first step, slow on a fresh GPU node, is announced and timed (once, by rank 0)
+    assert re.findall(r"step (\d+): the first step (runs now|took \d+\.\d s)", ref.stdout) == [
+        ("1", "runs now"), ("1", re.search(r"took \d+\.\d s", ref.stdout)[0])], ref.stdout
     assert learned(tb), (losses(tb), tb["eval/nelbo_per_token"])
     ckpts = tmp_path / "ref" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step00000008"
@@ -82,6 +86,7 @@ def test_zero1_checkpoint_resume_and_interrupted_write(tmp_path, dataset):
                           checkpoint={"dir": str(ck)})
     check_ok(res := launch(res_cfg, tmp_path, args=("--resume", "auto")))
     assert "step00000004" in res.stdout and "resumed from" in res.stdout
+    assert "step 5: the first step runs now" in res.stdout and "step 1: the first" not in res.stdout
     got = scalars(tmp_path / "resumed")["train/loss"]
     assert sorted(got) == [5, 6, 7, 8]
     for s in (5, 6, 7, 8):
