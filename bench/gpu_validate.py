@@ -334,18 +334,23 @@ def training_graph_checks(device, gen, micro_batches: int = 3) -> list:
     """Training with the trunk replayed from CUDA graphs (model/train_graphs.py) against the same training
     without: the losses of `micro_batches` micro-batches (bf16 autocast, fp32 weights, as the trainer runs)
     and the gradients they accumulate, which a graph's static buffers must not disturb; the graphs' summed
-    gradients handed over after every backward, and only after the last (the trainer's ZeRO-1 way)."""
+    gradients handed over after every backward, and only after the last (the trainer's ZeRO-1 way), also
+    when the last micro-batch has another shape and runs eagerly (it then carries the graphed ones' sums)."""
     preset = "240m-diffumamba-h" if device.type == "cuda" else "tiny-diffumamba-h"
     torch.manual_seed(5)
     plain = DiffusionLM(get_preset(preset).replace(layer_pattern="MA")).to(device).train()
     seq_len = 1024 if device.type == "cuda" else 32
-    batches = [{k: v.to(device) for k, v in mask_batch(
-        torch.randint(0, plain.cfg.vocab_size - 1, (2, seq_len), generator=gen), seed=0, step=i,
-        positions=torch.arange(2), global_batch_size=2, mask_id=plain.cfg.mask_token_id).items()}
-        for i in range(micro_batches)]
 
-    def train(model):
+    def masked(step, length):
+        return {k: v.to(device) for k, v in mask_batch(
+            torch.randint(0, plain.cfg.vocab_size - 1, (2, length), generator=gen), seed=0, step=step,
+            positions=torch.arange(2), global_batch_size=2, mask_id=plain.cfg.mask_token_id).items()}
+    batches = [masked(i, seq_len) for i in range(micro_batches)]
+    odd_last = batches[:-1] + [masked(micro_batches, seq_len // 2)]
+
+    def train(model, batches):
         losses = []
+        model.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             for b in batches:
                 loss = model.loss(b)[0]
@@ -353,16 +358,20 @@ def training_graph_checks(device, gen, micro_batches: int = 3) -> list:
                 losses.append(loss.detach().float())
         return torch.stack(losses), torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    want_losses, want_grads = train(plain)
+    want = {id(batches): train(plain, batches), id(odd_last): train(plain, odd_last)}
     checks = []
-    for mode, hand_over in (("every backward", None), ("last micro-batch", train_graphs.every_nth_call(micro_batches))):
+    for mode, hand_over, run in (("every backward", None, batches),
+                                 ("last micro-batch", train_graphs.every_nth_call(micro_batches), batches),
+                                 ("last micro-batch, which has another shape and runs eagerly",
+                                  train_graphs.every_nth_call(micro_batches), odd_last)):
+        want_losses, want_grads = want[id(run)]
         graphed = copy.deepcopy(plain)
         graphed.zero_grad(set_to_none=True)
         graphs = train_graphs.enable(graphed, torch.bfloat16, hand_over)
         # made on the default stream, so a capture that reached them would fail; each must see every hand-over
         hooked = [0]   # with the sums handed over at the last micro-batch only, the hooks run only then
         _kept_nodes = hook_accumulate_grad_nodes(graphed, lambda *_, n=hooked: n.__setitem__(0, n[0] + 1))
-        losses, grads = train(graphed)
+        losses, grads = train(graphed, run)
         # every micro-batch's gradient reaches the head's parameters (a tied embedding too); the trunk-only
         # ones get theirs once, at the hand-over, when the graphs hand over at the last micro-batch only
         trunk_only = {id(p) for _, p in graphs.trunk_parameters()} - {id(p) for p in graphed.head.parameters()}

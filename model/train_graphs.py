@@ -21,7 +21,8 @@ recipe leaves to its caller:
     (autocast's cast, the same GEMMs, fp32 sums), one cast per step instead of one per micro-batch, and one
     pass over each gradient instead of three.
   - which calls replay: the first training shape is captured; other shapes, eval mode and no-grad calls
-    run the trunk eagerly.
+    run the trunk eagerly. Every training call counts towards the hand-over, and an eager one that is a
+    step's last hands the graphed micro-batches' sums over with its own gradients (PendingSumsFn).
   - the trainer's own gradient hooks: DeepSpeed's ZeRO keeps every parameter's AccumulateGrad node alive,
     created on the default stream, and a gradient reaching such a node from the capture stream breaks the
     capture. The captured trunk runs on fresh leaf aliases (of the parameters' storage, or of their bf16
@@ -143,6 +144,25 @@ class GraphedTrunkFn(torch.autograd.Function):
         return (None, None, grad_x, *sums)
 
 
+class PendingSumsFn(torch.autograd.Function):
+    """Identity on an eager trunk's first output, whose backward also hands the graphs' sums over to the
+    parameters: a step whose last micro-batch has another shape (and runs eagerly) still applies its graphed
+    micro-batches' gradients. Autograd adds them to the eager gradients before each parameter's
+    AccumulateGrad runs, so its hooks fire once, with the step's whole gradient."""
+
+    @staticmethod
+    def forward(ctx, acc: Accumulation, out: torch.Tensor, *params):
+        ctx.acc = acc
+        return out.clone()   # not a view: callers may write into the trunk's output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        sums = tuple(s.clone() for s in ctx.acc.grad_sums)
+        ctx.acc.handed_over = True
+        return (None, grad_out, *sums)
+
+
 class TrainingGraphs:
     """model.trunk(input_ids) for training, replayed from CUDA graphs (see the module docstring).
 
@@ -185,11 +205,16 @@ class TrainingGraphs:
         return self.on_gpu(x) and torch.is_grad_enabled() and self.is_training() and same_shape
 
     def __call__(self, x: torch.Tensor):
+        # asked of every training micro-batch, graphed or not, so that a counting hand_over stays on the step
+        hand_over = torch.is_grad_enabled() and self.is_training() and self.hand_over_now()
         if not self.usable(x):
-            return self.model.eager_trunk(x)
+            outs = self.model.eager_trunk(x)
+            if hand_over and self.acc is not None and not self.acc.handed_over:
+                # the step's last micro-batch runs eagerly: it carries the graphed micro-batches' sums over
+                outs = (PendingSumsFn.apply(self.acc, outs[0], *self.acc.params), *outs[1:])
+            return outs
         c = self.free_slot(x)
         c.acc.check_parameters()
-        hand_over = self.hand_over_now()
         return GraphedTrunkFn.apply(c, hand_over, x, *(c.acc.params if hand_over else (c.acc.placeholder,)))
 
     def free_slot(self, x: torch.Tensor) -> Captured:

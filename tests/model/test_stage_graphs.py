@@ -34,9 +34,11 @@ def stage(ends_stage: bool):
     return model, [StreamBlock(b, ends_stage and i == n - 1) for i, b in enumerate(model.blocks)]
 
 
-def micro_batches(count: int, seed: int):
+def micro_batches(count: int, seed: int, odd_last: bool = False):
+    """`count` micro-batches of 2 x 24 tokens; odd_last: the last one 1 x 16 (it runs eagerly)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 511, (2, 24), generator=g) for _ in range(count)]
+    return [torch.randint(0, 511, (1, 16) if odd_last and i == count - 1 else (2, 24), generator=g)
+            for i in range(count)]
 
 
 def loss_of(out, weights) -> torch.Tensor:
@@ -63,7 +65,7 @@ def run_steps(model, run_stage, steps, order, dtype=None):
     """Train steps of micro-batches in `order` through embed -> run_stage, plain SGD between steps (large
     enough that weights read before an update give other numbers); per step the losses and the gradients
     that reached the parameters at its end."""
-    weights = None
+    weights = {}   # per micro-batch shape
     record = []
     for ids in steps:
         losses = {}
@@ -71,10 +73,11 @@ def run_steps(model, run_stage, steps, order, dtype=None):
             if kind == "F":
                 with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                     out = run_stage(model.embed(ids[i]))
-                    if weights is None:
+                    if ids[i].shape not in weights:
                         g = torch.Generator().manual_seed(1)
-                        weights = [torch.randn(o.shape, generator=g) for o in (out if isinstance(out, tuple) else (out,))]
-                    losses[i] = loss_of(out, weights)
+                        weights[ids[i].shape] = [torch.randn(o.shape, generator=g)
+                                                 for o in (out if isinstance(out, tuple) else (out,))]
+                    losses[i] = loss_of(out, weights[ids[i].shape])
             else:
                 losses[i].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -121,6 +124,26 @@ def test_a_stage_with_two_micro_batches_in_flight_trains_as_eagerly(ends_stage, 
             # fp32: the same sums in the same order; bf16: roundings amplified by the updates, up to 2e-2
             # (a micro-batch lost or counted twice, or a stale cast copy: tens of percent)
             assert (got_grads[name] - w).norm() <= (1e-5 if dtype is None else 5e-2) * w.norm(), name
+
+
+@pytest.mark.parametrize("ends_stage", [True, False], ids=["send", "last"])
+def test_a_step_whose_last_micro_batch_runs_eagerly_keeps_its_gradients(ends_stage):
+    """The last micro-batch of every step has another shape and runs eagerly: its backward, the step's
+    last, hands the graphed micro-batches' sums over with its own gradients, and the call count of the
+    hand-over stays on the steps' ends."""
+    steps = [micro_batches(4, seed, odd_last=True) for seed in range(3)]
+    order = one_f_one_b(4, in_flight=2)
+    model, blocks = stage(ends_stage)
+    want = run_steps(model, eager(blocks), steps, order)
+    model, blocks = stage(ends_stage)
+    graphs = StageStandIn(blocks, None, every_nth_call(4), max_slots=2)
+    got = run_steps(model, graphs, steps, order)
+    assert graphs.captures == 2
+    for (want_losses, want_grads), (got_losses, got_grads) in zip(want, got):
+        assert got_losses == pytest.approx(want_losses, rel=1e-6)
+        assert got_grads.keys() == want_grads.keys()
+        for name, w in want_grads.items():
+            assert (got_grads[name] - w).norm() <= 1e-5 * w.norm(), name
 
 
 def test_before_the_last_backward_no_gradient_reaches_the_stage_but_the_input_gets_its_own():
