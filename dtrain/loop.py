@@ -30,7 +30,7 @@ from dtrain.optim import lr_at, set_lr
 from dtrain.pipe_sampling import pipeline_sample
 from dtrain.pipeline import nan_unless_finite
 from dtrain.profiling import StepProfiler
-from dtrain.signals import StopFlag
+from dtrain.signals import StopFlag, compile_first
 from model import kernels
 from model.diffusion import diffusion_loss_selected, elbo_perplexity, scored_index
 from model.flops import expected_masked_fraction, peak_flops, train_flops_per_token
@@ -335,6 +335,10 @@ class Trainer:
                           flops_per_token=self.flops_per_token, peak_flops_total=peak * self.world if peak else None,
                           total_steps=t.steps, device=self.device)
         metrics.start_step = self.state["step"]
+        replaced = compile_first(self.device)   # LLVM's signal actions first, the trainer's on top
+        if replaced:
+            rank0_print("signals: Triton's first compilation took " + ", ".join(
+                f"{name} ({what})" for name, what in replaced.items()) + "; the trainer's handlers go on top")
         stop = StopFlag(report=rank0_print)
         stop.install()
         profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.out_dir,

@@ -8,12 +8,16 @@ named Triton's libtriton.so, which links LLVM, as the one replacing both SIGTERM
 installs the handler again around every step (`StopFlag.reinstall`), and the first time it finds an action
 replaced it says which library's function had taken its place (libc's sigaction and dladdr, through ctypes;
 where they are missing, it installs again without saying). A signal that comes while another action is in
-place is still lost: `python -m bench.preempt_check` drills it on a real run.
+place is still lost; LLVM registers its actions once per process, so on a GPU the trainer compiles one tiny
+Triton kernel before installing its own (`compile_first`, dtrain/compile_first.py) and no later compilation
+replaces them. `python -m bench.preempt_check` drills it on a real run.
 """
 from __future__ import annotations
 
 import ctypes
 import signal
+
+import torch
 
 
 class _Sigaction(ctypes.Structure):
@@ -57,6 +61,24 @@ def describe_action(address: int) -> str:
         name = info.sname.decode() if info.sname else "an unnamed function"
         return f"{name} in {info.fname.decode() if info.fname else '?'}"
     return hex(address)
+
+
+def compile_first(device) -> dict[str, str] | None:
+    """On a GPU with Triton: compile one kernel now, before StopFlag.install(), so that LLVM's signal actions
+    are registered under the trainer's rather than over them in the middle of a step. Returns
+    {signal name: what took its action} for the signals this replaced (empty if none), None where it
+    does not apply (no GPU, no Triton)."""
+    if torch.device(device).type != "cuda":
+        return None
+    try:
+        from dtrain.compile_first import compile_one_kernel
+    except ImportError:
+        return None
+    before = {sig: current_action(sig) for sig in StopFlag.SIGNALS}
+    compile_one_kernel(torch.device(device))
+    after = {sig: current_action(sig) for sig in StopFlag.SIGNALS}
+    return {sig.name: describe_action(after[sig]) for sig in StopFlag.SIGNALS
+            if after[sig] is not None and after[sig] != before[sig]}
 
 
 class StopFlag:

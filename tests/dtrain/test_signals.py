@@ -55,3 +55,23 @@ def test_an_action_is_described_by_its_function_and_library():
     text = signals.describe_action(printf)
     assert "printf" in text and "libc" in text, text
     assert signals.describe_action(0) == "SIG_DFL" and signals.describe_action(1) == "SIG_IGN"
+
+
+def test_a_compilation_first_lets_the_trainers_handlers_go_on_top(saved_handlers, monkeypatch):
+    """compile_first: nothing on the CPU; on a GPU it compiles before the trainer installs its handlers and
+    names the actions that compilation replaced (LLVM's, emulated by a stand-in compiler that sets SIGUSR1
+    to SIG_IGN below Python); the handlers installed afterwards catch the signal."""
+    import sys
+    import types
+    assert signals.compile_first("cpu") is None
+    compiler = types.ModuleType("dtrain.compile_first")
+    compiled = []
+    compiler.compile_one_kernel = lambda device: (compiled.append(device.type),
+                                                  LIBC.signal(signal.SIGUSR1, ctypes.c_void_p(1)))
+    monkeypatch.setitem(sys.modules, "dtrain.compile_first", compiler)
+    signal.signal(signal.SIGUSR1, signal.default_int_handler)
+    assert signals.compile_first("cuda") == {"SIGUSR1": "SIG_IGN"} and compiled == ["cuda"]
+    assert signals.compile_first("cuda") == {}                 # nothing left to replace
+    flag = signals.StopFlag()
+    flag.install()
+    assert raised(flag, signal.SIGUSR1) and raised(flag, signal.SIGTERM)
