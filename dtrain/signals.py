@@ -63,11 +63,11 @@ def describe_action(address: int) -> str:
     return hex(address)
 
 
-def compile_first(device) -> dict[str, str] | None:
+def compile_first(device, report=print) -> dict[str, str] | None:
     """On a GPU with Triton: compile one kernel now, before StopFlag.install(), so that LLVM's signal actions
     are registered under the trainer's rather than over them in the middle of a step. Returns
     {signal name: what took its action} for the signals this replaced (empty if none), None where it
-    does not apply (no GPU, no Triton)."""
+    does not apply (no GPU, no Triton) or the compilation failed (reported; the run goes on)."""
     if torch.device(device).type != "cuda":
         return None
     try:
@@ -75,7 +75,12 @@ def compile_first(device) -> dict[str, str] | None:
     except ImportError:
         return None
     before = {sig: current_action(sig) for sig in StopFlag.SIGNALS}
-    compile_one_kernel(torch.device(device))
+    try:
+        compile_one_kernel(torch.device(device))
+    except Exception as e:   # a broken Triton shows itself at the first real kernel, with the model's context
+        report(f"signals: compiling a Triton kernel before the stop handlers failed ({e!r}); a later "
+               f"compilation may replace them during a step (they are installed again after every step)")
+        return None
     after = {sig: current_action(sig) for sig in StopFlag.SIGNALS}
     return {sig.name: describe_action(after[sig]) for sig in StopFlag.SIGNALS
             if after[sig] is not None and after[sig] != before[sig]}

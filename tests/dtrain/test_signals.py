@@ -75,3 +75,8 @@ def test_a_compilation_first_lets_the_trainers_handlers_go_on_top(saved_handlers
     flag = signals.StopFlag()
     flag.install()
     assert raised(flag, signal.SIGUSR1) and raised(flag, signal.SIGTERM)
+    # a compiler that fails is reported, and the run goes on
+    compiler.compile_one_kernel = lambda device: 1 / 0
+    reports = []
+    assert signals.compile_first("cuda", reports.append) is None
+    assert len(reports) == 1 and "ZeroDivisionError" in reports[0] and "installed again" in reports[0]
