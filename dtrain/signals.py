@@ -77,7 +77,7 @@ def compile_first(device, report=print) -> dict[str, str] | None:
     before = {sig: current_action(sig) for sig in StopFlag.SIGNALS}
     try:
         compile_one_kernel(torch.device(device))
-    except Exception as e:   # a broken Triton shows itself at the first real kernel, with the model's context
+    except Exception as e:  # noqa: BLE001 - a broken Triton fails later, at a real kernel, with its context
         report(f"signals: compiling a Triton kernel before the stop handlers failed ({e!r}); a later "
                f"compilation may replace them during a step (they are installed again after every step)")
         return None
