@@ -438,6 +438,44 @@ def stage_graph_checks(device, gen) -> list:
     return checks
 
 
+def signal_checks(device) -> list:
+    """The trainer's stop handlers and Triton's LLVM, which installs its own SIGTERM / SIGUSR1 actions once
+    per process at its first compilation (dtrain/signals.py): after signals.compile_first and
+    StopFlag.install, as the trainer starts, another compilation must leave the trainer's actions in place,
+    and SIGUSR1 then SIGTERM sent to this process must reach the flag. A Triton that registered again at
+    every compilation would fail the first row."""
+    import signal
+
+    from dtrain import signals
+    flag = signals.StopFlag(report=lambda *_: None)
+    saved = {sig: signal.getsignal(sig) for sig in flag.SIGNALS}
+    try:
+        signals.compile_first(device)
+        flag.install()
+        ours = {sig: signals.current_action(sig) for sig in flag.SIGNALS}
+        signals.compile_first(device)                 # a second compilation (never from the cache)
+        kept = all(signals.current_action(sig) == ours[sig] for sig in flag.SIGNALS)
+        caught = 0
+        for i, sig in enumerate((signal.SIGUSR1, signal.SIGTERM)):
+            if caught < i:                            # SIGTERM only once SIGUSR1 got through: a lost one ends us
+                break
+            flag.signal_name = None
+            os.kill(os.getpid(), sig)
+            for _ in range(200):                      # Python runs the handler at a bytecode boundary
+                if flag.signal_name:
+                    break
+                time.sleep(0.001)
+            caught += flag.signal_name == sig.name
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    what = f"stop signals ({'after Triton compilations' if device.type == 'cuda' else 'CPU: no compilation'})"
+    return [(f"{what}: the trainer's actions kept, signals", torch.float32, torch.tensor([float(kept)]),
+             torch.tensor([1.0]), 1e-6),
+            (f"{what}: SIGUSR1 and SIGTERM caught by the trainer's handler", torch.float32,
+             torch.tensor([float(caught)]), torch.tensor([2.0]), 1e-6)]
+
+
 def run_model_checks(device, lines) -> bool:
     """The blocks' pieces against float64 formulas, a whole model's loss and gradients against the float64
     reference path, and DiffusionLM's logits at masked positions only (score_mask, the training path)
@@ -496,7 +534,7 @@ def run_model_checks(device, lines) -> bool:
         checks.append(("CUDA graph captured", torch.float32, torch.tensor([float(len(graphed.graphs))]),
                        torch.tensor([1.0]), 1e-6))
 
-    checks += training_graph_checks(device, gen) + stage_graph_checks(device, gen)
+    checks += training_graph_checks(device, gen) + stage_graph_checks(device, gen) + signal_checks(device)
     return report_checks(checks, lines)
 
 
