@@ -126,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
                          assumptions=f"{args.peak_tflops:g} TFLOP/s matmul peak, {args.bandwidth_tbs:g} TB/s")
     kinds = [k for k in rows[0] if k.startswith("ms ")]
     by_kind = [("preset", "preset", ""), ("L", "seq_len", ",d"), *[(k[3:] + " (ms)", k, ",.1f") for k in kinds]]
-    notes = ["bound = (matmul floor + traffic / bandwidth) / matmul floor: the least `x floor` a forward of "
-             "these kernels reaches, with every memory-bound kernel at full bandwidth (module docstring)"]
-    path = common.write_results(args.out, "forward_bound", "Forward time bound from the matmul floor and memory "
-                                "traffic", head, [("", common.markdown_table(COLUMNS, rows)),
-                                                  ("memory-bound kernels at the bandwidth, by kind",
-                                                   common.markdown_table(by_kind, rows))], rows, notes)
+    tables = [("", common.markdown_table(COLUMNS, rows)),
+              ("memory-bound kernels at the bandwidth, by kind", common.markdown_table(by_kind, rows))]
+    notes = [("bound = (matmul floor + traffic / bandwidth) / matmul floor: the least `x floor` a forward of "
+              "these kernels reaches, with every memory-bound kernel at full bandwidth (module docstring)")]
+    title = "Forward time bound from the matmul floor and memory traffic"
+    path = common.write_results(args.out, "forward_bound", title, head, tables, rows, notes)
     common.print_results(path)
     plot(rows, head, args.out / "forward_bound.png")
     return 0
