@@ -22,6 +22,10 @@ peak. Batch 1, bf16 activations, fp32 residual stream (model/blocks.py); per tok
     MLP activation           GELU reads and writes the hidden layer (4h); SwiGLU reads 2h, writes h (6h)
     embedding, final norm    the fp32 row read and written (8d); hidden + residual read, output written (8d)
 
+--fused-mixer asks what a mixer written as one kernel per direction would allow: it reads in_proj's
+output (z, x, B, C, dt) once and writes the normalised output (2 d_in_proj + 2 d_inner), in place of the
+conv, the scan and the gated norm.
+
 The matmuls (their own reads and writes included) and attention's fused kernel are in the floor's time.
 Defaults: the H100 SXM's 3.35 TB/s and 770 TFLOP/s, the bf16 matmul peak bench.training measures on an
 H100 80GB HBM3 (docs/benchmarks.md).
@@ -55,14 +59,22 @@ def mamba_direction_bytes(cfg: ModelConfig) -> dict[str, float]:
     return {"conv": 2 * BF16 * conv_dim, "scan": scan, "gated norm": 3 * BF16 * di}
 
 
-def block_bytes(kind: str, cfg: ModelConfig) -> dict[str, float]:
+def fused_direction_bytes(cfg: ModelConfig) -> dict[str, float]:
+    """The same direction as one kernel: in_proj's output read once, the normalised output written."""
+    m = cfg.mamba
+    in_proj_out = 2 * cfg.d_inner + 2 * m.ngroups * m.d_state + cfg.mamba_nheads   # z, x, B, C, dt
+    return {"fused mixer": BF16 * (in_proj_out + cfg.d_inner)}
+
+
+def block_bytes(kind: str, cfg: ModelConfig, fused_mixer: bool = False) -> dict[str, float]:
     """Bytes per token of one block's memory-bound kernels, by kind of kernel."""
     d, h = cfg.d_model, cfg.mlp_hidden
     out = {"add + norm": 2 * (2 * BF16 + 2 * FP32) * d,
            "MLP activation": (3 * BF16 * h) if cfg.mlp_kind == "swiglu" else 2 * BF16 * h}
     if kind == "M":
         out["flips"] = 5 * BF16 * d
-        for name, value in mamba_direction_bytes(cfg).items():
+        direction = fused_direction_bytes(cfg) if fused_mixer else mamba_direction_bytes(cfg)
+        for name, value in direction.items():
             out[name] = 2 * value                          # two directions
     elif kind == "A":
         out["rotary"] = 4 * BF16 * d
@@ -71,19 +83,19 @@ def block_bytes(kind: str, cfg: ModelConfig) -> dict[str, float]:
     return out
 
 
-def forward_bytes_per_token(cfg: ModelConfig) -> dict[str, float]:
+def forward_bytes_per_token(cfg: ModelConfig, fused_mixer: bool = False) -> dict[str, float]:
     """Bytes per token of the whole forward's memory-bound kernels, by kind of kernel."""
     total = {"embedding + final norm": 2 * FP32 * cfg.d_model + (2 * BF16 + FP32) * cfg.d_model}
     for kind in cfg.layer_pattern:
-        for name, value in block_bytes(kind, cfg).items():
+        for name, value in block_bytes(kind, cfg, fused_mixer).items():
             total[name] = total.get(name, 0.0) + value
     return total
 
 
-def bound_row(preset: str, seq_len: int, peak_flops: float, bandwidth: float) -> dict:
+def bound_row(preset: str, seq_len: int, peak_flops: float, bandwidth: float, fused_mixer: bool = False) -> dict:
     cfg = get_preset(preset)
     floor_s = forward_flops_per_token(cfg, seq_len) * seq_len / peak_flops
-    by_kind = {k: v * seq_len for k, v in forward_bytes_per_token(cfg).items()}
+    by_kind = {k: v * seq_len for k, v in forward_bytes_per_token(cfg, fused_mixer).items()}
     traffic = sum(by_kind.values())
     row = {"preset": preset, "seq_len": seq_len, "floor_ms": floor_s * 1e3, "traffic_GB": traffic / 1e9,
            "memory_ms": traffic / bandwidth * 1e3, "bound": 1 + traffic / bandwidth / floor_s}
@@ -116,14 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-lens", nargs="+", type=int, default=[4096, 32768, 131072])
     ap.add_argument("--peak-tflops", type=float, default=770.0, help="bf16 matmul peak (measured, not the data sheet)")
     ap.add_argument("--bandwidth-tbs", type=float, default=3.35, help="memory bandwidth, TB/s (H100 SXM: 3.35)")
+    ap.add_argument("--fused-mixer", action="store_true",
+                    help="each Mamba direction as one kernel (conv, scan, gated norm fused): what it would allow")
     common.add_output_args(ap, "forward_bound")
     args = ap.parse_args(argv)
     if args.plot_only:
         return common.replot(args.out, "forward_bound", plot)
-    rows = [bound_row(p, L, args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12)
+    rows = [bound_row(p, L, args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12, args.fused_mixer)
             for p in args.presets for L in args.seq_lens]
+    mixer = "each Mamba direction one fused kernel" if args.fused_mixer else "the model's kernels"
     head = common.header(torch.device("cpu"), "bench.forward_bound",
-                         assumptions=f"{args.peak_tflops:g} TFLOP/s matmul peak, {args.bandwidth_tbs:g} TB/s")
+                         assumptions=f"{args.peak_tflops:g} TFLOP/s matmul peak, {args.bandwidth_tbs:g} TB/s, {mixer}")
     kinds = [k for k in rows[0] if k.startswith("ms ")]
     by_kind = [("preset", "preset", ""), ("L", "seq_len", ",d"), *[(k[3:] + " (ms)", k, ",.1f") for k in kinds]]
     tables = [("", common.markdown_table(COLUMNS, rows)),

@@ -41,6 +41,15 @@ def test_the_bytes_of_each_kernel_counted_tensor_by_tensor():
     assert sum(whole.values()) == pytest.approx(2 * sum(mamba.values()) + sum(attention.values()) + ends)
 
 
+def test_a_fused_mixer_reads_in_projs_output_once_and_writes_its_result():
+    cfg = get_preset("tiny-diffumamba-h")
+    z_x_b_c_dt = 128 + 128 + 16 + 16 + 8
+    assert forward_bound.fused_direction_bytes(cfg) == {"fused mixer": 2 * z_x_b_c_dt + 2 * 128}
+    fused = forward_bound.block_bytes("M", cfg, fused_mixer=True)
+    assert set(fused) == {"add + norm", "MLP activation", "flips", "fused mixer"}
+    assert fused["fused mixer"] == 2 * (2 * z_x_b_c_dt + 2 * 128)
+
+
 def test_the_bound_adds_the_traffic_time_to_the_floor(tmp_path):
     """At 1.3B, 32K tokens, 770 TFLOP/s: the matmul floor docs/benchmarks.md reports (117 ms); the bound is
     (floor + bytes / bandwidth) / floor, and the command writes its table and JSON."""
