@@ -358,13 +358,13 @@ def training_graph_checks(device, gen, micro_batches: int = 3) -> list:
                 losses.append(loss.detach().float())
         return torch.stack(losses), torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    want = {id(batches): train(plain, batches), id(odd_last): train(plain, odd_last)}
+    same_shape, odd_shape = train(plain, batches), train(plain, odd_last)
     checks = []
-    for mode, hand_over, run in (("every backward", None, batches),
-                                 ("last micro-batch", train_graphs.every_nth_call(micro_batches), batches),
-                                 ("last micro-batch, which has another shape and runs eagerly",
-                                  train_graphs.every_nth_call(micro_batches), odd_last)):
-        want_losses, want_grads = want[id(run)]
+    for mode, hand_over, run, (want_losses, want_grads) in (
+            ("every backward", None, batches, same_shape),
+            ("last micro-batch", train_graphs.every_nth_call(micro_batches), batches, same_shape),
+            ("last micro-batch, which has another shape and runs eagerly", train_graphs.every_nth_call(micro_batches),
+             odd_last, odd_shape)):
         graphed = copy.deepcopy(plain)
         graphed.zero_grad(set_to_none=True)
         graphs = train_graphs.enable(graphed, torch.bfloat16, hand_over)

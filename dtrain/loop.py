@@ -335,10 +335,7 @@ class Trainer:
                           flops_per_token=self.flops_per_token, peak_flops_total=peak * self.world if peak else None,
                           total_steps=t.steps, device=self.device)
         metrics.start_step = self.state["step"]
-        replaced = compile_first(self.device, rank0_print)   # LLVM's signal actions first, the trainer's on top
-        if replaced:
-            rank0_print("signals: Triton's first compilation took " + ", ".join(
-                f"{name} ({what})" for name, what in replaced.items()) + "; the trainer's handlers go on top")
+        compile_first(self.device, rank0_print)   # LLVM's signal actions first, the trainer's on top
         stop = StopFlag(report=rank0_print)
         stop.install()
         profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.out_dir,

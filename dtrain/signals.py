@@ -65,9 +65,9 @@ def describe_action(address: int) -> str:
 
 def compile_first(device, report=print) -> dict[str, str] | None:
     """On a GPU with Triton: compile one kernel now, before StopFlag.install(), so that LLVM's signal actions
-    are registered under the trainer's rather than over them in the middle of a step. Returns
-    {signal name: what took its action} for the signals this replaced (empty if none), None where it
-    does not apply (no GPU, no Triton) or the compilation failed (reported; the run goes on)."""
+    are registered under the trainer's rather than over them in the middle of a step. Returns (and
+    reports) {signal name: what took its action} for the signals this replaced (empty if none), None
+    where it does not apply (no GPU, no Triton) or the compilation failed (reported; the run goes on)."""
     if torch.device(device).type != "cuda":
         return None
     try:
@@ -82,8 +82,12 @@ def compile_first(device, report=print) -> dict[str, str] | None:
                f"compilation may replace them during a step (they are installed again after every step)")
         return None
     after = {sig: current_action(sig) for sig in StopFlag.SIGNALS}
-    return {sig.name: describe_action(after[sig]) for sig in StopFlag.SIGNALS
-            if after[sig] is not None and after[sig] != before[sig]}
+    replaced = {sig.name: describe_action(after[sig]) for sig in StopFlag.SIGNALS
+                if after[sig] is not None and after[sig] != before[sig]}
+    if replaced:
+        report("signals: Triton's first compilation took " + ", ".join(
+            f"{name} ({what})" for name, what in replaced.items()) + "; the trainer's handlers go on top")
+    return replaced
 
 
 class StopFlag:

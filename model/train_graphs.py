@@ -92,6 +92,12 @@ class Accumulation:
             torch._foreach_zero_(list(self.grad_sums))
         self.handed_over = False
 
+    def hand_over(self) -> tuple[torch.Tensor, ...]:
+        """The sums, as the parameters' gradients of a step's last backward. Copies: AccumulateGrad may
+        adopt a tensor as .grad, and the sums are zeroed at the next step's first replay."""
+        self.handed_over = True
+        return tuple(s.clone() for s in self.grad_sums)
+
 
 @dataclass
 class Captured:
@@ -138,10 +144,7 @@ class GraphedTrunkFn(torch.autograd.Function):
         grad_x = c.grad_input.clone() if c.grad_input is not None and ctx.needs_input_grad[2] else None
         if not ctx.hand_over:
             return None, None, grad_x, None
-        # copies: AccumulateGrad may adopt a tensor as .grad, and the sums are zeroed for the next step
-        sums = tuple(s.clone() for s in c.acc.grad_sums)
-        c.acc.handed_over = True
-        return (None, None, grad_x, *sums)
+        return (None, None, grad_x, *c.acc.hand_over())
 
 
 class PendingSumsFn(torch.autograd.Function):
@@ -158,9 +161,7 @@ class PendingSumsFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        sums = tuple(s.clone() for s in ctx.acc.grad_sums)
-        ctx.acc.handed_over = True
-        return (None, grad_out, *sums)
+        return (None, grad_out, *ctx.acc.hand_over())
 
 
 class TrainingGraphs:

@@ -70,8 +70,10 @@ def test_a_compilation_first_lets_the_trainers_handlers_go_on_top(saved_handlers
                                                   LIBC.signal(signal.SIGUSR1, ctypes.c_void_p(1)))
     monkeypatch.setitem(sys.modules, "dtrain.compile_first", compiler)
     signal.signal(signal.SIGUSR1, signal.default_int_handler)
-    assert signals.compile_first("cuda") == {"SIGUSR1": "SIG_IGN"} and compiled == ["cuda"]
-    assert signals.compile_first("cuda") == {}                 # nothing left to replace
+    said = []
+    assert signals.compile_first("cuda", said.append) == {"SIGUSR1": "SIG_IGN"} and compiled == ["cuda"]
+    assert said == ["signals: Triton's first compilation took SIGUSR1 (SIG_IGN); the trainer's handlers go on top"]
+    assert signals.compile_first("cuda", said.append) == {} and len(said) == 1   # nothing left to replace
     flag = signals.StopFlag()
     flag.install()
     assert raised(flag, signal.SIGUSR1) and raised(flag, signal.SIGTERM)

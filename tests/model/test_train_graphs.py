@@ -28,11 +28,12 @@ def batch(seed: int, shape=(2, 24)) -> dict:
             "t": torch.rand(shape[0], generator=g).clamp_min(0.1), "loss_mask": torch.ones(shape)}
 
 
-def accumulate(model, batches, dtype=None) -> tuple[list[float], dict]:
+def accumulate(model, batches, dtype=None, before_each=lambda i: None) -> tuple[list[float], dict]:
     """Losses of each micro-batch and the summed gradients, as a step with grad accumulation makes them
-    (under CPU autocast to `dtype` when given)."""
+    (under CPU autocast to `dtype` when given); before_each(i) is called before the i-th micro-batch."""
     losses = []
-    for b in batches:
+    for i, b in enumerate(batches):
+        before_each(i)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             loss, _ = model.loss(b)
         loss.backward()
@@ -102,9 +103,7 @@ def test_a_micro_batch_of_another_shape_keeps_each_steps_gradients_in_that_step(
     for step in range(3):
         micro = [batch(10 * step + i, shape=(1, 16) if i == odd_position else (2, 24)) for i in range(3)]
         _, want_grads = accumulate(reference, micro)
-        for position[0], b in enumerate(micro):
-            graphed.loss(b)[0].backward()
-        got_grads = {n: p.grad.clone() for n, p in graphed.named_parameters() if p.grad is not None}
+        _, got_grads = accumulate(graphed, micro, before_each=lambda i: position.__setitem__(0, i))
         assert want_grads.keys() == got_grads.keys()
         for name, g in want_grads.items():
             torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(),
