@@ -62,7 +62,7 @@ def run_config(preset: str, seq_len: int, micro_batch: int, ac: str, grad_accum:
 class NoMetrics:
     """train_step hands per-micro-batch loss statistics to a Metrics object; the benchmark drops them."""
 
-    def add_stats(self, stats):
+    def add_stats(self, stats, keep=True):
         pass
 
 

@@ -56,7 +56,7 @@ class OptimSection:
     weight_decay: float = 0.1
     warmup_steps: int = 1000
     schedule: str = "cosine"
-    fused: bool | None = None       # None: fused AdamW on CUDA, foreach elsewhere
+    fused: bool | None = None       # None/true: torch's fused AdamW (skips a bad step on the device); false: foreach
 
 
 @dataclass

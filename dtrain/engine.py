@@ -23,6 +23,7 @@ from torch import nn
 
 from dtrain.config import RunConfig
 from dtrain.optim import SSM_PARAM_NAMES, build_optimizer
+from dtrain.zero_step import skip_on_device
 from model.config import ConfigError, ModelConfig
 from model.lm import DiffusionLM
 
@@ -178,6 +179,7 @@ def build(cfg: RunConfig, model_cfg: ModelConfig, device: torch.device, load_uni
     optimizer = build_optimizer(module, cfg.optim, device.type)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
     grad_norms_in_fp32(engine.optimizer)
+    skip_on_device(engine.optimizer)   # the step never waits for the GPU (dtrain/zero_step.py)
     if cfg.train.cuda_graphs:   # after deepspeed.initialize: the graphs record where the parameters live now
         autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
         if cfg.parallel.pipeline_stages > 1:

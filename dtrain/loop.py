@@ -3,9 +3,11 @@
 NaN/inf policy. A non-finite loss (or gradient norm) must not reach the weights. The loss of a bad
 micro-batch is multiplied by NaN, so every gradient of that step is NaN; DeepSpeed's optimizers
 (ZeRO 1/2/3 and the pipeline's) compute the global gradient norm across all ranks and stages, find it
-non-finite, and discard the step: gradients zeroed, weights and Adam moments untouched; every rank and
-stage sees the same verdict (the trainer checks that one step later). It counts the skip, and stops after
-train.max_consecutive_nan bad steps in a row. The learning rate follows the step number, so a skip
+non-finite, and discard the step: weights and Adam moments untouched. With the fused AdamW (the default)
+the ZeRO-1/2 step decides that on the device and the host learns it a step later (dtrain/zero_step.py);
+every rank and stage sees the same verdict (the trainer checks that too). It counts the skip, and stops
+after train.max_consecutive_nan bad steps in a row. A step that logs or saves a checkpoint waits for its
+own verdict, so logs and checkpoints count exactly. The learning rate follows the step number, so a skip
 never shifts the schedule.
 
 Signals. SIGTERM and SIGUSR1 (what Slurm sends before a time limit) only set a flag (dtrain/signals.py); the
@@ -14,7 +16,6 @@ the GPU for it (LateAgreement), then save a checkpoint and return "preempted".
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,25 +48,31 @@ class LateAgreement:
     """The ranks agree on each step's flags (step skipped, stop signal seen) without the host waiting for the
     GPU: the flags are all-reduced (max) on the GPU's stream and copied to pinned host memory there, and
     the result is read one step later, by when it has long arrived; meanwhile the host queues the next
-    step behind the optimizer's kernels. A stop signal is therefore acted on one step after it arrives.
-    Off a GPU the all-reduce returns at once, and its result is still handed out a step late, as on a GPU."""
+    step behind the optimizer's kernels. A flag may itself be a tensor on the device (whether the ZeRO step
+    skipped, dtrain/zero_step.py): the host never reads it before the agreement. A stop signal is therefore
+    acted on one step after it arrives, or at once at a step that logs or saves, which collects its own
+    flags. Off a GPU the all-reduce returns at once, and its result is still handed out a step late."""
 
     def __init__(self, device: torch.device):
         self.device, self.pending = device, None
 
-    def exchange(self, flags: list[bool]) -> list[bool] | None:
-        """Send this step's flags; return the previous step's, agreed (max over ranks), or None at the first."""
+    def exchange(self, flags: list) -> list[bool] | None:
+        """Send this step's flags (Python bools, or bool tensors on the device, which are never read on the
+        host here); return the previous step's, agreed (max over ranks), or None if none are pending."""
         previous = self.collect()
-        local = torch.tensor([float(f) for f in flags])
+        local = torch.tensor([0.0 if torch.is_tensor(f) else float(f) for f in flags])
         if self.device.type == "cuda":
-            agreed = local.pin_memory().to(self.device, non_blocking=True)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-            host = torch.empty_like(local).pin_memory()
-            host.copy_(agreed, non_blocking=True)
+            local = local.pin_memory().to(self.device, non_blocking=True)
+        for i, f in enumerate(flags):
+            if torch.is_tensor(f):
+                local[i] = f.to(local.device, local.dtype)   # a copy on the device's stream, no wait
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        if self.device.type == "cuda":
+            host = torch.empty(local.shape, dtype=local.dtype).pin_memory()
+            host.copy_(local, non_blocking=True)
             arrived = torch.cuda.Event()
             arrived.record()
         else:
-            dist.all_reduce(local, op=dist.ReduceOp.MAX)
             host, arrived = local, None
         self.pending = (host, arrived)
         return previous
@@ -153,33 +160,35 @@ def pipe_batches(batches: Iterator[dict]) -> Iterator[tuple]:
 
 # ------------------------------------------------------------------ one step
 def train_step(trainee: Trainee, batches: TimedBatches | None, ga: int, poison: bool,
-               metrics: Metrics) -> tuple[bool, torch.Tensor | float | None]:
-    """One optimizer step (ga micro-batches). Returns (bad, grad_norm) as seen by this rank; bad is the same
-    on every rank (DeepSpeed's verdict on the global gradient norm, or the pipeline's loss, which every stage
-    receives)."""
+               metrics: Metrics) -> tuple[bool | torch.Tensor, torch.Tensor | float | None]:
+    """One optimizer step (ga micro-batches). Returns (skipped, grad_norm) as seen by this rank, neither read
+    on the host: `skipped` is a bool tensor on the device where the ZeRO step decides its skip there
+    (dtrain/zero_step.py), else DeepSpeed's host answer; it is the same on every rank (the verdict on the
+    global gradient norm, or on the pipeline's loss, which every stage receives). A skipped step's
+    gradient norm reads inf, and its loss statistics are not counted."""
     engine = trainee.engine
     if trainee.pipeline:
         trainee.loss_fn.poison = poison
         trainee.loss_fn.stats.clear()
         loss = engine.train_batch(pipe_batches(batches) if batches is not None else None)
         stats = list(trainee.loss_fn.stats)
-        bad = not math.isfinite(float(loss))
+        skipped = torch.logical_not(torch.isfinite(torch.as_tensor(loss)))
     else:
-        stats, bad = [], False   # `bad` comes from was_step_applied() below
+        stats, skipped = [], False
         for _ in range(ga):
             batch = next(batches)
             mask_id, scored = trainee.model_cfg.mask_token_id, batch["scored_index"]
             logits = engine(batch["input_ids"], score_mask=scored)   # the head runs at scored positions only
             loss, s = diffusion_loss_selected(logits, batch, mask_id, scored)
-            # DeepSpeed's step reports whether it was applied through was_step_applied()
             engine.backward(nan_unless_finite(loss, poison))
             engine.step()
             stats.append(s)
-    bad = bad or not engine.was_step_applied()
-    if not bad:
-        for s in stats:
-            metrics.add_stats(s)
-    return bad, engine.get_global_grad_norm()   # a tensor stays on the device: read at the next log
+    on_device = getattr(engine.optimizer, "skipped", None)
+    skipped = skipped | (on_device if on_device is not None else not engine.was_step_applied())
+    applied = torch.logical_not(skipped) if torch.is_tensor(skipped) else not skipped
+    for s in stats:
+        metrics.add_stats(s, keep=applied)
+    return skipped, engine.get_global_grad_norm()   # a tensor stays on the device: read at the next log
 
 
 # ------------------------------------------------------------------ evaluation
@@ -340,8 +349,8 @@ class Trainer:
         stop.install()
         profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.out_dir,
                                 dist.get_rank(), self.device)
-        agreement, previous_bad = LateAgreement(self.device), None
-        consecutive_bad, status = 0, "finished"
+        agreement, status = LateAgreement(self.device), "finished"
+        self.consecutive_skipped, self.too_many_skipped = 0, None
         try:
             while self.state["step"] < t.steps:
                 step = self.state["step"] + 1   # the step being taken, counted from 1 as in logs and checkpoints
@@ -356,38 +365,32 @@ class Trainer:
                         f"{' and captures the CUDA graphs' if t.cuda_graphs else ''} (minutes on a fresh node, "
                         f"seconds from a warm kernel cache)" if self.device.type == "cuda" else ""))
                     first_t0 = time.perf_counter()
-                bad, norm = train_step(self.trainee, batches, t.grad_accum, step in cfg.debug.nan_at_steps, metrics)
+                skipped, norm = train_step(self.trainee, batches, t.grad_accum, step in cfg.debug.nan_at_steps,
+                                           metrics)
                 if first_step:
                     rank0_print(f"step {step}: the first step took {time.perf_counter() - first_t0:.1f} s")
                 stop.reinstall(step)   # and after the step itself, where the first step's libraries replaced it
                 trace = profiler.after(step)
                 if trace is not None:
                     rank0_print(f"profile of steps {cfg.logging.profile_start}-{step}: {trace.parent}/rank*")
-                # one small all-reduce per step, read a step late: "a stop signal arrived" on some rank; and
-                # "bad step", which every rank must already have seen alike
-                agreed = agreement.exchange([bad, stop.signal_name is not None])
-                if agreed is not None and agreed[0] != previous_bad:
-                    raise TrainingStopped(f"step {step - 1}: the ranks disagree on whether the step was skipped "
-                                          f"(this rank: {'skipped' if previous_bad else 'applied'})")
-                previous_bad, stopping = bad, agreed is not None and agreed[1]
                 self.state["step"] = step
                 self.state["tokens"] += tokens_per_step
-                self.state["skipped_steps"] += int(bad)
-                consecutive_bad = consecutive_bad + 1 if bad else 0
-                metrics.add_step(grad_norm=norm, skipped=bad,
-                                 data_wait=(batches.wait - wait0) if batches is not None else 0.0)
-                if bad:
-                    rank0_print(f"step {step}: non-finite loss or gradient norm; step skipped "
-                                f"({consecutive_bad} in a row, {self.state['skipped_steps']} in total)")
-                if step % cfg.logging.log_interval == 0 or step == t.steps:
+                metrics.add_step(grad_norm=norm, data_wait=(batches.wait - wait0) if batches is not None else 0.0)
+                # one small all-reduce per step, read a step late (the host does not wait for this step's
+                # verdict): "skipped" and "applied" (both: the ranks disagree), and "a stop signal arrived"
+                applied = torch.logical_not(skipped) if torch.is_tensor(skipped) else not skipped
+                agreed = agreement.exchange([skipped, applied, stop.signal_name is not None])
+                stopping = agreed is not None and self.book(step - 1, agreed)
+                logging = step % cfg.logging.log_interval == 0 or step == t.steps
+                evaluating = bool(t.eval_interval) and (step % t.eval_interval == 0 or step == t.steps)
+                saving = bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0
+                if logging or evaluating or saving or stopping:   # this step's verdict first: the counts are exact
+                    stopping = self.book(step, agreement.collect()) or stopping
+                if logging:
                     metrics.log(step, lr=lr_at(step - 1, cfg.optim, t.steps),
                                 total_skipped=self.state["skipped_steps"])
-                if consecutive_bad >= t.max_consecutive_nan:
-                    raise TrainingStopped(
-                        f"step {step}: {consecutive_bad} consecutive steps with a non-finite loss "
-                        f"(train.max_consecutive_nan={t.max_consecutive_nan}); stopping. Last checkpoint: "
-                        f"{self.last_saved or 'none'}; lower optim.lr or check the data.")
-                if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
+                self.stop_if_skipping()
+                if evaluating:
                     self.evaluate(metrics)
                 if stopping:
                     self.save()
@@ -396,7 +399,7 @@ class Trainer:
                                 f"exiting cleanly — rerun with --resume auto to continue")
                     status = "preempted"
                     break
-                if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                if saving:
                     self.save()
             final = ckpt.tag_for(self.state["step"])
             if status == "finished" and cfg.checkpoint.save_final and \
@@ -409,6 +412,29 @@ class Trainer:
             rank0_print(f"done: {self.state['step']} steps, {self.state['tokens']} tokens, "
                         f"{self.state['skipped_steps']} skipped; tensorboard --logdir {self.out_dir / 'tensorboard'}")
         return {"status": status, **self.state, "checkpoint": str(self.last_saved) if self.last_saved else None}
+
+    def book(self, step: int, agreed: list[bool]) -> bool:
+        """Take step `step`'s flags as the ranks agreed them (skipped on some rank, applied on some rank, a
+        stop signal seen): count a skipped step; the train.max_consecutive_nan-th in a row stops the run
+        (stop_if_skipping, after the step's log). Returns whether a stop signal was seen."""
+        skipped, applied, signal = agreed
+        if skipped and applied:
+            raise TrainingStopped(f"step {step}: the ranks disagree on whether the step was skipped")
+        self.consecutive_skipped = self.consecutive_skipped + 1 if skipped else 0
+        if skipped:
+            self.state["skipped_steps"] += 1
+            rank0_print(f"step {step}: non-finite loss or gradient norm; step skipped "
+                        f"({self.consecutive_skipped} in a row, {self.state['skipped_steps']} in total)")
+            limit = self.cfg.train.max_consecutive_nan
+            if self.consecutive_skipped >= limit and self.too_many_skipped is None:   # raised after the log
+                self.too_many_skipped = (f"step {step}: {self.consecutive_skipped} consecutive steps with a "
+                                         f"non-finite loss (train.max_consecutive_nan={limit}); stopping")
+        return signal
+
+    def stop_if_skipping(self) -> None:
+        if self.too_many_skipped is not None:
+            raise TrainingStopped(f"{self.too_many_skipped}. Last checkpoint: {self.last_saved or 'none'}; lower "
+                                  f"optim.lr or check the data.")
 
     def evaluate(self, metrics: Metrics) -> dict:
         step = self.state["step"]

@@ -61,25 +61,31 @@ class Metrics:
         self.buckets = torch.zeros(2 * self.nb, dtype=torch.float64, device=self.device)
         self.grad_norms: list[torch.Tensor | float] = []   # read on the host at log(), not per step
         self.steps = 0
-        self.skipped = 0
         self.data_wait = 0.0
         self.t0 = time.time()
 
     # ---- accumulation (every rank) ----
-    def add_stats(self, stats: dict) -> None:
+    def add_stats(self, stats: dict, keep: bool | torch.Tensor = True) -> None:
         """Per-sequence stats of one micro-batch from diffusion_loss, summed on the device (the host would
-        wait for the GPU to read them)."""
+        wait for the GPU to read them). keep: False, or a bool tensor on the device that is False, for a
+        step that was skipped, whose stats count as nothing (selected, not multiplied: they may be NaN)."""
+        if keep is False:
+            return
         nelbo = stats["nelbo_per_seq"].detach().to(self.device, torch.float64)
         tokens = stats["tokens_per_seq"].detach().to(self.device, torch.float64)
+        if torch.is_tensor(keep):
+            keep = keep.to(self.device)
+            nelbo, tokens = (torch.where(keep, x, torch.zeros_like(x)) for x in (nelbo, tokens))
         idx = (stats["t"].detach().to(self.device, torch.float64) * self.nb).long().clamp(0, self.nb - 1)
         self.buckets[:self.nb].index_add_(0, idx, nelbo)
         self.buckets[self.nb:].index_add_(0, idx, tokens)
 
-    def add_step(self, *, grad_norm: torch.Tensor | float | None, skipped: bool, data_wait: float) -> None:
+    def add_step(self, *, grad_norm: torch.Tensor | float | None, data_wait: float) -> None:
+        """One step's gradient norm (a skipped step's reads NaN or inf and is left out at the log) and the
+        host's wait for its batches."""
         self.steps += 1
-        self.skipped += int(skipped)
         self.data_wait += data_wait
-        if grad_norm is not None and not skipped:
+        if grad_norm is not None:
             self.grad_norms.append(grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else grad_norm)
 
     # ---- reduction + output ----

@@ -3,7 +3,8 @@
 Weight decay applies to matrices (linears, convolutions, the embedding); norms, biases and Mamba's A_log,
 D and dt_bias get none (decaying those would pull the SSM's decay rates and skip term towards zero).
 The learning rate is set by the trainer each step (`lr_at`), so a skipped step never shifts the schedule.
-A torch optimizer is handed to DeepSpeed so that nothing is JIT-compiled (DeepSpeed's own fused/CPU Adam).
+A torch optimizer is handed to DeepSpeed so that nothing is JIT-compiled (DeepSpeed's own fused/CPU Adam);
+torch's fused AdamW, on the GPU and the CPU alike, so that a bad step is skipped on the device.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSection, device_type: str) -> torch.optim.Optimizer:
-    fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
+    # fused (the default): its found_inf lets a bad step be skipped on the device (dtrain/zero_step.py)
+    fused = cfg.fused is not False
     kwargs = {"fused": True} if fused else {"foreach": device_type != "cpu"}
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                              eps=cfg.eps, **kwargs)

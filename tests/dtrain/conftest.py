@@ -89,7 +89,7 @@ from dtrain.loop import to_device, train_step
 from model.diffusion import mask_batch
 
 class NoMetrics:
-    def add_stats(self, stats):
+    def add_stats(self, stats, keep=True):
         pass
 
 def tiny_engine(*overrides):

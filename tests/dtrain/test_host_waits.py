@@ -56,6 +56,31 @@ def test_a_training_step_waits_for_the_device_only_at_the_optimizer_step(tmp_pat
     assert not {"nonzero", "masked_select"} & set(counts["4"]), counts
 
 
+# With torch's fused AdamW (the default) the ZeRO step decides a skip on the device (dtrain/zero_step.py): the
+# whole training step then never needs a value on the host. DeepSpeed's stock step (optim.fused=false) reads
+# the gradient norm three times, which is what the probe must be able to see.
+NO_WAIT_PROBE = RECORDER + r"""
+counts = {}
+for zero in (1, 2):
+    for fused in ("true", "false"):
+        trainee = tiny_engine("train.grad_accum=2", "train.precision=bf16", f"parallel.zero_stage={zero}",
+                              f"optim.fused={fused}")
+        batches = masked_batches(global_batch_size=2)
+        train_step(trainee, batches, 2, False, NoMetrics())
+        with Recorder() as recorder:
+            train_step(trainee, batches, 2, False, NoMetrics())
+        counts[f"zero{zero}-fused-{fused}"] = dict(recorder.seen)
+print("COUNTS" + json.dumps(counts))
+"""
+
+
+def test_with_fused_adamw_a_training_step_never_waits_for_the_device(tmp_path):
+    counts = json.loads(run_probe(NO_WAIT_PROBE, tmp_path).split("COUNTS", 1)[1])
+    assert counts["zero1-fused-true"] == {} and counts["zero2-fused-true"] == {}, counts
+    for zero in (1, 2):   # DeepSpeed's own step: is_invalid_grad_norm, once in step() and once per group
+        assert sum(counts[f"zero{zero}-fused-false"].values()) >= 3, counts
+
+
 # The loop's own work around a step (metrics, the flags' agreement across ranks) must not wait either: the
 # steps of a loop wait exactly as often as train_step alone does. (The grad norm and the losses are read on
 # the host at a log step, not here.)
@@ -75,7 +100,7 @@ with Recorder() as looped:
     for _ in range(3):
         bad, norm = train_step(trainee, batches, 2, False, metrics)
         agreement.exchange([bad, False])
-        metrics.add_step(grad_norm=norm, skipped=bad, data_wait=0.0)
+        metrics.add_step(grad_norm=norm, data_wait=0.0)
 logged = metrics.log(3, lr=1e-3, total_skipped=0)
 print("COUNTS" + json.dumps({"alone": dict(alone.seen), "looped": dict(looped.seen),
                              "logged": sorted(logged)}))

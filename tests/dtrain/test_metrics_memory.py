@@ -19,7 +19,7 @@ metrics = Metrics(out_dir=str(Path.cwd()), enabled_tb=False, t_buckets=2, tokens
                   peak_flops_total=None, total_steps=3, device=torch.device("cpu"), memory_reader=reader)
 logged = []
 for step in (1, 2, 3):
-    metrics.add_step(grad_norm=None, skipped=False, data_wait=0.0)
+    metrics.add_step(grad_norm=None, data_wait=0.0)
     out = metrics.log(step, lr=1e-3, total_skipped=0)
     logged.append([out["perf/gpu_mem_gib"], out["perf/gpu_reserved_gib"]])
 print(f"LOGGED{rank}:" + json.dumps(logged) + "#", flush=True)

@@ -93,6 +93,28 @@ def test_zero1_checkpoint_resume_and_interrupted_write(tmp_path, dataset):
         assert got[s] == tb["train/loss"][s], (s, got[s], tb["train/loss"][s])
 
 
+def test_skipped_steps_are_booked_a_step_late_and_exactly_at_log_and_checkpoint_steps(tmp_path, dataset):
+    """The host learns a step's verdict one step later (dtrain/zero_step.py, LateAgreement), except at a log
+    or checkpoint step, which waits for it so that logs and checkpoints count exactly; a run of bad steps that
+    ends between log steps still stops the run, a step late."""
+    cfg = base_config(tmp_path / "late", dataset, train={"steps": 6, "eval_interval": 0, "max_consecutive_nan": 2},
+                      logging={"log_interval": 3, "num_samples": 0}, checkpoint={"interval": 3},
+                      debug={"nan_at_steps": [2, 4, 5]})
+    proc = launch(cfg, tmp_path)
+    assert proc.returncode != 0, proc.stdout[-4000:]
+    skips = re.findall(r"step (\d+): non-finite loss or gradient norm; step skipped \((\d+) in a row, (\d+) in total\)",
+                       proc.stdout)
+    assert skips == [("2", "1", "1"), ("4", "1", "2"), ("5", "2", "3")], proc.stdout
+    assert "step 5: 2 consecutive steps with a non-finite loss (train.max_consecutive_nan=2)" in proc.stderr
+    tb = scalars(tmp_path / "late")
+    # logged at step 3 with step 2 in it; at step 6, the last log before the stop, with steps 4 and 5
+    assert tb["train/skipped_steps"] == {3: 1.0, 6: 3.0}, tb["train/skipped_steps"]
+    ckpts = tmp_path / "late" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000003"]   # the stop comes before step 6's
+    saved = torch.load(ckpts / "step00000003" / "trainer_rank00000.pt", weights_only=False)
+    assert (saved["step"], saved["skipped_steps"]) == (3, 1), saved
+
+
 @pytest.mark.parametrize("zero, extra", [(2, {"precision": "bf16"}), (3, {"activation_checkpointing": True})],
                          ids=["zero2-bf16", "zero3-actckpt"])
 def test_zero_stages_train(tmp_path, dataset, zero, extra):

@@ -1,0 +1,134 @@
+"""The trainer's ZeRO step with its skip decided on the device (dtrain/zero_step.py), checked where it runs.
+
+    python -m bench.zero_step_check --out zero_step.md         # one GPU (the CPU where there is none)
+    torchrun --nproc_per_node 2 -m bench.zero_step_check --out zero_step.md
+
+For ZeRO-1 and ZeRO-2, two engines from the same weights and batches (the tiny CPU config, bf16 autocast,
+gradient clipping on): the trainer's, and one with DeepSpeed's stock step (skip_on_device off), whose skip
+is decided on the host and is the reference. Four steps of two micro-batches each; step 2's loss is NaN.
+One row per check:
+- the verdicts: step 2 skipped on both; the trainer's verdict a tensor on the device;
+- the weights, Adam's moments and step counts equal bit for bit after every step, the skipped one too;
+  step 2 changed nothing, steps 3 and 4 did;
+- host reads of a device value inside one training step (aten's _local_scalar_dense and kin, counted by a
+  dispatch mode): none on the trainer's path, a good step and a skipped one; DeepSpeed's step reads its
+  gradient norm three times (once in step(), once per parameter group when clipping), once if it skips.
+Prints the table, writes it to --out, exits 1 if a row fails.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dtrain import engine as dengine
+from dtrain import zero_step
+from dtrain.config import load_config
+from dtrain.loop import to_device, train_step
+from model.diffusion import mask_batch
+
+# aten ops that hand a device value to the host (the host waits for the device)
+HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "equal"}
+VOCAB, MASK_ID, SEQ_LEN, MICRO_BATCH, GRAD_ACCUM, POISONED = 512, 511, 64, 2, 2, 2
+
+
+class HostReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_READS:
+            self.seen[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class NoMetrics:
+    def add_stats(self, stats, keep=True):
+        pass
+
+
+def build(zero: int, device: torch.device, device_skip: bool):
+    cfg = load_config("configs/tiny_cpu.yaml", [f"data.seq_len={SEQ_LEN}", f"train.micro_batch_size={MICRO_BATCH}",
+                                                 "train.global_batch_size=null", f"train.grad_accum={GRAD_ACCUM}",
+                                                 "train.precision=bf16", "train.grad_clip=0.5",
+                                                 f"parallel.zero_stage={zero}"])
+    if not device_skip:
+        dengine.skip_on_device = lambda optimizer: False
+    try:
+        return dengine.build(cfg, cfg.model_config(VOCAB, MASK_ID), device)
+    finally:
+        dengine.skip_on_device = zero_step.skip_on_device
+
+
+def batches(device: torch.device, world: int):
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randint(0, MASK_ID, (MICRO_BATCH, SEQ_LEN), generator=gen)
+    return itertools.cycle([to_device(mask_batch(x0, seed=0, step=s, positions=torch.arange(MICRO_BATCH),
+                                                 global_batch_size=MICRO_BATCH * world, mask_id=MASK_ID),
+                                      device, MASK_ID) for s in range(3)])
+
+
+def run(zero: int, device: torch.device, device_skip: bool) -> list[dict]:
+    """Four steps; after each: the verdict, the host reads during it, the weights and Adam's state."""
+    trainee = build(zero, device, device_skip)
+    data = batches(device, torch.distributed.get_world_size())
+    out = []
+    for step in range(1, 5):
+        with HostReads() as reads:
+            skipped, _ = train_step(trainee, data, GRAD_ACCUM, step == POISONED, NoMetrics())
+        state = trainee.engine.optimizer.optimizer.state
+        out.append({"on_device": torch.is_tensor(skipped), "skipped": bool(skipped),
+                    "host_reads": sum(reads.seen.values()),
+                    "weights": torch.cat([p.detach().flatten().float() for p in trainee.engine.module.parameters()]),
+                    "adam": [t.detach().clone() for s in state.values() for t in s.values()]})
+    trainee.engine.destroy()
+    return out
+
+
+def rows_for(zero: int, device: torch.device) -> list[tuple[str, str, str, bool]]:
+    ours, stock = run(zero, device, True), run(zero, device, False)
+    skips = [s["skipped"] for s in ours], [s["skipped"] for s in stock]
+    want_skips = [step == POISONED for step in range(1, 5)]
+    same = [torch.equal(a["weights"], b["weights"]) and len(a["adam"]) == len(b["adam"]) > 0
+            and all(torch.equal(x, y) for x, y in zip(a["adam"], b["adam"])) for a, b in zip(ours, stock)]
+    moved = [not torch.equal(a["weights"], b["weights"]) for a, b in itertools.pairwise(ours)]
+    reads = [s["host_reads"] for s in ours], [s["host_reads"] for s in stock]
+    name = f"ZeRO-{zero}"
+    return [
+        (f"{name}: steps skipped (trainer / DeepSpeed's step)", f"{skips[0]} / {skips[1]}",
+         f"{want_skips} / same", skips[0] == skips[1] == want_skips),
+        (f"{name}: the trainer's verdict stays on the device", str([s["on_device"] for s in ours]),
+         "all True", all(s["on_device"] for s in ours)),
+        (f"{name}: weights and Adam state equal bit for bit after each step", str(same), "all True", all(same)),
+        (f"{name}: weights changed by steps 2, 3, 4", str(moved), "[False, True, True]", moved == [False, True, True]),
+        (f"{name}: host reads per training step (trainer / DeepSpeed's step)", f"{reads[0]} / {reads[1]}",
+         "0 each / 1 or more each", all(r == 0 for r in reads[0]) and all(r >= 1 for r in reads[1])),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="file the markdown table is written to")
+    args = p.parse_args(argv)
+    device = dengine.setup_distributed()
+    rows = rows_for(1, device) + rows_for(2, device)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    lines = [f"# ZeRO step: skip decided on the device ({where}, {torch.distributed.get_world_size()} rank(s))\n",
+             "| check | got | want | ok |", "|---|---|---|---|"]
+    lines += [f"| {what} | {got} | {want} | {'ok' if ok else 'FAIL'} |" for what, got, want, ok in rows]
+    passed = all(ok for *_, ok in rows)
+    lines.append(f"\n**{'PASS' if passed else 'FAIL'}**")
+    if torch.distributed.get_rank() == 0:
+        print("\n".join(lines), flush=True)
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
