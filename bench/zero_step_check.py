@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines), flush=True)
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
+    torch.distributed.destroy_process_group()
     return 0 if passed else 1
 
 

@@ -6,13 +6,13 @@ micro-batch is multiplied by NaN, so every gradient of that step is NaN; DeepSpe
 non-finite, and discard the step: weights and Adam moments untouched. With the fused AdamW (the default)
 the ZeRO-1/2 step decides that on the device and the host learns it a step later (dtrain/zero_step.py);
 every rank and stage sees the same verdict (the trainer checks that too). It counts the skip, and stops
-after train.max_consecutive_nan bad steps in a row. A step that logs or saves a checkpoint waits for its
-own verdict, so logs and checkpoints count exactly. The learning rate follows the step number, so a skip
-never shifts the schedule.
+after train.max_consecutive_nan bad steps in a row (dtrain/step_flags.py). A step that logs or saves a
+checkpoint waits for its own verdict, so logs and checkpoints count exactly. The learning rate follows the
+step number, so a skip never shifts the schedule.
 
 Signals. SIGTERM and SIGUSR1 (what Slurm sends before a time limit) only set a flag (dtrain/signals.py); the
 ranks agree on it through one small all-reduce per step, read a step later so that the host never waits for
-the GPU for it (LateAgreement), then save a checkpoint and return "preempted".
+the GPU for it (dtrain/step_flags.py), then save a checkpoint and return "preempted".
 """
 from __future__ import annotations
 
@@ -32,59 +32,12 @@ from dtrain.pipe_sampling import pipeline_sample
 from dtrain.pipeline import nan_unless_finite
 from dtrain.profiling import StepProfiler
 from dtrain.signals import StopFlag, compile_first
+from dtrain.step_flags import StepBook, TrainingStopped  # noqa: F401 - TrainingStopped: dtrain.cli's
 from model import kernels
 from model.diffusion import diffusion_loss_selected, elbo_perplexity, scored_index
 from model.flops import expected_masked_fraction, peak_flops, train_flops_per_token
 from model.lm import DiffusionLM
 from model.sampler import sample
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""
-
-
-# ------------------------------------------------------------------ signals
-class LateAgreement:
-    """The ranks agree on each step's flags (step skipped, stop signal seen) without the host waiting for the
-    GPU: the flags are all-reduced (max) on the GPU's stream and copied to pinned host memory there, and
-    the result is read one step later, by when it has long arrived; meanwhile the host queues the next
-    step behind the optimizer's kernels. A flag may itself be a tensor on the device (whether the ZeRO step
-    skipped, dtrain/zero_step.py): the host never reads it before the agreement. A stop signal is therefore
-    acted on one step after it arrives, or at once at a step that logs or saves, which collects its own
-    flags. Off a GPU the all-reduce returns at once, and its result is still handed out a step late."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.pending = device, None
-
-    def exchange(self, flags: list) -> list[bool] | None:
-        """Send this step's flags (Python bools, or bool tensors on the device, which are never read on the
-        host here); return the previous step's, agreed (max over ranks), or None if none are pending."""
-        previous = self.collect()
-        local = torch.tensor([0.0 if torch.is_tensor(f) else float(f) for f in flags])
-        if self.device.type == "cuda":
-            local = local.pin_memory().to(self.device, non_blocking=True)
-        for i, f in enumerate(flags):
-            if torch.is_tensor(f):
-                local[i] = f.to(local.device, local.dtype)   # a copy on the device's stream, no wait
-        dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        if self.device.type == "cuda":
-            host = torch.empty(local.shape, dtype=local.dtype).pin_memory()
-            host.copy_(local, non_blocking=True)
-            arrived = torch.cuda.Event()
-            arrived.record()
-        else:
-            host, arrived = local, None
-        self.pending = (host, arrived)
-        return previous
-
-    def collect(self) -> list[bool] | None:
-        """The flags sent last, agreed (waiting for their all-reduce alone), or None if none are pending."""
-        if self.pending is None:
-            return None
-        (host, arrived), self.pending = self.pending, None
-        if arrived is not None:
-            arrived.synchronize()
-        return [bool(v) for v in host.tolist()]
 
 
 # ------------------------------------------------------------------ data
@@ -349,8 +302,7 @@ class Trainer:
         stop.install()
         profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.out_dir,
                                 dist.get_rank(), self.device)
-        agreement, status = LateAgreement(self.device), "finished"
-        self.consecutive_skipped, self.too_many_skipped = 0, None
+        book, status = StepBook(self.device, self.state, t.max_consecutive_nan), "finished"
         try:
             while self.state["step"] < t.steps:
                 step = self.state["step"] + 1   # the step being taken, counted from 1 as in logs and checkpoints
@@ -376,20 +328,17 @@ class Trainer:
                 self.state["step"] = step
                 self.state["tokens"] += tokens_per_step
                 metrics.add_step(grad_norm=norm, data_wait=(batches.wait - wait0) if batches is not None else 0.0)
-                # one small all-reduce per step, read a step late (the host does not wait for this step's
-                # verdict): "skipped" and "applied" (both: the ranks disagree), and "a stop signal arrived"
-                applied = torch.logical_not(skipped) if torch.is_tensor(skipped) else not skipped
-                agreed = agreement.exchange([skipped, applied, stop.signal_name is not None])
-                stopping = agreed is not None and self.book(step - 1, agreed)
+                # the flags go out in one small all-reduce, read a step late: the host does not wait here
+                stopping = book.send(step, skipped, stop.signal_name is not None)
                 logging = step % cfg.logging.log_interval == 0 or step == t.steps
                 evaluating = bool(t.eval_interval) and (step % t.eval_interval == 0 or step == t.steps)
                 saving = bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0
                 if logging or evaluating or saving or stopping:   # this step's verdict first: the counts are exact
-                    stopping = self.book(step, agreement.collect()) or stopping
+                    stopping = book.settle(step) or stopping
                 if logging:
                     metrics.log(step, lr=lr_at(step - 1, cfg.optim, t.steps),
                                 total_skipped=self.state["skipped_steps"])
-                self.stop_if_skipping()
+                book.stop_if_too_many(self.last_saved)
                 if evaluating:
                     self.evaluate(metrics)
                 if stopping:
@@ -412,29 +361,6 @@ class Trainer:
             rank0_print(f"done: {self.state['step']} steps, {self.state['tokens']} tokens, "
                         f"{self.state['skipped_steps']} skipped; tensorboard --logdir {self.out_dir / 'tensorboard'}")
         return {"status": status, **self.state, "checkpoint": str(self.last_saved) if self.last_saved else None}
-
-    def book(self, step: int, agreed: list[bool]) -> bool:
-        """Take step `step`'s flags as the ranks agreed them (skipped on some rank, applied on some rank, a
-        stop signal seen): count a skipped step; the train.max_consecutive_nan-th in a row stops the run
-        (stop_if_skipping, after the step's log). Returns whether a stop signal was seen."""
-        skipped, applied, signal = agreed
-        if skipped and applied:
-            raise TrainingStopped(f"step {step}: the ranks disagree on whether the step was skipped")
-        self.consecutive_skipped = self.consecutive_skipped + 1 if skipped else 0
-        if skipped:
-            self.state["skipped_steps"] += 1
-            rank0_print(f"step {step}: non-finite loss or gradient norm; step skipped "
-                        f"({self.consecutive_skipped} in a row, {self.state['skipped_steps']} in total)")
-            limit = self.cfg.train.max_consecutive_nan
-            if self.consecutive_skipped >= limit and self.too_many_skipped is None:   # raised after the log
-                self.too_many_skipped = (f"step {step}: {self.consecutive_skipped} consecutive steps with a "
-                                         f"non-finite loss (train.max_consecutive_nan={limit}); stopping")
-        return signal
-
-    def stop_if_skipping(self) -> None:
-        if self.too_many_skipped is not None:
-            raise TrainingStopped(f"{self.too_many_skipped}. Last checkpoint: {self.last_saved or 'none'}; lower "
-                                  f"optim.lr or check the data.")
 
     def evaluate(self, metrics: Metrics) -> dict:
         step = self.state["step"]

@@ -16,7 +16,7 @@ Here the verdict stays on the device, as torch.amp.GradScaler keeps its own:
   gradient norm reads inf, as for a step DeepSpeed skips (its combine_grad_norm_groups marks an invalid
   norm so), and the trainer's log leaves it out.
 DeepSpeed's own bookkeeping then counts every step as applied (was_step_applied(), skipped_steps); the
-trainer reads `skipped` instead and agrees on it across ranks a step later (dtrain/loop.py, LateAgreement).
+trainer reads `skipped` instead and agrees on it across ranks a step later (dtrain/step_flags.py).
 
 Only where torch's fused Adam/AdamW runs the update and nothing else does (no CPU offload, no fp16 loss
 scaler with its own skip); anywhere else DeepSpeed's step stays as it is and `skipped` is None.

@@ -78,7 +78,7 @@ def test_with_fused_adamw_a_training_step_never_waits_for_the_device(tmp_path):
 # the host at a log step, not here.)
 LOOP_PROBE = RECORDER + r"""
 from pathlib import Path
-from dtrain.loop import LateAgreement
+from dtrain.step_flags import LateAgreement
 from dtrain.metrics import Metrics
 trainee = tiny_engine("train.grad_accum=2", "train.precision=bf16", "parallel.zero_stage=1")
 batches = masked_batches(global_batch_size=2)
@@ -108,7 +108,7 @@ def test_the_loops_bookkeeping_adds_no_waits(tmp_path):
 AGREEMENT_PROBE = r"""
 import json
 import torch.distributed as dist
-from dtrain.loop import LateAgreement
+from dtrain.step_flags import LateAgreement
 agreement, rank = LateAgreement(torch.device("cpu")), dist.get_rank()
 # step 1: rank 1 skipped it; step 2: rank 0 saw a stop signal; step 3: nothing
 got = [agreement.exchange([rank == 1 and step == 1, rank == 0 and step == 2]) for step in (1, 2, 3)]

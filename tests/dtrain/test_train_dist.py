@@ -94,8 +94,8 @@ def test_zero1_checkpoint_resume_and_interrupted_write(tmp_path, dataset):
 
 
 def test_skipped_steps_are_booked_a_step_late_and_exactly_at_log_and_checkpoint_steps(tmp_path, dataset):
-    """The host learns a step's verdict one step later (dtrain/zero_step.py, LateAgreement), except at a log
-    or checkpoint step, which waits for it so that logs and checkpoints count exactly; a run of bad steps that
+    """The host learns a step's verdict one step later (dtrain/zero_step.py, dtrain/step_flags.py), except at a
+    log or checkpoint step, which waits for it so that logs and checkpoints count exactly; a run of bad steps that
     ends between log steps still stops the run, a step late."""
     cfg = base_config(tmp_path / "late", dataset, train={"steps": 6, "eval_interval": 0, "max_consecutive_nan": 2},
                       logging={"log_interval": 3, "num_samples": 0}, checkpoint={"interval": 3},
