@@ -32,7 +32,7 @@ from dtrain.pipe_sampling import pipeline_sample
 from dtrain.pipeline import nan_unless_finite
 from dtrain.profiling import StepProfiler
 from dtrain.signals import StopFlag, compile_first
-from dtrain.step_flags import StepBook, TrainingStopped  # noqa: F401 - TrainingStopped: dtrain.cli's
+from dtrain.step_flags import StepBook, TrainingStopped, negation  # noqa: F401 - TrainingStopped: dtrain.cli's
 from model import kernels
 from model.diffusion import diffusion_loss_selected, elbo_perplexity, scored_index
 from model.flops import expected_masked_fraction, peak_flops, train_flops_per_token
@@ -138,9 +138,8 @@ def train_step(trainee: Trainee, batches: TimedBatches | None, ga: int, poison: 
             stats.append(s)
     on_device = getattr(engine.optimizer, "skipped", None)
     skipped = skipped | (on_device if on_device is not None else not engine.was_step_applied())
-    applied = torch.logical_not(skipped) if torch.is_tensor(skipped) else not skipped
     for s in stats:
-        metrics.add_stats(s, keep=applied)
+        metrics.add_stats(s, keep=negation(skipped))
     return skipped, engine.get_global_grad_norm()   # a tensor stays on the device: read at the next log
 
 

@@ -12,6 +12,11 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""
 
 
+def negation(flag: bool | torch.Tensor) -> bool | torch.Tensor:
+    """not flag, for a Python bool or a bool tensor on the device (never read on the host)."""
+    return torch.logical_not(flag) if torch.is_tensor(flag) else not flag
+
+
 class LateAgreement:
     """The ranks agree on each step's flags (step skipped, stop signal seen) without the host waiting for the
     GPU: the flags are all-reduced (max) on the GPU's stream and copied to pinned host memory there, and
@@ -67,8 +72,8 @@ class StepBook:
     def send(self, step: int, skipped: bool | torch.Tensor, signal: bool) -> bool:
         """Step `step`'s flags out (skipped may be a bool tensor on the device); the previous step's booked.
         Whether a stop signal was seen."""
-        applied = torch.logical_not(skipped) if torch.is_tensor(skipped) else not skipped
-        agreed = self.agreement.exchange([skipped, applied, signal])   # both skipped and applied: ranks disagree
+        # skipped on one rank and applied on another: the ranks disagree
+        agreed = self.agreement.exchange([skipped, negation(skipped), signal])
         return agreed is not None and self._book(step - 1, agreed)
 
     def settle(self, step: int) -> bool:
