@@ -104,9 +104,9 @@ def test_universal_checkpoint_holds_the_reference_state(zero2, dataset):
     (2, {"zero_stage": 1, "pipeline_stages": 2}, True)], ids=["dp1-zero2", "pp2-zero1", "dp1-zero3", "pp2-zero1-fused"])
 def test_resume_on_another_layout_continues_the_run(zero2, dataset, nproc, parallel, fused):
     """DP=2 ZeRO-2 -> DP=1 (ZeRO-2 or ZeRO-3) or PP=2 (ZeRO-1); the same global batch of 16 (grad_accum 4).
-    `fused`: torch's fused AdamW, the GPU default, through the universal load (on a GPU it needs each Adam
-    step as a float32 tensor on its parameter's device; here everything is on the CPU, so the move itself
-    is covered by tests/dtrain/test_checkpoint.py)."""
+    `fused`: torch's fused AdamW, the default, through the universal load (False: the foreach one). On a GPU
+    the fused one needs each Adam step as a float32 tensor on its parameter's device; here everything is on
+    the CPU, so the move itself is covered by tests/dtrain/test_checkpoint.py."""
     tmp = zero2["tmp"]
     name = "res-" + "-".join(f"{k}{v}" for k, v in parallel.items()) + ("-fused" if fused else "")
     cfg = base_config(tmp / name, dataset, parallel=parallel, train={"eval_interval": 0, "grad_accum": 4},
