@@ -27,6 +27,7 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.training import NoMetrics
 from dtrain import engine as dengine
 from dtrain import zero_step
 from dtrain.config import load_config
@@ -47,11 +48,6 @@ class HostReads(TorchDispatchMode):
         if func.overloadpacket.__name__ in HOST_READS:
             self.seen[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
-
-
-class NoMetrics:
-    def add_stats(self, stats, keep=True):
-        pass
 
 
 def build(zero: int, device: torch.device, device_skip: bool):

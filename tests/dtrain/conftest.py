@@ -85,12 +85,9 @@ ENGINE_PROBE = r"""
 import itertools, torch
 from dtrain import engine as dengine
 from dtrain.config import load_config
+from bench.training import NoMetrics
 from dtrain.loop import to_device, train_step
 from model.diffusion import mask_batch
-
-class NoMetrics:
-    def add_stats(self, stats, keep=True):
-        pass
 
 def tiny_engine(*overrides):
     cfg = load_config("configs/tiny_cpu.yaml", ["data.seq_len=64", "train.micro_batch_size=2",
