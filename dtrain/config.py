@@ -67,6 +67,7 @@ class ParallelSection:
     backend: str | None = None      # None: nccl on CUDA, gloo on CPU
     overlap_comm: bool | None = None   # ZeRO: reduce gradients during the backward pass (None: DeepSpeed's default)
     reduce_bucket_size: int | None = None   # ZeRO: elements per gradient reduction (None: DeepSpeed's 5e8)
+    contiguous_gradients: bool | None = None   # ZeRO: copy each gradient into a bucket buffer (None: DeepSpeed's true)
 
 
 @dataclass

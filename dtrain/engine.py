@@ -23,7 +23,7 @@ from torch import nn
 
 from dtrain.config import RunConfig
 from dtrain.optim import SSM_PARAM_NAMES, build_optimizer
-from dtrain.zero_step import skip_on_device
+from dtrain.zero_step import grad_norms_in_fp32, skip_on_device
 from model.config import ConfigError, ModelConfig
 from model.lm import DiffusionLM
 
@@ -114,7 +114,8 @@ def check_batch(cfg: RunConfig, world_size: int) -> int:
 
 def zero_tuning(p) -> dict:
     """The ZeRO communication settings the config sets (left out: DeepSpeed's defaults apply)."""
-    return {k: getattr(p, k) for k in ("overlap_comm", "reduce_bucket_size") if getattr(p, k) is not None}
+    return {k: getattr(p, k) for k in ("overlap_comm", "reduce_bucket_size", "contiguous_gradients")
+            if getattr(p, k) is not None}
 
 
 def deepspeed_config(cfg: RunConfig, dp_size: int, load_universal: bool = False) -> dict:
@@ -200,45 +201,6 @@ def graph_gradient_hand_over(engine, zero_stage: int):
     hooks ignore the others); None, every backward, under ZeRO-2, which reduces each micro-batch's
     gradient as it arrives."""
     return engine.is_gradient_accumulation_boundary if zero_stage <= 1 else None
-
-
-def grad_norms_in_fp32(zero_optimizer) -> bool:
-    """Let DeepSpeed's ZeRO-1/2 optimizer take the gradient norm with a few fp32 kernels and host calls.
-
-    Its get_grad_norm_direct(gradients, params) takes each gradient's norm in turn, each after a float64
-    copy of the gradient: a float64 copy of all gradients each step (10 ms of a 700 ms step at 1.3B on an
-    H200, one process), and three small operations per parameter on the host (about 50 ms at 1.3B, 346
-    parameters, during which the GPU waits). Here the gradients it would count (DeepSpeed's own rules: no
-    alignment padding, no pipeline-replicated copy, model-parallel ones or rank 0's) get their norms from
-    one fp32 multi-tensor kernel (torch._foreach_norm, fp32 accumulation), combined in float64 into this
-    rank's norm; DeepSpeed's function gets that one number as a one-element "gradient" and all-reduces,
-    takes the root and masks NaN as before. False when the optimizer has no such method (another
-    DeepSpeed optimizer: left as it is)."""
-    direct = getattr(zero_optimizer, "get_grad_norm_direct", None)
-    if direct is None:
-        return False
-    from deepspeed.runtime.constants import PIPE_REPLICATED
-    from deepspeed.runtime.utils import is_model_parallel_parameter
-
-    def counted(p) -> bool:   # DeepSpeed's get_grad_norm_direct's rules
-        if getattr(p, PIPE_REPLICATED, False):
-            return False
-        return is_model_parallel_parameter(p) or zero_optimizer.model_parallel_rank == 0
-
-    def get_grad_norm_direct(gradients, params, norm_type=2):
-        gradients = list(gradients)
-        if float(norm_type) != 2.0 or not gradients:
-            return direct(gradients, params, norm_type)
-        real = (g for g in gradients if not getattr(g, "_zero_padding", False))   # DeepSpeed's alignment
-        pairs = [(g.detach(), p) for g, p in zip(real, params) if counted(p)]
-        if not pairs:
-            return direct([], [], norm_type)
-        norms = torch._foreach_norm([g for g, _ in pairs], 2.0, dtype=torch.float32)
-        rank_norm = torch.linalg.vector_norm(torch.stack(norms).double()).reshape(1)
-        return direct([rank_norm], [pairs[0][1]], norm_type)    # a counted parameter: DeepSpeed counts it
-
-    zero_optimizer.get_grad_norm_direct = get_grad_norm_direct
-    return True
 
 
 def fp32_param_report(module: nn.Module, names=SSM_PARAM_NAMES) -> dict[str, torch.dtype]:

@@ -1,7 +1,7 @@
 """The gradient norm the trainer logs and clips by (DeepSpeed ZeRO-1, 2 processes on gloo) equals the norm of
 the data-parallel mean gradient computed independently: a plain copy of the model on the same micro-batches,
 torch.autograd, the mean over ranks, the norm in float64. And it is taken without a float64 copy of any
-gradient or a norm per parameter (dtrain.engine.grad_norms_in_fp32), which made DeepSpeed's own version
+gradient or a norm per parameter (dtrain.zero_step.grad_norms_in_fp32), which made DeepSpeed's own version
 slow on the GPU and on the host."""
 import json
 
@@ -75,7 +75,7 @@ def test_deepspeed_norm_gets_one_number_per_rank_with_its_own_rules():
     model-parallel rank, the others on rank 0 only."""
     from deepspeed.runtime.constants import PIPE_REPLICATED
 
-    from dtrain.engine import grad_norms_in_fp32
+    from dtrain.zero_step import grad_norms_in_fp32
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 3, 4, 6)]
     grads = [torch.randn(n) for n in (5, 3, 4, 6)]

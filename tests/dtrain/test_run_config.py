@@ -97,8 +97,10 @@ def test_shipped_configs_are_valid():
 def test_zero_communication_settings_reach_deepspeed_only_when_set():
     from dtrain.engine import deepspeed_config
     assert deepspeed_config(cfg_with(), dp_size=2)["zero_optimization"] == {"stage": 1}   # DeepSpeed's defaults
-    ds = deepspeed_config(cfg_with("parallel.overlap_comm=true", "parallel.reduce_bucket_size=50000000"), dp_size=2)
-    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True, "reduce_bucket_size": 50_000_000}
+    ds = deepspeed_config(cfg_with("parallel.overlap_comm=true", "parallel.reduce_bucket_size=50000000",
+                                   "parallel.contiguous_gradients=false"), dp_size=2)
+    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True, "reduce_bucket_size": 50_000_000,
+                                       "contiguous_gradients": False}
 
 
 @pytest.mark.parametrize("overrides, message", [

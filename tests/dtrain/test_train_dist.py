@@ -196,10 +196,12 @@ def test_pipeline_two_stages(tmp_path, dataset):
 
 
 def test_zero_overlap_comm_trains_to_the_same_losses(tmp_path, dataset):
-    """parallel.overlap_comm / reduce_bucket_size reach DeepSpeed and leave the numbers alone: ZeRO-2 with
-    the reduction overlapped and in small buckets logs the losses of the default run (fp32, 2 ranks)."""
+    """parallel.overlap_comm / reduce_bucket_size / contiguous_gradients reach DeepSpeed and leave the numbers
+    alone: ZeRO-2 with the reduction overlapped, in small buckets and without the bucket copy logs the losses
+    of the default run (fp32, 2 ranks)."""
     runs = {}
-    for name, parallel in (("default", {}), ("overlap", {"overlap_comm": True, "reduce_bucket_size": 20000})):
+    for name, parallel in (("default", {}), ("overlap", {"overlap_comm": True, "reduce_bucket_size": 20000,
+                                                         "contiguous_gradients": False})):
         cfg = base_config(tmp_path / name, dataset, parallel={"zero_stage": 2, **parallel},
                           train={"steps": 4, "eval_interval": 0}, checkpoint={"interval": 0, "save_final": False},
                           logging={"num_samples": 0})
