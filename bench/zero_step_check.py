@@ -27,16 +27,15 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.tiny_engine import MICRO_BATCH, masked_batches, tiny_engine
 from bench.training import NoMetrics
 from dtrain import engine as dengine
 from dtrain import zero_step
-from dtrain.config import load_config
-from dtrain.loop import to_device, train_step
-from model.diffusion import mask_batch
+from dtrain.loop import train_step
 
 # aten ops that hand a device value to the host (the host waits for the device)
 HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "equal"}
-VOCAB, MASK_ID, SEQ_LEN, MICRO_BATCH, GRAD_ACCUM, POISONED = 512, 511, 64, 2, 2, 2
+GRAD_ACCUM, POISONED = 2, 2
 
 
 class HostReads(TorchDispatchMode):
@@ -51,31 +50,22 @@ class HostReads(TorchDispatchMode):
 
 
 def build(zero: int, device: torch.device, device_skip: bool):
-    cfg = load_config("configs/tiny_cpu.yaml", [f"data.seq_len={SEQ_LEN}", f"train.micro_batch_size={MICRO_BATCH}",
-                                                 "train.global_batch_size=null", f"train.grad_accum={GRAD_ACCUM}",
-                                                 "train.precision=bf16", "train.grad_clip=0.5",
-                                                 f"parallel.zero_stage={zero}"])
+    overrides = (f"train.grad_accum={GRAD_ACCUM}", "train.precision=bf16", "train.grad_clip=0.5",
+                 f"parallel.zero_stage={zero}")
     if not device_skip:
         dengine.skip_on_device = lambda optimizer: False
     try:
-        return dengine.build(cfg, cfg.model_config(VOCAB, MASK_ID), device)
+        return tiny_engine(*overrides, device=device)
     finally:
         dengine.skip_on_device = zero_step.skip_on_device
-
-
-def batches(device: torch.device, world: int):
-    gen = torch.Generator().manual_seed(3)
-    x0 = torch.randint(0, MASK_ID, (MICRO_BATCH, SEQ_LEN), generator=gen)
-    return itertools.cycle([to_device(mask_batch(x0, seed=0, step=s, positions=torch.arange(MICRO_BATCH),
-                                                 global_batch_size=MICRO_BATCH * world, mask_id=MASK_ID),
-                                      device, MASK_ID) for s in range(3)])
 
 
 def run(zero: int, device: torch.device, device_skip: bool) -> list[dict]:
     """Four steps; before the first and after each: the weights and Adam's state, then the verdict and the
     host reads during the step."""
     trainee = build(zero, device, device_skip)
-    data = batches(device, torch.distributed.get_world_size())
+    data = masked_batches(MICRO_BATCH * torch.distributed.get_world_size(), device,
+                          torch.Generator().manual_seed(3))
     engine = trainee.engine
 
     def snapshot() -> dict:

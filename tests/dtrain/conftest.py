@@ -80,25 +80,13 @@ def launch(cfg: dict, tmp: Path, *, nproc: int = 2, args: tuple = (), timeout: i
 
 
 # What every engine probe starts with: dtrain's engine for configs/tiny_cpu.yaml (micro-batch 2 x 64 tokens,
-# vocab 512) and masked micro-batches as the trainer hands them to train_step.
+# vocab 512) and masked micro-batches as the trainer hands them to train_step (bench/tiny_engine.py).
 ENGINE_PROBE = r"""
-import itertools, torch
+import torch
 from dtrain import engine as dengine
-from dtrain.config import load_config
+from bench.tiny_engine import tiny_engine, masked_batches
 from bench.training import NoMetrics
-from dtrain.loop import to_device, train_step
-from model.diffusion import mask_batch
-
-def tiny_engine(*overrides):
-    cfg = load_config("configs/tiny_cpu.yaml", ["data.seq_len=64", "train.micro_batch_size=2",
-                                                "train.global_batch_size=null", *overrides])
-    return dengine.build(cfg, cfg.model_config(512, 511), torch.device("cpu"))
-
-def masked_batches(global_batch_size):
-    x0 = torch.randint(0, 511, (2, 64))
-    return itertools.cycle([to_device(mask_batch(x0, seed=0, step=s, positions=torch.arange(2),
-                                                 global_batch_size=global_batch_size, mask_id=511),
-                                      torch.device("cpu"), 511) for s in range(3)])
+from dtrain.loop import train_step
 
 dengine.setup_distributed()
 """
