@@ -51,7 +51,7 @@ def test_large_configs_reduce_gradients_once_per_step(tmp_path):
                              for fam in ("diffumamba", "diffumamba_h", "diffutran")]}
     parallel = sections["1p3b_diffumamba_h.yaml"]
     assert all(s == parallel for s in sections.values()), sections
-    got = step_bytes({k: v for k, v in parallel.items() if k in ("zero_stage", "overlap_comm")}, tmp_path)
+    got = step_bytes({k: v for k, v in parallel.items() if k in ("zero_stage", "overlap_comm", "contiguous_gradients")}, tmp_path)
     assert got["4"] == got["1"] > 0, got
     zero2 = step_bytes({"zero_stage": 2}, tmp_path)
     assert zero2["4"] > 2 * zero2["1"], zero2         # what ZeRO-2 would cost: a reduction per micro-batch

@@ -37,6 +37,7 @@ def test_overrides_are_typed_and_applied():
     ("model.vocab_size=100", "model.vocab_size"),
     ("model.mask_token_id=3", "model.mask_token_id"),
     ("parallel.overlap_comm=sometimes", "parallel.overlap_comm"),
+    ("parallel.contiguous_gradients=sometimes", "parallel.contiguous_gradients"),
     ("parallel.reduce_bucket_size=0", "parallel.reduce_bucket_size"),
     ("logging.profile_steps=0", "logging.profile_steps"),
 ])

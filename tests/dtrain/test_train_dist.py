@@ -195,14 +195,17 @@ def test_pipeline_two_stages(tmp_path, dataset):
     assert not torch.equal(first, plain_model(cfg, dataset).embed.tok.weight)
 
 
-def test_zero_overlap_comm_trains_to_the_same_losses(tmp_path, dataset):
+@pytest.mark.parametrize("layout", [{"zero_stage": 1}, {"zero_stage": 2}, {"zero_stage": 1, "pipeline_stages": 2}],
+                         ids=["zero1", "zero2", "pp2"])
+def test_zero_overlap_comm_trains_to_the_same_losses(tmp_path, dataset, layout):
     """parallel.overlap_comm / reduce_bucket_size / contiguous_gradients reach DeepSpeed and leave the numbers
-    alone: ZeRO-2 with the reduction overlapped, in small buckets and without the bucket copy logs the losses
-    of the default run (fp32, 2 ranks)."""
+    alone: with the reduction overlapped, in small buckets and without the bucket copy (the large configs'
+    ZeRO-1 DP, ZeRO-2, and ZeRO-1 under a 2-stage pipeline) a run logs the losses of the default run (fp32,
+    2 ranks)."""
     runs = {}
     for name, parallel in (("default", {}), ("overlap", {"overlap_comm": True, "reduce_bucket_size": 20000,
                                                          "contiguous_gradients": False})):
-        cfg = base_config(tmp_path / name, dataset, parallel={"zero_stage": 2, **parallel},
+        cfg = base_config(tmp_path / name, dataset, parallel={**layout, **parallel},
                           train={"steps": 4, "eval_interval": 0}, checkpoint={"interval": 0, "save_final": False},
                           logging={"num_samples": 0})
         check_ok(launch(cfg, tmp_path))
