@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     common.add_builtin_data_args(ap)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
     common.add_output_args(ap, "scaling", resume_help="keep the layouts already measured in OUT/scaling.json (same card); run the others")
-    ap.add_argument("override", nargs="*", help="more dtrain overrides for every run: model.d_model=512 ...")
+    ap.add_argument("override", nargs="*", help="more dtrain overrides for every run: model.d_model=512 ... (before --layouts, "
+                                                    "which would take them as layouts)")
     args = ap.parse_args(argv)
     if args.global_batch and args.grad_accum:
         ap.error("--global-batch sets grad_accum per layout: leave out --grad-accum")
