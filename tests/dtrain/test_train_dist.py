@@ -212,3 +212,21 @@ def test_zero_overlap_comm_trains_to_the_same_losses(tmp_path, dataset, layout):
         runs[name] = losses(scalars(tmp_path / name))
     assert len(runs["default"]) == 4
     assert runs["overlap"] == pytest.approx(runs["default"], rel=1e-5)
+
+
+def test_a_run_saved_with_the_bucket_copy_resumes_without_it(tmp_path, dataset):
+    """The 0.5B / 1.3B configs turned DeepSpeed's gradient bucket copy off (parallel.contiguous_gradients:
+    false): a ZeRO-1 run checkpointed with it resumes without it and logs the uninterrupted run's losses."""
+    runs = {}
+    for name, parallel, args in (("saved", {}, ()),
+                                 ("resumed", {"contiguous_gradients": False},
+                                  ("--resume", str(tmp_path / "saved" / "checkpoints" / "step00000002")))):
+        cfg = base_config(tmp_path / name, dataset, parallel={"zero_stage": 1, "overlap_comm": True, **parallel},
+                          train={"steps": 4, "eval_interval": 0}, checkpoint={"interval": 2},
+                          logging={"num_samples": 0})
+        check_ok(proc := launch(cfg, tmp_path, args=args))
+        runs[name] = scalars(tmp_path / name)["train/loss"]
+    assert "resumed from" in proc.stdout
+    assert sorted(runs["resumed"]) == [3, 4]
+    assert [runs["resumed"][s] for s in (3, 4)] == pytest.approx([runs["saved"][s] for s in (3, 4)], rel=1e-6)
+
