@@ -8,7 +8,7 @@ import pytest
 import torch
 from graph_standins import TrainingStandIn
 
-from bench.gpu_validate import hook_accumulate_grad_nodes
+from bench.graph_checks import hook_accumulate_grad_nodes
 from model import train_graphs
 from model.lm import DiffusionLM
 from model.presets import get_preset
