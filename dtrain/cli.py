@@ -16,7 +16,8 @@ import sys
 
 def _train(args) -> int:
     from dtrain.config import load_config
-    from dtrain.loop import TrainingStopped, train
+    from dtrain.loop import train
+    from dtrain.step_flags import TrainingStopped
     cfg = load_config(args.config, args.overrides)
     try:
         result = train(cfg, resume=args.resume)

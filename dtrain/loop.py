@@ -32,7 +32,7 @@ from dtrain.pipe_sampling import pipeline_sample
 from dtrain.pipeline import nan_unless_finite
 from dtrain.profiling import StepProfiler
 from dtrain.signals import StopFlag, compile_first
-from dtrain.step_flags import StepBook, TrainingStopped, negation  # noqa: F401 - TrainingStopped: dtrain.cli's
+from dtrain.step_flags import StepBook, negation
 from model import kernels
 from model.diffusion import diffusion_loss_selected, elbo_perplexity, scored_index
 from model.flops import expected_masked_fraction, peak_flops, train_flops_per_token

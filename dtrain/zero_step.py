@@ -61,10 +61,8 @@ def skip_on_device(zero_optimizer) -> bool:
         finally:
             stage_1_and_2.is_invalid_grad_norm = stock_check
             found, inner.found_inf = inner.found_inf, None
-        if found is None:   # no norm was judged (gradient norms off): DeepSpeed's step was its own
-            zero_optimizer.skipped = None
-            return
-        zero_optimizer.skipped = found.bool()
+        # None: no norm was judged (gradient norms off), so DeepSpeed's step was its own
+        zero_optimizer.skipped = None if found is None else found.bool()
 
     zero_optimizer.step, zero_optimizer.skipped = step, None
     return True
