@@ -175,6 +175,14 @@ def mixer_function_checks(device, gen, cases=tuple(MIXER_CASES)) -> list:
             what = f"fused mixer, states kept (1.3B, L {seqlen}): {name}"
             checks.append((f"{what} vs mamba_ssm's function", dtype, a, b, tol))
             checks.append((f"{what} vs float64", dtype, a, c, max(1.25 * rel_err(b.double(), c), 1e-6)))
+        # without autograd the scan's output comes from model/chunk_scan_kernel.py (kernels.fused_mixer)
+        with torch.no_grad():
+            no_grad = run(mixer, zxbcdt, keep=True, autocast=dtype == torch.bfloat16)[0]
+        what = f"fused mixer without autograd (1.3B, L {seqlen}, scan output: {kernels.describe(device)['scan_out']})"
+        checks.append((f"{what}: output vs mamba_ssm's function", dtype, no_grad, want[0],
+                       tol if dtype == torch.bfloat16 else 1e-3))   # fp32: tf32 products in both, other order
+        checks.append((f"{what}: output vs float64", dtype, no_grad, exact[0],
+                       max(1.25 * rel_err(want[0].double(), exact[0]), 1e-6)))
     return checks
 
 

@@ -13,6 +13,8 @@
                    one Mamba-2 direction in one autograd function    else  the caller composes the above
                    (by default model/mixer_function.py's copy of it, whose backward does not recompute
                    the scan's chunk states)
+    scan_out       in the fused mixer's forward without autograd: the scan's output from its chunk
+                   states by model/chunk_scan_kernel.py         else  mamba_ssm's `_chunk_scan_fwd`
     flash_attn_func  flash-attn's kernel, or None
 
 A kernel is used only on CUDA tensors and only when its package imports. The reference path can be
@@ -44,7 +46,7 @@ from einops import rearrange
 
 from model import mixer_function, norm_backward, ssd
 
-KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip")
+KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip", "scan_out")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
 
 
@@ -141,13 +143,20 @@ if HAS_MAMBA_TRITON:   # the norms' backward launched with more rows in flight (
                                 for name in ("layer_norm", "layernorm_gated", "ssd_combined")))
     except RuntimeError as e:   # another mamba_ssm: its own launch, with a note
         IMPORT_ERRORS["norm_backward"] = str(e)
-_mixer_keeping_states = None
+_mixer_keeping_states = _mixer_without_grad = None
 if _mamba_split_conv1d_scan_combined is not None:
     try:
-        _mixer_keeping_states = mixer_function.MixerFunction.build(
-            import_skipping_package_init("mamba_ssm.ops.triton.ssd_combined"))
+        _ssd_combined = import_skipping_package_init("mamba_ssm.ops.triton.ssd_combined")
+        _mixer_keeping_states = mixer_function.MixerFunction.build(_ssd_combined)
     except RuntimeError as e:   # another mamba_ssm: its own function, which recomputes the states
         IMPORT_ERRORS["mixer_function"] = str(e)
+    if _mixer_keeping_states is not None:   # the same function, its scan output by model/chunk_scan_kernel.py
+        try:
+            from model import chunk_scan_kernel
+            _mixer_without_grad = mixer_function.MixerFunction.build(
+                mixer_function.with_chunk_scan_output(_ssd_combined, chunk_scan_kernel.chunk_scan_out))
+        except Exception as e:  # noqa: BLE001 - a Triton too old for the kernel: mamba_ssm's launcher stays
+            IMPORT_ERRORS["chunk_scan_kernel"] = repr(e)
 HAS_CAUSAL_CONV1D = _causal_conv1d_fn is not None
 HAS_FLASH_ATTN = flash_attn_func is not None
 # torch.compile generates Triton kernels on a GPU: usable where Triton imports (it ships with CUDA torch)
@@ -155,7 +164,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 _AVAILABLE = {"scan": HAS_MAMBA_TRITON, "norm": HAS_MAMBA_TRITON, "conv": HAS_CAUSAL_CONV1D,
               "attn": HAS_FLASH_ATTN, "mixer": _mamba_split_conv1d_scan_combined is not None,
               "add_norm": _layer_norm_fn is not None, "swiglu": HAS_TRITON, "rotary": HAS_TRITON,
-              "flip": HAS_TRITON}
+              "flip": HAS_TRITON, "scan_out": _mixer_without_grad is not None}
 
 
 # ---------------------------------------------------------------- choosing a path
@@ -191,8 +200,9 @@ def use_reference_kernels(*names: str):
         _forced_reference.update(saved)
 
 
-# The fused mixer runs the conv, scan and norm kernels: forcing any of them to the reference forces it too.
-_ALSO_NEEDS = {"mixer": ("scan", "conv", "norm")}
+# The fused mixer runs the conv, scan and norm kernels: forcing any of them to the reference forces it too;
+# the scan's output kernel runs inside the fused mixer.
+_ALSO_NEEDS = {"mixer": ("scan", "conv", "norm"), "scan_out": ("mixer",)}
 
 
 def _on(name: str, on_gpu: bool) -> bool:
@@ -301,12 +311,20 @@ def fused_mixer(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_
     keep_scan_states: keep the scan's chunk states etc. for the backward (model/mixer_function.py),
     instead of mamba_ssm's recomputing them."""
     if keep_scan_states and _mixer_keeping_states is not None:
-        return _mixer_keeping_states(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight,
-                                     norm_eps, out_weight, headdim, ngroups)
+        fn = _mixer_without_grad if _scan_output_kernel_on(zxbcdt) else _mixer_keeping_states
+        return fn(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, norm_eps, out_weight,
+                  headdim, ngroups)
     return _mamba_split_conv1d_scan_combined(
         zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, activation="silu",
         rmsnorm_weight=norm_weight, rmsnorm_eps=norm_eps, outproj_weight=out_weight, outproj_bias=None,
         headdim=headdim, ngroups=ngroups, norm_before_gate=False)
+
+
+def _scan_output_kernel_on(zxbcdt: torch.Tensor) -> bool:
+    """Whether the fused mixer computes the scan's output with model/chunk_scan_kernel.py: in a forward
+    without autograd (inference, sampling, evaluation) on a GPU. Training keeps mamba_ssm's launcher, whose
+    output its backward kernels were validated with (bench/model_checks.py)."""
+    return not torch.is_grad_enabled() and uses_kernel("scan_out", zxbcdt)
 
 
 def flash_attn_usable(tensor: torch.Tensor) -> bool:

@@ -22,6 +22,8 @@ launcher used; tests hand in stand-ins with the same names.
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -54,6 +56,16 @@ LAUNCHERS = {
 COMBINED_BWD_PARAMS = ("dout", "x", "dt", "A", "B", "C", "out", "chunk_size", "D", "z", "dt_bias", "initial_states",
                        "dfinal_states", "seq_idx", "dt_softplus", "dt_limit", "dx", "ddt", "dB", "dC", "dz",
                        "recompute_output")
+
+
+def with_chunk_scan_output(ssd, chunk_scan_out):
+    """`ssd` with its `_chunk_scan_fwd` (the scan's output from the chunk states, the last forward launcher)
+    replaced by chunk_scan_out(cb, x, dt, dA_cumsum, C, states, D) -> y; every other launcher unchanged."""
+    def _chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states, D=None, z=None, seq_idx=None):
+        assert z is None and seq_idx is None, "the mixer passes neither"
+        return chunk_scan_out(cb, x, dt, dA_cumsum, C, states, D), None
+    name = f"{getattr(ssd, '__name__', ssd)} with {getattr(chunk_scan_out, '__module__', chunk_scan_out)}"
+    return types.SimpleNamespace(**{**vars(ssd), "__name__": name, "_chunk_scan_fwd": _chunk_scan_fwd})
 
 
 def conv_silu(ssd, xBC, conv_weight, conv_bias):

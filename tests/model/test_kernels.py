@@ -91,12 +91,14 @@ def test_loader_raises_import_error_when_not_installed():
 
 
 # ---------------------------------------------------------------- nothing installed: reference path
-@pytest.mark.skipif(any(importlib.util.find_spec(p) for p in (*GPU_PACKAGES, "triton")),
-                    reason="a GPU kernel package (or Triton, for torch.compile) is installed here")
+@pytest.mark.skipif(any(importlib.util.find_spec(p) for p in GPU_PACKAGES),
+                    reason="a GPU kernel package is installed here")
 def test_without_kernel_packages_flags_are_false_and_reference_runs():
     assert not (kernels.HAS_MAMBA_TRITON or kernels.HAS_CAUSAL_CONV1D or kernels.HAS_FLASH_ATTN)
     assert kernels.flash_attn_func is None
-    assert set(kernels.describe("cuda").values()) == {"reference"}
+    # only torch.compile's kernels remain, where Triton is installed (the dev extra installs it)
+    compiled = {"swiglu", "rotary", "flip"} if importlib.util.find_spec("triton") else set()
+    assert {name for name, path in kernels.describe("cuda").items() if path == "kernel"} == compiled
     assert set(kernels.IMPORT_ERRORS) == set(GPU_PACKAGES)
 
 
@@ -300,6 +302,36 @@ def test_forcing_a_piece_of_the_fused_mixer_forces_the_mixer(monkeypatch):
             assert kernels.describe("cuda")["mixer"] == "reference"
     monkeypatch.setitem(kernels._AVAILABLE, "conv", False)                # causal-conv1d not installed
     assert kernels.describe("cuda")["mixer"] == "reference"
+
+
+def test_the_scan_output_kernel_runs_in_forwards_without_autograd_only(monkeypatch):
+    """kernels.fused_mixer hands a forward without autograd (inference, sampling, evaluation) to the mixer
+    whose scan output is model/chunk_scan_kernel.py's, and a training forward to mamba_ssm's launcher; forcing
+    scan_out, or the mixer, to the reference keeps mamba_ssm's."""
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.setattr(kernels, "_AVAILABLE", dict.fromkeys(kernels.KERNEL_NAMES, True))
+    monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: kernels._on(name, True))
+    calls = []
+    monkeypatch.setattr(kernels, "_mixer_keeping_states", lambda *args: calls.append("mamba_ssm's output"))
+    monkeypatch.setattr(kernels, "_mixer_without_grad", lambda *args: calls.append("our output"))
+    args = (torch.zeros(1),) + (None,) * 11
+
+    def which(keep_scan_states=True):
+        calls.clear()
+        kernels.fused_mixer(*args, keep_scan_states=keep_scan_states)
+        return calls[0] if calls else None
+    assert which() == "mamba_ssm's output"
+    with torch.no_grad():
+        assert which() == "our output"
+        with kernels.use_reference_kernels("scan_out"):
+            assert which() == "mamba_ssm's output"
+        with kernels.use_reference_kernels("mixer"):
+            assert which() == "mamba_ssm's output" and kernels.describe("cuda")["scan_out"] == "reference"
+    with torch.inference_mode():
+        assert which() == "our output"
+    monkeypatch.setattr(kernels, "_mamba_split_conv1d_scan_combined", lambda *a, **k: calls.append("recomputing"))
+    with torch.no_grad():
+        assert which(keep_scan_states=False) == "recomputing"
 
 
 # ---------------------------------------------------------------- the GPU validation script, CPU smoke run

@@ -87,3 +87,26 @@ def test_build_refuses_another_mamba_ssm():
         mixer_function.MixerFunction.build(ssd_emulation.namespace(_mamba_chunk_scan_combined_bwd=lambda dout: None))
     with pytest.raises(RuntimeError, match="causal_conv1d_bwd_function"):
         mixer_function.MixerFunction.build(ssd_emulation.namespace(causal_conv1d_bwd_function=None))
+
+
+def test_another_scan_output_launcher_is_used_in_the_forward_only():
+    """with_chunk_scan_output swaps the last forward launcher (as model/kernels.py does with
+    model/chunk_scan_kernel.py): the forward calls the new one, the backward neither, and the result is the
+    reference path's."""
+    calls = []
+
+    def output(cb, x, dt, dA_cumsum, C, states, D):
+        calls.append("output")
+        return ssd_emulation._chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states, D)[0]
+    ssd = ssd_emulation.namespace(_chunk_scan_fwd=lambda *a, **k: calls.append("mamba_ssm's"))
+    fused = mixer_function.MixerFunction.build(mixer_function.with_chunk_scan_output(ssd, output))
+    m = mixer(2)
+    g = torch.Generator().manual_seed(3)
+    zxbcdt = torch.randn(2, 16, m.d_in_proj, generator=g, dtype=torch.float64)
+    dout = torch.randn(2, 16, m.d_model, generator=g, dtype=torch.float64)
+    want_out, want = output_and_grads(m, zxbcdt, lambda t: m.out_proj(m.mix(t)), dout)
+    got_out, got = output_and_grads(m, zxbcdt, lambda t: fused(*fused_args(m, t)), dout)
+    assert calls == ["output"]
+    torch.testing.assert_close(got_out, want_out, rtol=1e-10, atol=1e-10)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-10, msg=name)

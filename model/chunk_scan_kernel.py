@@ -1,0 +1,156 @@
+"""The SSD scan's output kernel: a drop-in for mamba_ssm's `_chunk_scan_fwd` (no z, no seq_idx).
+
+For chunk c, head h, row m of the chunk (positions k of the same chunk, k <= m):
+
+    y[m] = exp(dA[m]) * (C[m] . state_c)                       the state entering the chunk
+         + sum_k CB[m, k] * exp(dA[m] - dA[k]) * dt[k] * x[k]   the chunk itself (causal)
+         + D * x[m]
+
+dA is the within-chunk cumulative sum of dt * A (fp32, non-increasing: A < 0, dt >= 0), CB = C B^T.
+mamba_ssm's kernel computes the weight of every (m, k) pair with eight vector operations (a subtraction,
+a clamp, a scale to base 2, the exponential, two products, the causal select and the cast). Here the
+per-position parts are folded into two vectors first, in base 2:
+
+    a[m] = log2(e) * dA[m]        b[k] = log2(e) * dA[k] - log2(dt[k])
+    weight[m, k] = CB[m, k] * exp2(a[m] - b[k])
+
+so a pair costs a subtraction, the exponential, a product and the cast; the causal select runs only on
+the diagonal blocks, since every key block left of a row block lies wholly in its past. dt[k] = 0 gives
+b[k] = +inf and a weight of exactly 0, as the product does.
+
+The launch order is what makes it faster (docs/benchmarks.md, sixteenth run): the heads of one chunk are
+neighbours in the grid, so CB and C, which all heads of a group share, are read from memory once and then
+from L2. mamba_ssm's grid runs every chunk of one head before the next head; at 32K tokens CB alone (32 MB
+per sequence in fp32) no longer stays in L2 between the heads.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)   # a global a kernel may read
+
+
+def _configs():
+    """The block shapes the autotuner tries: the four fastest of the first six measured on an H100."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bk, w, s in ((64, 32, 4, 3), (128, 32, 4, 3), (32, 32, 2, 4), (64, 64, 4, 2))]
+
+
+@triton.jit
+def _chunk_scan_out_kernel(
+    cb_ptr, x_ptr, out_ptr, dt_ptr, dA_ptr, C_ptr, states_ptr, D_ptr,
+    chunk_size, hdim, dstate, batch, seqlen, heads_per_group,
+    s_cb_b, s_cb_c, s_cb_g, s_cb_m, s_cb_k,
+    s_x_b, s_x_l, s_x_h, s_x_p,
+    s_o_b, s_o_l, s_o_h, s_o_p,
+    s_dt_b, s_dt_c, s_dt_h, s_dt_q,
+    s_dA_b, s_dA_c, s_dA_h, s_dA_q,
+    s_C_b, s_C_l, s_C_g, s_C_n,
+    s_st_b, s_st_c, s_st_h, s_st_p, s_st_n,
+    s_D_h,
+    HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_h = tl.program_id(0)    # heads first: the heads of a chunk run together (module docstring)
+    pid_m = tl.program_id(1)
+    pid_bc = tl.program_id(2)
+    pid_c = pid_bc // batch
+    pid_b = pid_bc - pid_c * batch
+    pid_g = pid_h // heads_per_group
+    chunk_len = min(chunk_size, seqlen - pid_c * chunk_size)
+    m_start = pid_m * BLOCK_M
+
+    cb_ptr += pid_b * s_cb_b + pid_c * s_cb_c + pid_g * s_cb_g
+    x_ptr += pid_b * s_x_b + pid_c * chunk_size * s_x_l + pid_h * s_x_h
+    out_ptr += pid_b * s_o_b + pid_c * chunk_size * s_o_l + pid_h * s_o_h
+    dt_ptr += pid_b * s_dt_b + pid_c * s_dt_c + pid_h * s_dt_h
+    dA_ptr += pid_b * s_dA_b + pid_c * s_dA_c + pid_h * s_dA_h
+    C_ptr += pid_b * s_C_b + pid_c * chunk_size * s_C_l + pid_g * s_C_g
+    states_ptr += pid_b * s_st_b + pid_c * s_st_c + pid_h * s_st_h
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < chunk_len
+    a_m = tl.load(dA_ptr + offs_m * s_dA_q, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+
+    # the state entering the chunk: exp(dA[m]) * C[m] @ state^T
+    C = tl.load(C_ptr + offs_m[:, None] * s_C_l + offs_n[None, :] * s_C_n,
+                mask=row_ok[:, None] & (offs_n[None, :] < dstate), other=0.0)
+    state = tl.load(states_ptr + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p,
+                    mask=(offs_n[:, None] < dstate) & (offs_p[None, :] < hdim), other=0.0)
+    acc = tl.dot(C, state.to(C.dtype)) * tl.exp2(a_m)[:, None]
+
+    # the chunk's own positions: key blocks wholly in the past, then the diagonal ones with the causal select
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, m_start, BLOCK_K):
+        acc = _add_key_block(acc, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, k0 + offs_k, offs_p, a_m, chunk_len, hdim,
+                             s_cb_m, s_cb_k, s_x_l, s_x_p, s_dt_q, s_dA_q, False)
+    k_end = min(m_start + BLOCK_M, chunk_len)
+    for k0 in range(m_start, k_end, BLOCK_K):
+        acc = _add_key_block(acc, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, k0 + offs_k, offs_p, a_m, chunk_len, hdim,
+                             s_cb_m, s_cb_k, s_x_l, s_x_p, s_dt_q, s_dA_q, True)
+
+    out_mask = row_ok[:, None] & (offs_p[None, :] < hdim)
+    if HAS_D:
+        if D_HAS_HDIM:
+            D = tl.load(D_ptr + pid_h * s_D_h + offs_p, mask=offs_p < hdim, other=0.0).to(tl.float32)[None, :]
+        else:
+            D = tl.load(D_ptr + pid_h * s_D_h).to(tl.float32)
+        x_m = tl.load(x_ptr + offs_m[:, None] * s_x_l + offs_p[None, :] * s_x_p, mask=out_mask, other=0.0)
+        acc += x_m.to(tl.float32) * D
+    tl.store(out_ptr + offs_m[:, None] * s_o_l + offs_p[None, :] * s_o_p, acc.to(out_ptr.dtype.element_ty),
+             mask=out_mask)
+
+
+@triton.jit
+def _add_key_block(acc, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, offs_k, offs_p, a_m, chunk_len, hdim,
+                   s_cb_m, s_cb_k, s_x_l, s_x_p, s_dt_q, s_dA_q, CAUSAL: tl.constexpr):
+    key_ok = offs_k < chunk_len
+    dt_k = tl.load(dt_ptr + offs_k * s_dt_q, mask=key_ok, other=0.0).to(tl.float32)
+    b_k = tl.load(dA_ptr + offs_k * s_dA_q, mask=key_ok, other=0.0).to(tl.float32) * LOG2E - tl.log2(dt_k)
+    cb = tl.load(cb_ptr + offs_m[:, None] * s_cb_m + offs_k[None, :] * s_cb_k,
+                 mask=(offs_m[:, None] < chunk_len) & key_ok[None, :], other=0.0).to(tl.float32)
+    exponent = a_m[:, None] - b_k[None, :]
+    if CAUSAL:   # above the diagonal the exponent may be large and positive: select before the exponential
+        exponent = tl.where(offs_m[:, None] >= offs_k[None, :], exponent, -float("inf"))
+    weight = (cb * tl.exp2(exponent)).to(x_ptr.dtype.element_ty)
+    x = tl.load(x_ptr + offs_k[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                mask=key_ok[:, None] & (offs_p[None, :] < hdim), other=0.0)
+    return acc + tl.dot(weight, x)
+
+
+_autotuned_kernel = triton.autotune(configs=_configs(), key=["chunk_size", "hdim", "dstate"])(_chunk_scan_out_kernel)
+
+
+def chunk_scan_out(cb, x, dt, dA_cumsum, C, states, D=None, config: dict | None = None):
+    """Same arguments and result as mamba_ssm's `_chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states, D)`:
+    cb (b, chunks, g, Q, Q) fp32, x (b, l, h, p), dt and dA_cumsum (b, h, chunks, Q) fp32, C (b, l, g, n),
+    states (b, chunks, h, p, n), D (h,) or (h, p). Returns y (b, l, h, p) in x's dtype.
+    config: one launch config instead of the autotuner's pick, e.g. {"BLOCK_M": 64, "BLOCK_K": 32,
+    "num_warps": 4, "num_stages": 3} (BLOCK_K must divide BLOCK_M)."""
+    batch, seqlen, nheads, hdim = x.shape
+    _, _, nchunks, chunk_size = dt.shape
+    ngroups, dstate = C.shape[2], C.shape[3]
+    assert cb.shape == (batch, nchunks, ngroups, chunk_size, chunk_size)
+    assert states.shape == (batch, nchunks, nheads, hdim, dstate)
+    assert dA_cumsum.shape == dt.shape == (batch, nheads, nchunks, chunk_size)
+    assert batch * nchunks < 65536, f"batch x chunks = {batch * nchunks}: over the grid's limit of 65535"
+    out = torch.empty_like(x)
+    grid = lambda meta: (nheads, triton.cdiv(chunk_size, meta["BLOCK_M"]), batch * nchunks)
+    kernel = _autotuned_kernel if config is None else _chunk_scan_out_kernel
+    kernel[grid](
+        cb, x, out, dt, dA_cumsum, C, states, D,
+        chunk_size, hdim, dstate, batch, seqlen, nheads // ngroups,
+        *cb.stride(), *x.stride(), *out.stride(),
+        dt.stride(0), dt.stride(2), dt.stride(1), dt.stride(3),
+        dA_cumsum.stride(0), dA_cumsum.stride(2), dA_cumsum.stride(1), dA_cumsum.stride(3),
+        *C.stride(), *states.stride(),
+        D.stride(0) if D is not None else 0,
+        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2,
+        BLOCK_P=max(triton.next_power_of_2(hdim), 16), BLOCK_N=max(triton.next_power_of_2(dstate), 16),
+        **(config or {}),
+    )
+    return out

@@ -1,0 +1,66 @@
+"""Runs model/chunk_scan_kernel.py under Triton's interpreter (TRITON_INTERPRET=1, set by the caller before
+Triton is imported) on CPU tensors and prints, as JSON, each case's largest error against the float64
+stand-in of mamba_ssm's `_chunk_scan_fwd` (tests/model/ssd_emulation.py) relative to the output's scale.
+The interpreter's bfloat16 is wrong on torch's CPU tensors, so the cases are float32 and float16; a GPU
+checks bfloat16 (bench/model_checks.py)."""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+from model.chunk_scan_kernel import chunk_scan_out
+from tests.model import ssd_emulation
+
+# name: (batch, length, heads, headdim, groups, d_state, chunk, dtype, D per channel, decay scale, config)
+CASES = {
+    "fp32, 3 chunks, 2 groups": (2, 192, 4, 16, 2, 16, 64, torch.float32, False, 1.0, (32, 16)),
+    "fp32, a part chunk": (1, 133, 2, 16, 1, 32, 64, torch.float32, False, 1.0, (16, 16)),
+    "fp32, one key block per row block": (1, 128, 2, 32, 1, 16, 64, torch.float32, False, 1.0, (32, 32)),
+    "fp16, D per channel": (2, 160, 4, 16, 1, 16, 64, torch.float16, True, 1.0, (32, 16)),
+    "fp32, steep decay and zero steps": (1, 128, 2, 16, 1, 16, 64, torch.float32, False, 60.0, (64, 16)),
+}
+
+
+def inputs(b, l, h, p, g, n, q, dtype, d_per_channel, decay, seed):
+    gen = torch.Generator().manual_seed(seed)
+    c = math.ceil(l / q)
+    x = torch.randn(b, l, h, p, generator=gen).to(dtype)
+    B, C = (torch.randn(b, l, g, n, generator=gen).div(n ** 0.5).to(dtype) for _ in range(2))
+    dt = F.softplus(torch.randn(b, h, c, q, generator=gen) - 1.0)
+    dt[..., ::7] = 0.0                                                    # steps that add nothing
+    A = -decay * (0.5 + torch.rand(h, generator=gen))
+    dA_cumsum = (dt * A[None, :, None, None]).cumsum(dim=-1)
+    pad = (0, 0, 0, 0, 0, c * q - l)
+    cb = ssd_emulation._bmm_chunk_fwd(F.pad(C, pad).float(), F.pad(B, pad).float(), q)
+    states = torch.randn(b, c, h, p, n, generator=gen).to(dtype)
+    D = torch.randn(h, p, generator=gen) if d_per_channel else torch.randn(h, generator=gen)
+    return cb, x, dt, dA_cumsum, C, states, D
+
+
+def float64_output(cb, x, dt, dA_cumsum, C, states, D):
+    """The stand-in on whole chunks (zeros after the last position, which no earlier row reads)."""
+    l, q = x.shape[1], dt.shape[-1]
+    pad = (0, 0, 0, 0, 0, dt.shape[2] * q - l)
+    y, _ = ssd_emulation._chunk_scan_fwd(cb.double(), F.pad(x, pad).double(), dt.double(), dA_cumsum.double(),
+                                         F.pad(C, pad).double(), states.double(), torch.zeros(x.shape[2]).double())
+    skip = D.double() if D.dim() == 2 else D.double()[:, None]
+    return y[:, :l] + x.double() * skip
+
+
+def main() -> None:
+    errors = {}
+    for seed, (name, case) in enumerate(CASES.items()):
+        *shape, (block_m, block_k) = case
+        args = inputs(*shape, seed=seed)
+        got = chunk_scan_out(*args, config={"BLOCK_M": block_m, "BLOCK_K": block_k})
+        want = float64_output(*args)
+        errors[name] = {"dtype": str(got.dtype), "shape": list(got.shape), "finite": bool(got.isfinite().all()),
+                        "rel_err": ((got.double() - want).abs().max() / want.abs().max()).item()}
+    print(json.dumps(errors))
+
+
+if __name__ == "__main__":
+    main()

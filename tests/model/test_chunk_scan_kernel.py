@@ -1,0 +1,79 @@
+"""model/chunk_scan_kernel.py: the scan's output from its chunk states, a Triton kernel.
+
+No GPU here: the kernel runs under Triton's interpreter against the float64 stand-in of mamba_ssm's
+launcher (tests/model/chunk_scan_kernel_cases.py, in a process of its own since the interpreter is chosen
+when Triton is imported), and every autotune config is compiled for an H100 (sm_90) down to the binary,
+which the interpreter does not do. bench/model_checks.py compares it with mamba_ssm's launcher and float64
+on a GPU in bfloat16."""
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.model.chunk_scan_kernel_cases import CASES
+
+ROOT = Path(__file__).resolve().parents[2]
+TOLERANCE = {"torch.float32": 1e-5, "torch.float16": 2e-3}
+
+
+@pytest.fixture(scope="module")
+def interpreted_errors():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = subprocess.run([sys.executable, "-m", "tests.model.chunk_scan_kernel_cases"], cwd=ROOT, env=env, check=False,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_float64(interpreted_errors, case):
+    got = interpreted_errors[case]
+    b, l, h, p, *_, dtype = CASES[case][:8]
+    assert got["shape"] == [b, l, h, p] and got["dtype"] == str(dtype)
+    assert got["finite"], "a masked or zero-step weight became inf or nan"
+    assert got["rel_err"] <= TOLERANCE[got["dtype"]], got
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_every_autotune_config_compiles_for_an_h100(dtype):
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from model.chunk_scan_kernel import _autotuned_kernel, _chunk_scan_out_kernel
+
+    params = list(inspect.signature(_chunk_scan_out_kernel.fn).parameters)
+    pointers = {name: "*fp32" for name in ("cb_ptr", "dt_ptr", "dA_ptr", "D_ptr")}
+    pointers |= {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "C_ptr", "states_ptr")}
+    for config in _autotuned_kernel.configs:
+        constants = dict(HAS_D=True, D_HAS_HDIM=False, BLOCK_P=64, BLOCK_N=128, **config.kwargs)
+        signature = {p: "constexpr" if p in constants else pointers.get(p, "i32") for p in params}
+        source = ASTSource(fn=_chunk_scan_out_kernel, signature=signature,
+                           constexprs={(params.index(n),): v for n, v in constants.items()})
+        compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        assert compiled.asm["cubin"], config
+        assert compiled.metadata.shared <= 227 * 1024, f"{config}: more shared memory than an H100 has"
+
+
+def test_takes_the_arguments_of_mamba_ssms_launcher():
+    from model import mixer_function
+    from model.chunk_scan_kernel import chunk_scan_out
+
+    expected = [n for n in mixer_function.LAUNCHERS["_chunk_scan_fwd"] if n not in ("z", "seq_idx")]
+    assert list(inspect.signature(chunk_scan_out).parameters)[:len(expected)] == expected
+
+
+def test_refuses_a_grid_too_tall():
+    from model.chunk_scan_kernel import chunk_scan_out
+
+    b, c, q = 65536, 1, 16
+    x = torch.empty(b, q, 1, 16)
+    dt = torch.empty(b, 1, c, q)
+    with pytest.raises(AssertionError, match="grid"):
+        chunk_scan_out(torch.empty(b, c, 1, q, q), x, dt, dt, torch.empty(b, q, 1, 16), torch.empty(b, c, 1, 16, 16))
