@@ -1,0 +1,137 @@
+"""The scan's output kernel: mamba_ssm's `_chunk_scan_fwd` against model/chunk_scan_kernel.py's.
+
+One direction of a 1.3B mixer layer (64 heads x 64, state 128, chunk 256, bf16 by default), its inputs
+(CB, dt, dA_cumsum, the states entering each chunk) made by mamba_ssm's own forward launchers from random
+x, dt, B, C. Each shape is timed with mamba_ssm's kernel, ours under the autotuner and ours under each of
+its configs, and each result compared with mamba_ssm's. A float64 row per dtype checks both against
+model.ssd.ssd_chunked on a short sequence.
+
+    python -m bench.scan_output --out bench_results      # scan_output.md / .json / .png (needs a GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+
+from bench import common
+from model import kernels, ssd
+
+SHAPES = ["1x32768", "2x32768", "8x2048", "1x4096"]   # batch x L: inference, both directions, training
+
+
+def scan_inputs(batch, seqlen, dtype, device, seed, heads=64, headdim=64, d_state=128):
+    """(x, dt, A, B, C, D, dt_bias) as a 1.3B mixer hands them to the scan (dt before softplus)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+    x, dt = randn(batch, seqlen, heads, headdim).to(dtype), randn(batch, seqlen, heads) - 2.0
+    B, C = (randn(batch, seqlen, 1, d_state) / d_state ** 0.5).to(dtype), randn(batch, seqlen, 1, d_state).to(dtype)
+    A = -torch.exp(torch.rand(heads, generator=gen) * 2.7).to(device)     # -1 .. -15, as A_log's initialisation
+    return x, dt, A, B, C, randn(heads), (0.1 * torch.rand(heads, generator=gen)).to(device)
+
+
+def output_inputs(launchers, x, dt, A, B, C, D, dt_bias, chunk_size=256):
+    """The arguments of `_chunk_scan_fwd`: (CB, x, dt, dA_cumsum, C, states entering each chunk, D)."""
+    dA_cumsum, dt = launchers._chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True)
+    states = launchers._chunk_state_fwd(B, x, dt, dA_cumsum, states_in_fp32=True)
+    states, _ = launchers._state_passing_fwd(states.flatten(-2), dA_cumsum[:, :, :, -1], chunk_size=chunk_size,
+                                             out_dtype=C.dtype)
+    CB = launchers._bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
+    return CB, x, dt, dA_cumsum, C, states.unflatten(-1, (x.shape[-1], B.shape[-1])), D
+
+
+def rel_max(got, want) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
+def mamba_output(launchers, args):
+    return launchers._chunk_scan_fwd(*args)[0]
+
+
+def config_name(config) -> str:
+    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_K']}, {config.num_warps}w {config.num_stages}s"
+
+
+def measure(shapes, dtype, device, iters) -> list[dict]:
+    from model.chunk_scan_kernel import _autotuned_kernel, chunk_scan_out
+    launchers = kernels.import_skipping_package_init("mamba_ssm.ops.triton.ssd_combined")
+    rows = []
+    for seed, (batch, seqlen) in enumerate([(1, 4096), (2, 1000)]):          # accuracy, float64 reference
+        raw = scan_inputs(batch, seqlen, dtype, device, seed)
+        exact = ssd.ssd_chunked(*(t.double() for t in raw[:5]), 256, D=raw[5].double(), dt_bias=raw[6].double(),
+                                dt_softplus=True)
+        args = output_inputs(launchers, *raw)
+        for who, got in (("mamba_ssm", mamba_output(launchers, args)), ("ours", chunk_scan_out(*args))):
+            rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": "float64 check", "ms": None,
+                         "rel_diff": rel_max(got, exact)})
+    configs = [("autotuned", None)] + [(config_name(c), {**c.kwargs, "num_warps": c.num_warps,
+                                                         "num_stages": c.num_stages})
+                                       for c in _autotuned_kernel.configs]
+    for seed, (batch, seqlen) in enumerate(shapes):
+        args = output_inputs(launchers, *scan_inputs(batch, seqlen, dtype, device, 10 + seed))
+        launches = [("mamba_ssm", "", functools.partial(mamba_output, launchers, args))] + [
+            ("ours", name, functools.partial(chunk_scan_out, *args, config=config)) for name, config in configs]
+        want = launches[0][2]()
+        for who, name, fn in launches:
+            got = fn()
+            ms = common.median(common.time_calls(fn, device, 3, iters)) * 1e3
+            rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": name, "ms": ms,
+                         "rel_diff": rel_max(got, want)})
+        rows[-len(configs)]["config"] = f"autotuned ({config_name(_autotuned_kernel.best_config)})"
+    return rows
+
+
+def markdown(rows: list[dict], head: dict) -> str:
+    lines = [f"## The scan's output kernel — {head['card']}", ""] + [f"- {ln}" for ln in common.header_lines(head)]
+    lines += ["- rel. diff: largest difference over the largest value of what it is checked against: "
+              + "mamba_ssm's output, float64 in the check rows", "",
+              "| batch x L | launch | config | ms | vs mamba_ssm | rel. diff |", "| --- | --- | --- | --- | --- | --- |"]
+    base = {r["shape"]: r["ms"] for r in rows if r["launch"] == "mamba_ssm" and r["ms"]}
+    for r in rows:
+        ms, speed = (f"{r['ms']:.3f}", f"{base[r['shape']] / r['ms']:.2f}x") if r["ms"] else ("-", "-")
+        lines.append(f"| {r['shape']} | {r['launch']} | {r['config']} | {ms} | {speed} | {r['rel_diff']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], head: dict, path) -> None:
+    plt = common.pyplot()
+    if plt is None:
+        return
+    timed = [r for r in rows if r["ms"]]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.bar(range(len(timed)), [r["ms"] for r in timed],
+           color=["C1" if r["launch"] == "mamba_ssm" else "C0" for r in timed])
+    ax.set_xticks(range(len(timed)), [f"{r['shape']} {r['launch']} {r['config'].split(' (')[0]}" for r in timed],
+                  rotation=75, fontsize=7)
+    ax.set_ylabel("ms per call")
+    common.save_figure(fig, head, "scan output kernel", path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.scan_output", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=SHAPES, help="batch x L, e.g. 1x32768")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--iters", type=int, default=20, help="timed calls per row (the median is kept)")
+    ap.add_argument("--out", type=Path, default=Path("bench_results"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw OUT/scan_output.png from its JSON")
+    args = ap.parse_args(argv)
+    if args.plot_only:
+        return common.replot(args.out, "scan_output", plot)
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    if not (torch.cuda.is_available() and kernels.HAS_MAMBA_TRITON):
+        print("bench.scan_output needs a GPU and mamba_ssm's Triton kernels "
+              f"({kernels.IMPORT_ERRORS.get('mamba_ssm', 'no GPU')})")
+        return 2
+    device = torch.device("cuda")
+    rows = measure(shapes, torch.bfloat16 if args.dtype == "bf16" else torch.float32, device, args.iters)
+    head = common.header(device, "bench.scan_output", dtype=args.dtype)
+    common.save_and_print(args.out, "scan_output", head, rows, markdown(rows, head), plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
