@@ -12,9 +12,11 @@ bf16 at micro-batch 8, L = 2048, d_model 2048); its backward recomputes the chea
 mamba_ssm's backward kernels in mamba_ssm's order. The conv output is still recomputed: keeping it would
 cost twice the memory for a kernel half as long.
 
-The forward is mamba_ssm's to the bit. The backward reads the kept states where mamba_ssm's recomputes
-them in fp32 only in one place, the gradient of each chunk's decay (`_state_passing_bwd`); everywhere
-else mamba_ssm's backward too rounds them to the inputs' dtype first. In fp32 the two are the same.
+The forward is mamba_ssm's to the bit (`with_chunk_scan_output` swaps in another launcher for the scan's
+output: model/kernels.py does so for forwards without autograd). The backward reads the kept states where
+mamba_ssm's recomputes them in fp32 only in one place, the gradient of each chunk's decay
+(`_state_passing_bwd`); everywhere else mamba_ssm's backward too rounds them to the inputs' dtype first.
+In fp32 the two are the same.
 Only this mixer's path is covered (gated RMSNorm, out_proj without bias, no extra non-SSM channels, no
 initial states or seq_idx); `MixerFunction.build` refuses a mamba_ssm whose functions this was not
 written against. `ssd` below is mamba_ssm.ops.triton.ssd_combined, whose module namespace holds every
