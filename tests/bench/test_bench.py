@@ -556,30 +556,3 @@ def test_matmul_peak_is_the_median_of_its_bursts(monkeypatch):
     text = common.matmul_peak_text(mm)
     assert text.startswith("0.0019 TFLOP/s measured") and "5 bursts: 0.001667-0.002222" in text, text
 
-
-# ---------------------------------------------------------------- bench.scan_output (GPU only)
-def test_scan_output_inputs_are_the_scans_own():
-    """bench.scan_output builds the output kernel's inputs with the scan's launchers: on the float64
-    stand-ins of mamba_ssm's launchers they give model.ssd's chunked scan."""
-    from bench import scan_output
-    from model import ssd
-    from tests.model import ssd_emulation
-
-    raw = scan_output.scan_inputs(2, 512, torch.float64, "cpu", seed=0, heads=4, headdim=8, d_state=16)
-    raw = tuple(t.double() for t in raw)          # dt, A, D and dt_bias come in fp32, as the model keeps them
-    y, _ = ssd_emulation._chunk_scan_fwd(*scan_output.output_inputs(ssd_emulation.namespace(), *raw))
-    want = ssd.ssd_chunked(*raw[:5], 256, D=raw[5], dt_bias=raw[6], dt_softplus=True)
-    torch.testing.assert_close(y, want, rtol=1e-9, atol=1e-10)
-
-
-def test_scan_output_table_and_refusal_without_a_gpu(tmp_path, capsys):
-    from bench import scan_output
-
-    rows = [{"shape": "1x4096", "launch": "mamba_ssm", "config": "float64 check", "ms": None, "rel_diff": 4e-3},
-            {"shape": "1x32768", "launch": "mamba_ssm", "config": "", "ms": 0.96, "rel_diff": 0.0},
-            {"shape": "1x32768", "launch": "ours", "config": "64x32, 4w 3s", "ms": 0.77, "rel_diff": 2e-3}]
-    head = {"card": "H100", "command": "c", "date": "d", "commit": "x", "torch": "t", "kernels": {}}
-    text = scan_output.markdown(rows, head)
-    assert "| 1x32768 | ours | 64x32, 4w 3s | 0.770 | 1.25x | 2.0e-03 |" in text
-    assert "| 1x4096 | mamba_ssm | float64 check | - | - | 4.0e-03 |" in text
-    assert scan_output.main(["--out", str(tmp_path)]) == 2 and "needs a GPU" in capsys.readouterr().out
