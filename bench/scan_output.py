@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from bench import common
-from model import kernels, ssd
+from model import kernels, mixer_function, ssd
 
 SHAPES = ["1x32768", "2x32768", "8x2048", "1x4096"]   # batch x L: inference, both directions, training
 
@@ -35,13 +35,10 @@ def scan_inputs(batch, seqlen, dtype, device, seed, heads=64, headdim=64, d_stat
 
 
 def output_inputs(launchers, x, dt, A, B, C, D, dt_bias, chunk_size=256):
-    """The arguments of `_chunk_scan_fwd`: (CB, x, dt, dA_cumsum, C, states entering each chunk, D)."""
-    dA_cumsum, dt = launchers._chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True)
-    states = launchers._chunk_state_fwd(B, x, dt, dA_cumsum, states_in_fp32=True)
-    states, _ = launchers._state_passing_fwd(states.flatten(-2), dA_cumsum[:, :, :, -1], chunk_size=chunk_size,
-                                             out_dtype=C.dtype)
-    CB = launchers._bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
-    return CB, x, dt, dA_cumsum, C, states.unflatten(-1, (x.shape[-1], B.shape[-1])), D
+    """The arguments of `_chunk_scan_fwd`, from the scan's own launchers as the mixer calls them:
+    (CB, x, dt, dA_cumsum, C, states entering each chunk, D)."""
+    CB, dt, dA_cumsum, states = mixer_function.output_inputs(launchers, x, dt, A, B, C, dt_bias, chunk_size)
+    return CB, x, dt, dA_cumsum, C, states, D
 
 
 def rel_max(got, want) -> float:

@@ -101,14 +101,20 @@ def chunk_pieces(ssd, x, dt_raw, A, B, C, dt_bias, chunk_size):
     return dA_cumsum, dt, ssd._bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
 
 
-def scan_forward(ssd, x, dt_raw, A, B, C, D, dt_bias, chunk_size):
-    """mamba_ssm's `_mamba_chunk_scan_combined_fwd` (no z, no initial states) -> y (b, l, H, P) and the
-    states entering each chunk (b, chunks, H, P, N), in C's dtype."""
+def output_inputs(ssd, x, dt_raw, A, B, C, dt_bias, chunk_size):
+    """What the scan's output launcher `_chunk_scan_fwd` reads besides x, C and D: (CB, dt, dA_cumsum, the
+    states entering each chunk (b, chunks, H, P, N) in C's dtype)."""
     dA_cumsum, dt, CB = chunk_pieces(ssd, x, dt_raw, A, B, C, dt_bias, chunk_size)
     states = ssd._chunk_state_fwd(B, x, dt, dA_cumsum, states_in_fp32=True)
     states, _ = ssd._state_passing_fwd(rearrange(states, "... p n -> ... (p n)"), dA_cumsum[:, :, :, -1],
                                        chunk_size=chunk_size, out_dtype=C.dtype)
-    states = rearrange(states, "... (p n) -> ... p n", n=B.shape[-1])
+    return CB, dt, dA_cumsum, rearrange(states, "... (p n) -> ... p n", n=B.shape[-1])
+
+
+def scan_forward(ssd, x, dt_raw, A, B, C, D, dt_bias, chunk_size):
+    """mamba_ssm's `_mamba_chunk_scan_combined_fwd` (no z, no initial states) -> y (b, l, H, P) and the
+    states entering each chunk (b, chunks, H, P, N), in C's dtype."""
+    CB, dt, dA_cumsum, states = output_inputs(ssd, x, dt_raw, A, B, C, dt_bias, chunk_size)
     y, _ = ssd._chunk_scan_fwd(CB, x, dt, dA_cumsum, C, states, D=D)
     return y, states
 
