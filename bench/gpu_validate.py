@@ -20,11 +20,12 @@ its trunk replayed from a CUDA graph (model/graphs.py) against the plain forward
 trunk's forward and backward replayed from CUDA graphs (model/train_graphs.py) against plain training. Last
 it times forward
 + backward of the mixer at d_model 2048 on 32K tokens, for each path. The model-level checks are in
-bench/model_checks.py and bench/graph_checks.py.
+bench/model_checks.py, bench/graph_checks.py and bench/inference_checks.py.
 
     python bench/gpu_validate.py --out gpu_validate.md               # on an H100
     python bench/gpu_validate.py --device cpu --out /tmp/smoke.md    # CPU smoke run: reference vs reference
     python bench/gpu_validate.py --pieces-only --skip-bench --out x.md   # the model-level checks alone
+    python bench/gpu_validate.py --inference-only --out x.md   # the kernels of forwards without autograd
 
 Exit status: 0 when every row passes, 1 otherwise.
 """
@@ -42,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import rel_err
+from bench.inference_checks import inference_checks
 from bench.model_checks import MIXER_CASES, mixer_function_checks, report_checks, run_model_checks
 from model import kernels
 from model.config import MambaConfig, ModelConfig
@@ -221,6 +223,9 @@ def main(argv=None):
     p.add_argument("--mixer-function-only", action="store_true",
                    help="only model/mixer_function against mamba_ssm's function and float64 (Triton's autotuning "
                         "of its kernels takes minutes on a fresh machine)")
+    p.add_argument("--inference-only", action="store_true",
+                   help="only the kernels of forwards without autograd (bench/inference_checks.py): no backward "
+                        "kernels to autotune, about a minute")
     p.add_argument("--mixer-cases", nargs="+", choices=sorted(MIXER_CASES), default=sorted(MIXER_CASES))
     p.add_argument("--pieces-only", action="store_true",
                    help="only the model-level checks (every kernel once, a whole model): minutes less than the "
@@ -239,7 +244,10 @@ def main(argv=None):
              f"- torch {torch.__version__}; kernels on {device.type}: {kernels.describe(device)}",
              f"- import errors: {kernels.IMPORT_ERRORS or 'none'}\n"]
     print("\n".join(lines), flush=True)
-    if args.mixer_function_only:
+    if args.inference_only:
+        all_pass = report_checks(inference_checks(device, torch.Generator().manual_seed(3)), lines)
+        args.skip_bench = True
+    elif args.mixer_function_only:
         all_pass = report_checks(mixer_function_checks(device, torch.Generator().manual_seed(2), args.mixer_cases),
                                  lines)
         args.skip_bench = True

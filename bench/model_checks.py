@@ -15,6 +15,7 @@ import torch
 from bench import norm_backward as norm_bench
 from bench.common import rel_err
 from bench.graph_checks import stage_graph_checks, training_graph_checks
+from bench.inference_checks import inference_checks
 from model import kernels
 from model.attention import apply_rotary, rotary_tables, rotate
 from model.blocks import AddNorm
@@ -229,7 +230,8 @@ def run_model_checks(device, lines) -> bool:
     reference path, and DiffusionLM's logits at masked positions only (score_mask, the training path)
     against the same rows of its full logits, on the kernel path."""
     gen = torch.Generator(device="cpu").manual_seed(2)
-    checks = piece_checks(device, gen) + norm_launch_checks(device) + mixer_function_checks(device, gen)
+    checks = (piece_checks(device, gen) + norm_launch_checks(device) + mixer_function_checks(device, gen)
+              + inference_checks(device, gen))
 
     # the whole model, fp32 on the kernel path (tf32 inside the Triton kernels) vs float64 reference path
     torch.manual_seed(4)

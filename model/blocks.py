@@ -53,12 +53,11 @@ class MLP(nn.Module):
         self.fc_out = nn.Linear(hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc_in(x)
         if self.gated:
-            h = kernels.swiglu(h)
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.fc_out(h)
+            return self.fc_out(kernels.swiglu(self.fc_in(x)))
+        if kernels.linear_gelu_usable(x):     # inference: the GELU in the matmul's epilogue
+            return self.fc_out(kernels.linear_gelu(x, self.fc_in.weight))
+        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
 
 
 def make_mixer(kind: str, cfg: ModelConfig) -> nn.Module:

@@ -23,6 +23,11 @@ neighbours in the grid, so CB and C, which all heads of a group share, are read 
 from L2. mamba_ssm's grid runs every chunk of one head before the next head; at 32K tokens CB alone (32 MB
 per sequence in fp32) has then left L2 before the next head reads it. In that order this kernel is no
 faster than mamba_ssm's.
+
+`chunk_scan_gated_out` also does what the mixer's gated RMSNorm does before its row scale: y * silu(z) *
+weight, and each head's sum of squares of y * silu(z). The norm kernel, which would read y and z again
+and write its output, is then not needed in a forward without autograd (model/mixer_function.py's
+`unscaled_forward`).
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ def _configs():
 
 @triton.jit
 def _chunk_scan_out_kernel(
-    cb_ptr, x_ptr, out_ptr, dt_ptr, dA_ptr, C_ptr, states_ptr, D_ptr,
+    cb_ptr, x_ptr, out_ptr, dt_ptr, dA_ptr, C_ptr, states_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr,
     chunk_size, hdim, dstate, batch, seqlen, heads_per_group,
     s_cb_b, s_cb_c, s_cb_g, s_cb_m, s_cb_k,
     s_x_b, s_x_l, s_x_h, s_x_p,
@@ -51,7 +56,9 @@ def _chunk_scan_out_kernel(
     s_C_b, s_C_l, s_C_g, s_C_n,
     s_st_b, s_st_c, s_st_h, s_st_p, s_st_n,
     s_D_h,
-    HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr,
+    s_z_b, s_z_l, s_z_h, s_z_p,
+    s_ss_b, s_ss_l, s_ss_h,
+    HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_h = tl.program_id(0)    # heads first: the heads of a chunk run together (module docstring)
@@ -102,6 +109,14 @@ def _chunk_scan_out_kernel(
             D = tl.load(D_ptr + pid_h * s_D_h).to(tl.float32)
         x_m = tl.load(x_ptr + offs_m[:, None] * s_x_l + offs_p[None, :] * s_x_p, mask=out_mask, other=0.0)
         acc += x_m.to(tl.float32) * D
+    if HAS_Z:   # the gate, the norm's sum of squares per head, and its weight (the row scale is the caller's)
+        z = tl.load(z_ptr + pid_b * s_z_b + (pid_c * chunk_size + offs_m[:, None]) * s_z_l + pid_h * s_z_h
+                    + offs_p[None, :] * s_z_p, mask=out_mask, other=0.0).to(tl.float32)
+        acc = acc * z * tl.sigmoid(z)
+        tl.store(sumsq_ptr + pid_b * s_ss_b + (pid_c * chunk_size + offs_m) * s_ss_l + pid_h * s_ss_h,
+                 tl.sum(acc * acc, axis=1), mask=row_ok)
+        weight = tl.load(norm_weight_ptr + pid_h * hdim + offs_p, mask=offs_p < hdim, other=0.0)
+        acc = acc * weight.to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * s_o_l + offs_p[None, :] * s_o_p, acc.to(out_ptr.dtype.element_ty),
              mask=out_mask)
 
@@ -123,7 +138,7 @@ def _add_key_block(acc, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, offs_k, offs_p, a
     return acc + tl.dot(weight, x)
 
 
-_autotuned_kernel = triton.autotune(configs=_configs(), key=["chunk_size", "hdim", "dstate"])(_chunk_scan_out_kernel)
+_autotuned_kernel = triton.autotune(configs=_configs(), key=["chunk_size", "hdim", "dstate", "HAS_Z"])(_chunk_scan_out_kernel)
 
 
 def chunk_scan_out(cb, x, dt, dA_cumsum, C, states, D=None, config: dict | None = None):
@@ -132,6 +147,20 @@ def chunk_scan_out(cb, x, dt, dA_cumsum, C, states, D=None, config: dict | None 
     states (b, chunks, h, p, n), D (h,) or (h, p). Returns y (b, l, h, p) in x's dtype.
     config: one launch config instead of the autotuner's pick, e.g. {"BLOCK_M": 64, "BLOCK_K": 32,
     "num_warps": 4, "num_stages": 3} (BLOCK_K must divide BLOCK_M)."""
+    return _launch(cb, x, dt, dA_cumsum, C, states, D, None, None, config)[0]
+
+
+def chunk_scan_gated_out(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config: dict | None = None):
+    """The scan's output gated and weighted as the mixer's RMSNorm(y * silu(z)) * weight needs it, with the
+    norm's row scale left out: (g * weight (b, l, h, p) in x's dtype, sum over p of g^2 (b, l, h) fp32),
+    where g = y * silu(z) in fp32 and y is chunk_scan_out's. z (b, l, h, p), norm_weight (h * p,).
+    The norm of a group of heads is rsqrt(mean of g^2 over the group + eps): a scale per row that the
+    caller applies after out_proj, which it commutes with (one group)."""
+    assert z.shape == x.shape and norm_weight.shape == (x.shape[2] * x.shape[3],) and norm_weight.is_contiguous()
+    return _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config)
+
+
+def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     batch, seqlen, nheads, hdim = x.shape
     _, _, nchunks, chunk_size = dt.shape
     ngroups, dstate = C.shape[2], C.shape[3]
@@ -140,18 +169,21 @@ def chunk_scan_out(cb, x, dt, dA_cumsum, C, states, D=None, config: dict | None 
     assert dA_cumsum.shape == dt.shape == (batch, nheads, nchunks, chunk_size)
     assert batch * nchunks < 65536, f"batch x chunks = {batch * nchunks}: over the grid's limit of 65535"
     out = torch.empty_like(x)
+    sumsq = None if z is None else torch.empty(batch, seqlen, nheads, device=x.device, dtype=torch.float32)
     grid = lambda meta: (nheads, triton.cdiv(chunk_size, meta["BLOCK_M"]), batch * nchunks)
     kernel = _autotuned_kernel if config is None else _chunk_scan_out_kernel
     kernel[grid](
-        cb, x, out, dt, dA_cumsum, C, states, D,
+        cb, x, out, dt, dA_cumsum, C, states, D, z, norm_weight, sumsq,
         chunk_size, hdim, dstate, batch, seqlen, nheads // ngroups,
         *cb.stride(), *x.stride(), *out.stride(),
         dt.stride(0), dt.stride(2), dt.stride(1), dt.stride(3),
         dA_cumsum.stride(0), dA_cumsum.stride(2), dA_cumsum.stride(1), dA_cumsum.stride(3),
         *C.stride(), *states.stride(),
         D.stride(0) if D is not None else 0,
-        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2,
+        *(z.stride() if z is not None else (0, 0, 0, 0)),
+        *(sumsq.stride() if z is not None else (0, 0, 0)),
+        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         BLOCK_P=max(triton.next_power_of_2(hdim), 16), BLOCK_N=max(triton.next_power_of_2(dstate), 16),
         **(config or {}),
     )
-    return out
+    return out, sumsq

@@ -15,6 +15,11 @@
                    the scan's chunk states)
     scan_out       in the fused mixer's forward without autograd: the scan's output from its chunk
                    states by model/chunk_scan_kernel.py         else  mamba_ssm's `_chunk_scan_fwd`
+    scan_gate      without autograd, one norm group: that kernel also gates and weights the output, and
+                   the norm's row scale is applied after out_proj (mixer_function.unscaled_forward;
+                   model/mamba2.py sums the directions with it)  else  the fused mixer
+    gelu_gemm      without autograd: the MLP's first matmul with the GELU (tanh) in cuBLASLt's epilogue
+                   (torch._addmm_activation)                    else  the matmul, then the GELU
     flash_attn_func  flash-attn's kernel, or None
 
 A kernel is used only on CUDA tensors and only when its package imports. The reference path can be
@@ -32,6 +37,7 @@ any __init__.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.machinery
 import importlib.util
@@ -46,7 +52,8 @@ from einops import rearrange
 
 from model import mixer_function, norm_backward, ssd
 
-KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip", "scan_out")
+KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip", "scan_out",
+                "scan_gate", "gelu_gemm")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
 
 
@@ -143,7 +150,7 @@ if HAS_MAMBA_TRITON:   # the norms' backward launched with more rows in flight (
                                 for name in ("layer_norm", "layernorm_gated", "ssd_combined")))
     except RuntimeError as e:   # another mamba_ssm: its own launch, with a note
         IMPORT_ERRORS["norm_backward"] = str(e)
-_mixer_keeping_states = _mixer_without_grad = None
+_mixer_keeping_states = _mixer_without_grad = _unscaled_mixer = None
 if _mamba_split_conv1d_scan_combined is not None:
     try:
         _ssd_combined = import_skipping_package_init("mamba_ssm.ops.triton.ssd_combined")
@@ -155,6 +162,8 @@ if _mamba_split_conv1d_scan_combined is not None:
             from model import chunk_scan_kernel
             _mixer_without_grad = mixer_function.MixerFunction.build(
                 mixer_function.with_chunk_scan_output(_ssd_combined, chunk_scan_kernel.chunk_scan_out))
+            _unscaled_mixer = functools.partial(mixer_function.unscaled_forward, _ssd_combined,
+                                                chunk_scan_kernel.chunk_scan_gated_out)
         except Exception as e:  # noqa: BLE001 - a Triton too old for the kernel: mamba_ssm's launcher stays
             IMPORT_ERRORS["chunk_scan_kernel"] = repr(e)
 HAS_CAUSAL_CONV1D = _causal_conv1d_fn is not None
@@ -164,7 +173,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 _AVAILABLE = {"scan": HAS_MAMBA_TRITON, "norm": HAS_MAMBA_TRITON, "conv": HAS_CAUSAL_CONV1D,
               "attn": HAS_FLASH_ATTN, "mixer": _mamba_split_conv1d_scan_combined is not None,
               "add_norm": _layer_norm_fn is not None, "swiglu": HAS_TRITON, "rotary": HAS_TRITON,
-              "flip": HAS_TRITON, "scan_out": _mixer_without_grad is not None}
+              "flip": HAS_TRITON, "scan_out": _mixer_without_grad is not None,
+              "scan_gate": _unscaled_mixer is not None, "gelu_gemm": hasattr(torch, "_addmm_activation")}
 
 
 # ---------------------------------------------------------------- choosing a path
@@ -202,7 +212,7 @@ def use_reference_kernels(*names: str):
 
 # The fused mixer runs the conv, scan and norm kernels: forcing any of them to the reference forces it too;
 # the scan's output kernel runs inside the fused mixer.
-_ALSO_NEEDS = {"mixer": ("scan", "conv", "norm"), "scan_out": ("mixer",)}
+_ALSO_NEEDS = {"mixer": ("scan", "conv", "norm"), "scan_out": ("mixer",), "scan_gate": ("scan_out",)}
 
 
 def _on(name: str, on_gpu: bool) -> bool:
@@ -325,6 +335,37 @@ def _scan_output_kernel_on(zxbcdt: torch.Tensor) -> bool:
     without autograd (inference, sampling, evaluation) on a GPU. Training keeps mamba_ssm's launcher, whose
     output its backward kernels were validated with (bench/model_checks.py)."""
     return not torch.is_grad_enabled() and uses_kernel("scan_out", zxbcdt)
+
+
+def unscaled_mixer_usable(tensor: torch.Tensor, conv_channels: int, conv_width: int, ngroups: int) -> bool:
+    """Whether a BiMamba2 may run its directions through fused_mixer_unscaled and scale their sum itself:
+    a forward without autograd, the kernel on, the fused mixer's shapes, one norm group."""
+    return (not torch.is_grad_enabled() and uses_kernel("scan_gate", tensor) and ngroups == 1
+            and conv_channels % 8 == 0 and 2 <= conv_width <= 4)
+
+
+def fused_mixer_unscaled(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, out_weight,
+                         headdim, ngroups):
+    """fused_mixer's output before the norm's row scale, and the sums of squares that give it:
+    (out (b, l, d_model), sumsq (b, l, heads) fp32); fused_mixer = out * rsqrt(sumsq.sum(-1) / d_inner + eps).
+    Only where unscaled_mixer_usable (model/mixer_function.py: unscaled_forward)."""
+    return _unscaled_mixer(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, out_weight,
+                           headdim, ngroups)
+
+
+def linear_gelu_usable(x: torch.Tensor) -> bool:
+    """Whether linear_gelu may run on x: a forward without autograd on a GPU, the kernel on."""
+    return not torch.is_grad_enabled() and uses_kernel("gelu_gemm", x)
+
+
+def linear_gelu(x, weight):
+    """gelu(x @ weight.T, approximate="tanh") with the GELU in cuBLASLt's epilogue (its tanh form): one pass
+    less over the MLP's widest activation. Forward only, where linear_gelu_usable."""
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    rows = x.reshape(-1, x.shape[-1]).to(dtype)
+    zero_bias = torch.zeros(weight.shape[0], device=x.device, dtype=dtype)
+    out = torch._addmm_activation(zero_bias, rows, weight.to(dtype).t(), use_gelu=True)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def flash_attn_usable(tensor: torch.Tensor) -> bool:

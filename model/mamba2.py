@@ -13,7 +13,9 @@ so every position sees the whole sequence, as a masked-diffusion denoiser needs.
 On a GPU with mamba-ssm and causal-conv1d, a direction's conv, scan, gated norm and out_proj run as one
 fused autograd function (kernels.fused_mixer, the same function; its backward recomputes the conv and
 the norm instead of storing them, -23% training memory at 1.3B, and by default keeps the scan's chunk
-states, model/mixer_function.py); elsewhere, and when the directions are fused, the pieces run.
+states, model/mixer_function.py); elsewhere, and when the directions are fused, the pieces run. In a
+forward without autograd the scan's output kernel also gates, and the norm's scale per row is applied
+where the two directions are summed, after out_proj (a row scale commutes with it).
 
 A_log, D and dt_bias stay fp32 when the module is cast to bf16 (exp(A_log) and softplus(dt) lose too
 much in bf16); the scan itself runs in fp32 in the reference and inside the Triton kernel.
@@ -138,6 +140,13 @@ class Mamba2Mixer(nn.Module):
                                        self.headdim, self.ngroups, self.keep_scan_states)
         return self.out_proj(self.mix(zxbcdt))
 
+    def forward_unscaled(self, u):
+        """Without autograd, where kernels.unscaled_mixer_usable: forward(u) before the gated norm's row
+        scale, and the sums of squares that give it (kernels.fused_mixer_unscaled)."""
+        return kernels.fused_mixer_unscaled(self.in_proj(u), self.conv_weight, self.conv1d.bias, self.dt_bias,
+                                            self.A, self.D, self.chunk_size, self.norm.weight, self.out_proj.weight,
+                                            self.headdim, self.ngroups)
+
 
 def _reversed(x):
     """x (b, l, ...) with the sequence reversed."""
@@ -149,10 +158,19 @@ def _plus_reversed(forward_out, backward_out):
     return forward_out + backward_out.flip(1)
 
 
+def _plus_reversed_row_scaled(forward_out, forward_sumsq, backward_out, backward_sumsq, d_inner: int, eps: float):
+    """_plus_reversed of two unscaled mixer outputs, each first times its gated norm's row scale
+    rsqrt(mean of g^2 over d_inner + eps), from the per-head sums of squares (b, l, heads)."""
+    def scaled(out, sumsq):   # in fp32 (fp64 for a float64 model)
+        return out.to(sumsq.dtype) * torch.rsqrt(sumsq.sum(dim=-1, keepdim=True) / d_inner + eps)
+    return (scaled(forward_out, forward_sumsq) + scaled(backward_out, backward_sumsq).flip(1)).to(forward_out.dtype)
+
+
 # On a GPU each is one compiled kernel (and its backward one more): torch's flip kernel does not vectorise
 # (12 ms a step at 1.3B, L = 2048, micro-batch 16, for half the bytes of a copy), and the sum is fused in.
 reverse_time = kernels.CompiledOnGPU("flip", _reversed)
 add_time_reversed = kernels.CompiledOnGPU("flip", _plus_reversed)
+add_time_reversed_row_scaled = kernels.CompiledOnGPU("scan_gate", _plus_reversed_row_scaled)
 
 
 def _pair_up(first, second, sizes, dim):
@@ -201,6 +219,11 @@ class BiMamba2(nn.Module):
             zxbcdt = self.in_proj(x)
             y = add_time_reversed(self.fwd.mix(zxbcdt), self.bwd.mix(reverse_time(zxbcdt)))
             return self.out_proj(y)            # out_proj is linear: one matmul for both directions
+        f = self.fwd
+        if kernels.unscaled_mixer_usable(x, f.conv_dim, f.conv1d.kernel_size[0], f.ngroups):
+            # inference: the norms' row scales applied in the sum of the directions (mixer_function.py)
+            return add_time_reversed_row_scaled(*f.forward_unscaled(x), *self.bwd.forward_unscaled(reverse_time(x)),
+                                                f.d_inner, f.norm.eps)
         return add_time_reversed(self.fwd(x), self.bwd(reverse_time(x)))
 
     def _forward_fused(self, x):

@@ -13,7 +13,8 @@ mamba_ssm's backward kernels in mamba_ssm's order. The conv output is still reco
 cost twice the memory for a kernel half as long.
 
 The forward is mamba_ssm's to the bit (`with_chunk_scan_output` swaps in another launcher for the scan's
-output: model/kernels.py does so for forwards without autograd). The backward reads the kept states where
+output: model/kernels.py does so for forwards without autograd; `unscaled_forward` is the forward without
+autograd whose output kernel also gates, and whose norm scale the caller applies after out_proj). The backward reads the kept states where
 mamba_ssm's recomputes them in fp32 only in one place, the gradient of each chunk's decay
 (`_state_passing_bwd`); everywhere else mamba_ssm's backward too rounds them to the inputs' dtype first.
 In fp32 the two are the same.
@@ -117,6 +118,23 @@ def scan_forward(ssd, x, dt_raw, A, B, C, D, dt_bias, chunk_size):
     CB, dt, dA_cumsum, states = output_inputs(ssd, x, dt_raw, A, B, C, dt_bias, chunk_size)
     y, _ = ssd._chunk_scan_fwd(CB, x, dt, dA_cumsum, C, states, D=D)
     return y, states
+
+
+def unscaled_forward(ssd, gated_out, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight,
+                     out_weight, headdim, ngroups):
+    """MixerFunction's forward, without autograd and for one norm group, with the norm's row scale left out:
+    (out_proj(g * norm_weight), sum over each head's channels of g^2 (b, l, H) fp32), g = SSD(...) * silu(z).
+    The mixer's output is the first times rsqrt(the second summed over heads / d_inner + eps): a scale per
+    row, which commutes with out_proj, so the caller applies it to d_model channels instead of d_inner.
+    `gated_out` is model/chunk_scan_kernel.py's chunk_scan_gated_out (the gate, the sums and the weight in
+    the scan's output kernel): the norm kernel and its pass over y and z are gone."""
+    assert ngroups == 1, "with more norm groups the scale is not one per row"
+    nheads = D.shape[0]
+    _, z, _, dt_raw, (x, B, C) = split_inputs(ssd, zxbcdt, conv_weight, conv_bias, nheads, headdim, ngroups)
+    CB, dt, dA_cumsum, states = output_inputs(ssd, x, dt_raw, A, B, C, dt_bias, chunk_size)
+    gated, sumsq = gated_out(CB, x, dt, dA_cumsum, C, states, D, rearrange(z, "b l (h p) -> b l h p", h=nheads),
+                             norm_weight.contiguous())
+    return F.linear(rearrange(gated, "b l h p -> b l (h p)"), out_weight), sumsq
 
 
 def scan_backward(ssd, dout, x, dt_raw, A, B, C, D, dt_bias, chunk_size, states, dx, ddt_raw, dB, dC):

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model.chunk_scan_kernel import chunk_scan_out
+from model.chunk_scan_kernel import chunk_scan_gated_out, chunk_scan_out
 from tests.model import ssd_emulation
 
 # name: (batch, length, heads, headdim, groups, d_state, chunk, dtype, D per channel, decay scale, config)
@@ -21,6 +21,12 @@ CASES = {
     "fp32, one key block per row block": (1, 128, 2, 32, 1, 16, 64, torch.float32, False, 1.0, (32, 32)),
     "fp16, D per channel": (2, 160, 4, 16, 1, 16, 64, torch.float16, True, 1.0, (32, 16)),
     "fp32, steep decay and zero steps": (1, 128, 2, 16, 1, 16, 64, torch.float32, False, 60.0, (64, 16)),
+}
+# the same with the gate, the norm's sums of squares and its weight (chunk_scan_gated_out)
+GATED_CASES = {
+    "gated, fp32, a part chunk, 2 groups": (2, 133, 4, 16, 2, 16, 64, torch.float32, False, 1.0, (32, 16)),
+    "gated, fp16, D per channel, headdim below the block": (1, 160, 2, 24, 1, 16, 64, torch.float16, True, 1.0,
+                                                            (32, 32)),
 }
 
 
@@ -50,6 +56,17 @@ def float64_output(cb, x, dt, dA_cumsum, C, states, D):
     return y[:, :l] + x.double() * skip
 
 
+def gate_inputs(x, seed):
+    """z (the gate, shaped like x) and the norm's weight (heads * headdim,), fp32."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    b, l, h, p = x.shape
+    return 2 * torch.randn(b, l, h, p, generator=gen).to(x.dtype), 0.5 + torch.rand(h * p, generator=gen)
+
+
+def rel_err(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
 def main() -> None:
     errors = {}
     for seed, (name, case) in enumerate(CASES.items()):
@@ -58,7 +75,18 @@ def main() -> None:
         got = chunk_scan_out(*args, config={"BLOCK_M": block_m, "BLOCK_K": block_k})
         want = float64_output(*args)
         errors[name] = {"dtype": str(got.dtype), "shape": list(got.shape), "finite": bool(got.isfinite().all()),
-                        "rel_err": ((got.double() - want).abs().max() / want.abs().max()).item()}
+                        "rel_err": rel_err(got, want)}
+    for seed, (name, case) in enumerate(GATED_CASES.items()):
+        *shape, (block_m, block_k) = case
+        args = inputs(*shape, seed=seed)
+        z, weight = gate_inputs(args[1], seed)
+        got, sumsq = chunk_scan_gated_out(*args, z, weight, config={"BLOCK_M": block_m, "BLOCK_K": block_k})
+        gated = float64_output(*args) * F.silu(z.double())          # y * silu(z), y from the stand-in
+        want = gated * weight.double().view(shape[2], shape[3])
+        want_sumsq = gated.square().sum(dim=-1)
+        errors[name] = {"dtype": str(got.dtype), "shape": list(got.shape), "finite": bool(got.isfinite().all()),
+                        "rel_err": rel_err(got, want), "sumsq_shape": list(sumsq.shape),
+                        "sumsq_dtype": str(sumsq.dtype), "sumsq_rel_err": rel_err(sumsq, want_sumsq)}
     print(json.dumps(errors))
 
 

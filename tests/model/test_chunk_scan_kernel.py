@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.model.chunk_scan_kernel_cases import CASES
+from tests.model.chunk_scan_kernel_cases import CASES, GATED_CASES
 
 ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = {"torch.float32": 1e-5, "torch.float16": 2e-3}
@@ -39,8 +39,21 @@ def test_matches_float64(interpreted_errors, case):
     assert got["rel_err"] <= TOLERANCE[got["dtype"]], got
 
 
+@pytest.mark.parametrize("case", list(GATED_CASES))
+def test_gated_output_and_sums_of_squares_match_float64(interpreted_errors, case):
+    """y * silu(z) * weight and the sum over each head's channels of (y * silu(z))^2: a gate, weight or sum
+    over the wrong channels, or a sum taken after the weight, fails."""
+    got = interpreted_errors[case]
+    b, l, h, p, *_, dtype = GATED_CASES[case][:8]
+    assert got["shape"] == [b, l, h, p] and got["dtype"] == str(dtype) and got["finite"]
+    assert got["sumsq_shape"] == [b, l, h] and got["sumsq_dtype"] == "torch.float32"
+    assert got["rel_err"] <= TOLERANCE[got["dtype"]], got
+    assert got["sumsq_rel_err"] <= TOLERANCE[got["dtype"]], got
+
+
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_every_autotune_config_compiles_for_an_h100(dtype):
+def test_every_autotune_config_compiles_for_an_h100(dtype, gated):
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -48,10 +61,10 @@ def test_every_autotune_config_compiles_for_an_h100(dtype):
     from model.chunk_scan_kernel import _autotuned_kernel, _chunk_scan_out_kernel
 
     params = list(inspect.signature(_chunk_scan_out_kernel.fn).parameters)
-    pointers = {name: "*fp32" for name in ("cb_ptr", "dt_ptr", "dA_ptr", "D_ptr")}
-    pointers |= {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "C_ptr", "states_ptr")}
+    pointers = {name: "*fp32" for name in ("cb_ptr", "dt_ptr", "dA_ptr", "D_ptr", "norm_weight_ptr", "sumsq_ptr")}
+    pointers |= {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "C_ptr", "states_ptr", "z_ptr")}
     for config in _autotuned_kernel.configs:
-        constants = dict(HAS_D=True, D_HAS_HDIM=False, BLOCK_P=64, BLOCK_N=128, **config.kwargs)
+        constants = dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=gated, BLOCK_P=64, BLOCK_N=128, **config.kwargs)
         signature = {p: "constexpr" if p in constants else pointers.get(p, "i32") for p in params}
         source = ASTSource(fn=_chunk_scan_out_kernel, signature=signature,
                            constexprs={(params.index(n),): v for n, v in constants.items()})

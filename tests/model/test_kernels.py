@@ -96,9 +96,10 @@ def test_loader_raises_import_error_when_not_installed():
 def test_without_kernel_packages_flags_are_false_and_reference_runs():
     assert not (kernels.HAS_MAMBA_TRITON or kernels.HAS_CAUSAL_CONV1D or kernels.HAS_FLASH_ATTN)
     assert kernels.flash_attn_func is None
-    # only torch.compile's kernels remain, where Triton is installed (the dev extra installs it)
+    # only torch's own (cuBLASLt's GELU epilogue) and torch.compile's kernels remain, these where Triton is
+    # installed (the dev extra installs it)
     compiled = {"swiglu", "rotary", "flip"} if importlib.util.find_spec("triton") else set()
-    assert {name for name, path in kernels.describe("cuda").items() if path == "kernel"} == compiled
+    assert {name for name, path in kernels.describe("cuda").items() if path == "kernel"} == compiled | {"gelu_gemm"}
     assert set(kernels.IMPORT_ERRORS) == set(GPU_PACKAGES)
 
 
@@ -332,6 +333,83 @@ def test_the_scan_output_kernel_runs_in_forwards_without_autograd_only(monkeypat
     monkeypatch.setattr(kernels, "_mamba_split_conv1d_scan_combined", lambda *a, **k: calls.append("recomputing"))
     with torch.no_grad():
         assert which(keep_scan_states=False) == "recomputing"
+
+
+def test_the_unscaled_mixer_runs_without_autograd_and_with_one_norm_group_only(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.setattr(kernels, "_AVAILABLE", dict.fromkeys(kernels.KERNEL_NAMES, True))
+    monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: kernels._on(name, True))
+    t = torch.zeros(1)
+    assert not kernels.unscaled_mixer_usable(t, 64, 4, 1), "a training forward keeps the fused mixer"
+    with torch.no_grad():
+        assert kernels.unscaled_mixer_usable(t, 64, 4, 1)
+        assert not kernels.unscaled_mixer_usable(t, 64, 4, 2), "two norm groups: no scale per row"
+        assert not kernels.unscaled_mixer_usable(t, 60, 4, 1) and not kernels.unscaled_mixer_usable(t, 64, 5, 1)
+        for off in ("scan_gate", "scan_out", "mixer", "norm"):
+            with kernels.use_reference_kernels(off):
+                assert not kernels.unscaled_mixer_usable(t, 64, 4, 1), off
+    with torch.inference_mode():
+        assert kernels.unscaled_mixer_usable(t, 64, 4, 1)
+
+
+def test_bimamba_without_autograd_scales_the_unscaled_directions_in_their_sum(monkeypatch):
+    """Where the unscaled mixer runs, BiMamba2 sums fwd * r_f + flip(bwd * r_b) with each direction's norm
+    scale: the same output as the training path (float64 stand-ins of the launchers)."""
+    from model import mixer_function
+    from tests.model import ssd_emulation
+    from tests.model.test_mixer_function import gated_out_float64
+
+    torch.manual_seed(0)
+    bi = BiMamba2(ModelConfig(d_model=32, layer_pattern="M", mamba=MambaConfig(
+        d_state=4, headdim=8, chunk_size=8)), fuse_directions=False).double()
+    with torch.no_grad():
+        for p in bi.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    calls = []
+
+    def unscaled(*args):
+        calls.append(args[0].shape)
+        return mixer_function.unscaled_forward(ssd_emulation.namespace(), gated_out_float64, *args)
+    monkeypatch.setattr(kernels, "_unscaled_mixer", unscaled)
+    monkeypatch.setattr(kernels, "unscaled_mixer_usable", lambda *args: not torch.is_grad_enabled())
+    x = torch.randn(2, 24, 32, dtype=torch.float64)
+    want = bi(x)
+    assert not calls, "a forward with autograd runs the mixers"
+    with torch.no_grad():
+        got = bi(x)
+    assert len(calls) == 2
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_the_mlp_runs_its_gelu_in_the_matmul_without_autograd_only(monkeypatch):
+    """MLP: gelu(fc_in(x)) (tanh) by kernels.linear_gelu where linear_gelu_usable, the module path
+    elsewhere; linear_gelu_usable needs a forward without autograd and the kernel on."""
+    from model.blocks import MLP
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.setattr(kernels, "_AVAILABLE", dict.fromkeys(kernels.KERNEL_NAMES, True))
+    monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: kernels._on(name, True))
+    t = torch.zeros(1)
+    assert not kernels.linear_gelu_usable(t)
+    with torch.no_grad():
+        assert kernels.linear_gelu_usable(t)
+        with kernels.use_reference_kernels("gelu_gemm"):
+            assert not kernels.linear_gelu_usable(t)
+
+    from model.presets import get_preset
+    mlp = MLP(get_preset("tiny-diffumamba")).double()
+    x = torch.randn(3, 5, mlp.fc_in.in_features, dtype=torch.float64)
+    want = F.gelu(x @ mlp.fc_in.weight.T, approximate="tanh") @ mlp.fc_out.weight.T
+    calls = []
+
+    def tanh_gelu(x, weight):
+        calls.append(weight)
+        return F.gelu(F.linear(x, weight), approximate="tanh")
+    monkeypatch.setattr(kernels, "linear_gelu", tanh_gelu)
+    torch.testing.assert_close(mlp(x), want)
+    assert not calls
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), want)
+    assert len(calls) == 1 and calls[0] is mlp.fc_in.weight
 
 
 # ---------------------------------------------------------------- the GPU validation script, CPU smoke run

@@ -110,3 +110,37 @@ def test_another_scan_output_launcher_is_used_in_the_forward_only():
     torch.testing.assert_close(got_out, want_out, rtol=1e-10, atol=1e-10)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def gated_out_float64(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight):
+    """chunk_scan_gated_out's result from the float64 stand-in of mamba_ssm's output launcher."""
+    y, _ = ssd_emulation._chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states, D=D)
+    gated = y * torch.nn.functional.silu(z)
+    return gated * norm_weight.view(z.shape[2], z.shape[3]), gated.square().sum(dim=-1)
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_unscaled_forward_times_the_row_scale_is_the_mixers_output(chunks):
+    """out_proj before the gated norm's row scale, and the per-head sums that give the scale: scaled, the
+    mixer's output (the reference path); a row scale taken from the wrong sums, or a weight on both sides
+    of out_proj, fails."""
+    m = mixer(1, seed=chunks)
+    g = torch.Generator().manual_seed(chunks)
+    zxbcdt = torch.randn(2, 8 * chunks, m.d_in_proj, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        out, sumsq = mixer_function.unscaled_forward(ssd_emulation.namespace(), gated_out_float64, zxbcdt,
+                                                     *fused_args(m, zxbcdt)[1:8], m.out_proj.weight, m.headdim,
+                                                     m.ngroups)
+        want = m.out_proj(m.mix(zxbcdt))
+    assert sumsq.shape == (2, 8 * chunks, m.nheads)
+    scale = torch.rsqrt(sumsq.sum(dim=-1, keepdim=True) / m.d_inner + m.norm.eps)
+    torch.testing.assert_close(out * scale, want, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(out, want), "the row scale matters here"
+
+
+def test_unscaled_forward_refuses_more_than_one_norm_group():
+    m = mixer(2)
+    zxbcdt = torch.randn(1, 8, m.d_in_proj, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="one per row"):
+        mixer_function.unscaled_forward(ssd_emulation.namespace(), gated_out_float64, zxbcdt,
+                                        *fused_args(m, zxbcdt)[1:8], m.out_proj.weight, m.headdim, m.ngroups)

@@ -1,0 +1,100 @@
+"""The rows of bench/gpu_validate.py for the kernels that run only in forwards without autograd (inference,
+sampling, evaluation), each a (what, dtype, got, want, tol) check at the 1.3B presets' widths:
+
+    scan_gate   BiMamba2's directions through mixer_function.unscaled_forward (gate in the scan's output
+                kernel, the norm's row scale in the sum of the directions) against the same module's
+                training path (mamba_ssm's kernels, grad enabled) and against the float64 reference path
+    gelu_gemm   the MLP's first matmul with the GELU in cuBLASLt's epilogue against the float64 formula
+    whole model DiffusionLM logits without autograd against its logits with autograd enabled (the
+                training path's kernels), so the pieces are checked where the model calls them
+
+bf16 weights (as `dtrain sample` and bench.inference run) and fp32 weights under bf16 autocast (the
+trainer's evaluation).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import rel_err
+from model import kernels
+from model.lm import DiffusionLM
+from model.mamba2 import BiMamba2
+from model.presets import get_preset
+
+BF16_TOL = 1e-2
+
+
+def _bimamba(device, seed):
+    torch.manual_seed(seed)
+    model = BiMamba2(get_preset("1.3b-diffumamba"), fuse_directions=False).to(device)
+    with torch.no_grad():   # norm weights and D off their initial ones, so a weight applied twice shows
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", ".D")):
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    return model
+
+
+def mixer_checks(device, gen, seqlen: int = 3000) -> list:
+    """BiMamba2 (1.3B, directions separate) without autograd against its training path and float64;
+    seqlen 3000 ends in a part chunk."""
+    used = kernels.describe(device)["scan_gate"]
+    model = _bimamba(device, seed=11)
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(1, seqlen, model.fwd.d_model, generator=gen).to(device)
+    with kernels.use_reference_kernels(), torch.no_grad():
+        exact = reference(x.double())
+    checks = []
+    for label, weights, autocast in (("bf16 weights", torch.bfloat16, False), ("amp-bf16", torch.float32, True)):
+        m = copy.deepcopy(model).to(weights)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            with torch.no_grad():
+                got = m(x.to(weights))
+            with torch.enable_grad():
+                training = m(x.to(weights)).detach()   # parameters need gradients: the training path
+        what = f"BiMamba2 without autograd (1.3B, L {seqlen}, {label}, scan_gate: {used})"
+        checks.append((f"{what} vs the training path", torch.bfloat16, got, training, BF16_TOL))
+        checks.append((f"{what} vs float64", torch.bfloat16, got, exact,
+                       max(1.25 * rel_err(training.double().cpu(), exact.cpu()), 1e-6)))
+    return checks
+
+
+def gelu_checks(device, gen, tokens: int = 4096) -> list:
+    """kernels.linear_gelu (1.3B MLP: 2048 -> 4096) against gelu_tanh(x @ W.T) in float64."""
+    d, hidden = 2048, 4096
+    x = torch.randn(2, tokens // 2, d, generator=gen).to(device)
+    weight = (torch.randn(hidden, d, generator=gen) / d ** 0.5).to(device)
+    want = F.gelu(F.linear(x.double(), weight.double()), approximate="tanh")
+    checks = []
+    for label, dtype, autocast in (("bf16", torch.bfloat16, False), ("amp-bf16", torch.float32, True)):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            usable = kernels.linear_gelu_usable(x)
+            got = kernels.linear_gelu(x.to(dtype), weight.to(dtype))
+        what = f"MLP matmul + GELU in the epilogue ({label}, gelu_gemm: {'kernel' if usable else 'off'})"
+        checks.append((f"{what} vs float64", torch.bfloat16, got, want, BF16_TOL))
+    return checks
+
+
+def model_checks(device, gen, seqlen: int = 2048) -> list:
+    """A 240M DiffusionLM in bf16: logits without autograd against logits with autograd enabled."""
+    torch.manual_seed(12)
+    model = DiffusionLM(get_preset("240m-diffumamba")).to(device, torch.bfloat16).eval()
+    ids = torch.randint(0, model.cfg.vocab_size - 1, (2, seqlen), generator=gen)
+    ids[torch.rand(ids.shape, generator=gen) < 0.5] = model.cfg.mask_token_id
+    ids = ids.to(device)
+    with torch.no_grad():
+        got = model(ids)
+    with torch.enable_grad():
+        want = model(ids).detach()
+    used = ", ".join(f"{k}: {v}" for k, v in kernels.describe(device).items() if k in ("scan_out", "scan_gate",
+                                                                                       "gelu_gemm"))
+    return [(f"DiffusionLM 240M logits without autograd vs with ({used})", torch.bfloat16, got, want, BF16_TOL)]
+
+
+def inference_checks(device, gen) -> list:
+    """Every row above (on a GPU with the fused mixer; none elsewhere)."""
+    if device.type != "cuda" or not kernels.uses_kernel("mixer", torch.empty(0, device=device)):
+        return []
+    return mixer_checks(device, gen) + gelu_checks(device, gen) + model_checks(device, gen)
