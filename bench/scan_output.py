@@ -4,7 +4,10 @@ One direction of a 1.3B mixer layer (64 heads x 64, state 128, chunk 256, bf16 b
 (CB, dt, dA_cumsum, the states entering each chunk) made by mamba_ssm's own forward launchers from random
 x, dt, B, C. Each shape is timed with mamba_ssm's kernel, ours under the autotuner and ours under each of
 its configs, and each result compared with mamba_ssm's. A float64 row per dtype checks both against
-model.ssd.ssd_chunked on a short sequence.
+model.ssd.ssd_chunked on a short sequence. Two more rows per shape time what a forward without autograd
+runs in their place with the gated norm: mamba_ssm's kernel followed by mamba_ssm's gated RMSNorm kernel,
+against `chunk_scan_gated_out` (the gate, the sums of squares and the norm weight in our kernel; its
+result times the row scale compared with the norm's output).
 
     python -m bench.scan_output --out bench_results      # scan_output.md / .json / .png (needs a GPU)
 """
@@ -49,13 +52,38 @@ def mamba_output(launchers, args):
     return launchers._chunk_scan_fwd(*args)[0]
 
 
+def gate_inputs(x, device, seed, d_in_proj=8512):
+    """z as the mixer hands it over, a view of its in_proj output (b, l, h, p), and the norm's weight."""
+    gen = torch.Generator().manual_seed(seed)
+    b, l, h, p = x.shape
+    zxbcdt = torch.randn(b, l, d_in_proj, generator=gen).to(device, x.dtype)
+    weight = (0.5 + torch.rand(h * p, generator=gen)).to(device)
+    return zxbcdt[..., :h * p].unflatten(-1, (h, p)), weight
+
+
+def mamba_gated_norm(launchers, norm_module, args, z, weight, eps=1e-5):
+    """mamba_ssm's output kernel, then its gated RMSNorm kernel (one group), as the training path runs them."""
+    y = mamba_output(launchers, args)
+    return norm_module._layer_norm_fwd(y.flatten(0, 1).flatten(1), weight, None, eps, z=z.flatten(0, 1).flatten(1),
+                                       group_size=weight.numel(), norm_before_gate=False, is_rms_norm=True)[0]
+
+
+def ours_gated_norm(args, z, weight, eps=1e-5):
+    """chunk_scan_gated_out's result times its row scale: what mamba_gated_norm returns."""
+    from model.chunk_scan_kernel import chunk_scan_gated_out
+    gated, sumsq = chunk_scan_gated_out(*args, z, weight)
+    scale = torch.rsqrt(sumsq.sum(dim=-1, keepdim=True) / weight.numel() + eps)
+    return (gated.flatten(2) * scale).flatten(0, 1)
+
+
 def config_name(config) -> str:
     return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_K']}, {config.num_warps}w {config.num_stages}s"
 
 
 def measure(shapes, dtype, device, iters) -> list[dict]:
-    from model.chunk_scan_kernel import _autotuned_kernel, chunk_scan_out
+    from model.chunk_scan_kernel import _autotuned_kernel, chunk_scan_gated_out, chunk_scan_out
     launchers = kernels.import_skipping_package_init("mamba_ssm.ops.triton.ssd_combined")
+    norm_module = kernels.import_skipping_package_init("mamba_ssm.ops.triton.layernorm_gated")
     rows = []
     for seed, (batch, seqlen) in enumerate([(1, 4096), (2, 1000)]):          # accuracy, float64 reference
         raw = scan_inputs(batch, seqlen, dtype, device, seed)
@@ -79,6 +107,17 @@ def measure(shapes, dtype, device, iters) -> list[dict]:
             rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": name, "ms": ms,
                          "rel_diff": rel_max(got, want)})
         rows[-len(configs)]["config"] = f"autotuned ({config_name(_autotuned_kernel.best_config)})"
+        z, weight = gate_inputs(args[1], device, 20 + seed)
+        want = mamba_gated_norm(launchers, norm_module, args, z, weight)
+        for who, timed, check in (
+                ("mamba_ssm + gated norm", functools.partial(mamba_gated_norm, launchers, norm_module, args, z, weight),
+                 None),
+                ("ours, gated", functools.partial(chunk_scan_gated_out, *args, z, weight),
+                 functools.partial(ours_gated_norm, args, z, weight))):
+            got = (check or timed)()
+            ms = common.median(common.time_calls(timed, device, 3, iters)) * 1e3
+            rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": "autotuned" if check else "",
+                         "ms": ms, "rel_diff": rel_max(got, want)})
     return rows
 
 
