@@ -83,10 +83,6 @@ def _chunk_scan_out_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < chunk_len
     a_m = tl.load(dA_ptr + offs_m * s_dA_q, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
-    out_mask = row_ok[:, None] & (offs_p[None, :] < hdim)
-    if HAS_Z:   # loaded first: its latency then hides behind the sums below instead of ending the program
-        z = tl.load(z_ptr + pid_b * s_z_b + (pid_c * chunk_size + offs_m[:, None]) * s_z_l + pid_h * s_z_h
-                    + offs_p[None, :] * s_z_p, mask=out_mask, other=0.0)
 
     # the state entering the chunk: exp(dA[m]) * C[m] @ state^T
     C = tl.load(C_ptr + offs_m[:, None] * s_C_l + offs_n[None, :] * s_C_n,
@@ -105,6 +101,7 @@ def _chunk_scan_out_kernel(
         acc = _add_key_block(acc, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, k0 + offs_k, offs_p, a_m, chunk_len, hdim,
                              s_cb_m, s_cb_k, s_x_l, s_x_p, s_dt_q, s_dA_q, True)
 
+    out_mask = row_ok[:, None] & (offs_p[None, :] < hdim)
     if HAS_D:
         if D_HAS_HDIM:
             D = tl.load(D_ptr + pid_h * s_D_h + offs_p, mask=offs_p < hdim, other=0.0).to(tl.float32)[None, :]
@@ -113,7 +110,8 @@ def _chunk_scan_out_kernel(
         x_m = tl.load(x_ptr + offs_m[:, None] * s_x_l + offs_p[None, :] * s_x_p, mask=out_mask, other=0.0)
         acc += x_m.to(tl.float32) * D
     if HAS_Z:   # the gate, the norm's sum of squares per head, and its weight (the row scale is the caller's)
-        z = z.to(tl.float32)
+        z = tl.load(z_ptr + pid_b * s_z_b + (pid_c * chunk_size + offs_m[:, None]) * s_z_l + pid_h * s_z_h
+                    + offs_p[None, :] * s_z_p, mask=out_mask, other=0.0).to(tl.float32)
         acc = acc * z * tl.sigmoid(z)
         tl.store(sumsq_ptr + pid_b * s_ss_b + (pid_c * chunk_size + offs_m) * s_ss_l + pid_h * s_ss_h,
                  tl.sum(acc * acc, axis=1), mask=row_ok)
@@ -171,9 +169,7 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     assert dA_cumsum.shape == dt.shape == (batch, nheads, nchunks, chunk_size)
     assert batch * nchunks < 65536, f"batch x chunks = {batch * nchunks}: over the grid's limit of 65535"
     out = torch.empty_like(x)
-    # (b, l, h) with positions contiguous per head: a program's rows are one coalesced store
-    sumsq = None if z is None else torch.empty(batch, nheads, seqlen, device=x.device,
-                                               dtype=torch.float32).transpose(1, 2)
+    sumsq = None if z is None else torch.empty(batch, seqlen, nheads, device=x.device, dtype=torch.float32)
     grid = lambda meta: (nheads, triton.cdiv(chunk_size, meta["BLOCK_M"]), batch * nchunks)
     kernel = _autotuned_kernel if config is None else _chunk_scan_out_kernel
     kernel[grid](
