@@ -10,6 +10,8 @@ against `chunk_scan_gated_out` (the gate, the sums of squares and the norm weigh
 result times the row scale compared with the norm's output).
 
     python -m bench.scan_output --out bench_results      # scan_output.md / .json / .png (needs a GPU)
+    python -m bench.scan_output --shapes 1x32768 --extra-configs 128x64:8:3 256x32:8:2 --out x
+                                                         # also launch configs outside the autotune list
 """
 from __future__ import annotations
 
@@ -80,7 +82,22 @@ def config_name(config) -> str:
     return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_K']}, {config.num_warps}w {config.num_stages}s"
 
 
-def measure(shapes, dtype, device, iters) -> list[dict]:
+def parse_config(text: str) -> dict:
+    """"BLOCK_MxBLOCK_K:warps:stages" (e.g. "128x64:8:3") -> chunk_scan_out's `config`."""
+    try:
+        blocks, warps, stages = text.split(":")
+        block_m, block_k = (int(v) for v in blocks.lower().split("x"))
+        config = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": int(warps), "num_stages": int(stages)}
+    except ValueError:
+        raise SystemExit(f"--extra-configs: {text!r} is not BLOCK_MxBLOCK_K:warps:stages, e.g. 128x64:8:3") from None
+    if block_m % block_k:
+        raise SystemExit(f"--extra-configs: {text!r}: BLOCK_K must divide BLOCK_M")
+    return config
+
+
+def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
+    from triton.runtime.errors import OutOfResources
+
     from model.chunk_scan_kernel import _autotuned_kernel, chunk_scan_gated_out, chunk_scan_out
     launchers = kernels.import_skipping_package_init("mamba_ssm.ops.triton.ssd_combined")
     norm_module = kernels.import_skipping_package_init("mamba_ssm.ops.triton.layernorm_gated")
@@ -96,17 +113,24 @@ def measure(shapes, dtype, device, iters) -> list[dict]:
     configs = [("autotuned", None)] + [(config_name(c), {**c.kwargs, "num_warps": c.num_warps,
                                                          "num_stages": c.num_stages})
                                        for c in _autotuned_kernel.configs]
+    configs += [(f"{c['BLOCK_M']}x{c['BLOCK_K']}, {c['num_warps']}w {c['num_stages']}s (not in the list)", c)
+                for c in extra_configs]
     for seed, (batch, seqlen) in enumerate(shapes):
         args = output_inputs(launchers, *scan_inputs(batch, seqlen, dtype, device, 10 + seed))
         launches = [("mamba_ssm", "", functools.partial(mamba_output, launchers, args))] + [
             ("ours", name, functools.partial(chunk_scan_out, *args, config=config)) for name, config in configs]
-        want = launches[0][2]()
+        want, first = launches[0][2](), len(rows)
         for who, name, fn in launches:
-            got = fn()
+            try:
+                got = fn()
+            except OutOfResources as e:   # an extra config too big for the card
+                rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": f"{name}: {e}"[:120],
+                             "ms": None, "rel_diff": float("nan")})
+                continue
             ms = common.median(common.time_calls(fn, device, 3, iters)) * 1e3
             rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": name, "ms": ms,
                          "rel_diff": rel_max(got, want)})
-        rows[-len(configs)]["config"] = f"autotuned ({config_name(_autotuned_kernel.best_config)})"
+        rows[first + 1]["config"] = f"autotuned ({config_name(_autotuned_kernel.best_config)})"
         z, weight = gate_inputs(args[1], device, 20 + seed)
         want = mamba_gated_norm(launchers, norm_module, args, z, weight)
         for who, timed, check in (
@@ -152,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="batch x L, e.g. 1x32768")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--iters", type=int, default=20, help="timed calls per row (the median is kept)")
+    ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
+                    help="more launch configs to time, BLOCK_MxBLOCK_K:warps:stages (e.g. 128x64:8:3)")
     ap.add_argument("--out", type=Path, default=Path("bench_results"))
     ap.add_argument("--plot-only", action="store_true", help="redraw OUT/scan_output.png from its JSON")
     args = ap.parse_args(argv)
@@ -163,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({kernels.IMPORT_ERRORS.get('mamba_ssm', 'no GPU')})")
         return 2
     device = torch.device("cuda")
-    rows = measure(shapes, torch.bfloat16 if args.dtype == "bf16" else torch.float32, device, args.iters)
+    rows = measure(shapes, torch.bfloat16 if args.dtype == "bf16" else torch.float32, device, args.iters,
+                   args.extra_configs)
     head = common.header(device, "bench.scan_output", dtype=args.dtype)
     common.save_and_print(args.out, "scan_output", head, rows, markdown(rows, head), plot)
     return 0

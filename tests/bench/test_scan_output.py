@@ -26,3 +26,11 @@ def test_scan_output_table_and_refusal_without_a_gpu(tmp_path, capsys):
     assert "| 1x32768 | ours | 64x32, 4w 3s | 0.770 | 1.25x | 2.0e-03 |" in text
     assert "| 1x4096 | mamba_ssm | float64 check | - | - | 4.0e-03 |" in text
     assert scan_output.main(["--out", str(tmp_path)]) == 2 and "needs a GPU" in capsys.readouterr().out
+
+
+def test_extra_configs_are_parsed_and_bad_ones_named():
+    import pytest
+    assert scan_output.parse_config("128x64:8:3") == {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    for bad, why in (("128x64:8", "BLOCK_MxBLOCK_K:warps:stages"), ("64x128:4:2", "must divide")):
+        with pytest.raises(SystemExit, match=why):
+            scan_output.parse_config(bad)
