@@ -7,7 +7,8 @@ its configs, and each result compared with mamba_ssm's. A float64 row per dtype 
 model.ssd.ssd_chunked on a short sequence. Two more rows per shape time what a forward without autograd
 runs in their place with the gated norm: mamba_ssm's kernel followed by mamba_ssm's gated RMSNorm kernel,
 against `chunk_scan_gated_out` (the gate, the sums of squares and the norm weight in our kernel; its
-result times the row scale compared with the norm's output).
+result times the row scale compared with the norm's output). A row "ours, CB in bf16" times our kernel on
+C B^T rounded to bf16 (half the bytes of the input every head reads; with a float64 check row too).
 
     python -m bench.scan_output --out bench_results      # scan_output.md / .json / .png (needs a GPU)
     python -m bench.scan_output --shapes 1x32768 --extra-configs 128x64:8:3 256x32:8:2 --out x
@@ -48,6 +49,12 @@ def output_inputs(launchers, x, dt, A, B, C, D, dt_bias, chunk_size=256):
 
 def rel_max(got, want) -> float:
     return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
+def with_bf16_cb(args):
+    """The output kernel's arguments with C B^T in bf16 instead of fp32: half the bytes of its largest input,
+    which every head of a chunk reads (a candidate for forwards without autograd; not used by the model)."""
+    return (args[0].to(torch.bfloat16),) + tuple(args[1:])
 
 
 def mamba_output(launchers, args):
@@ -107,7 +114,8 @@ def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
         exact = ssd.ssd_chunked(*(t.double() for t in raw[:5]), 256, D=raw[5].double(), dt_bias=raw[6].double(),
                                 dt_softplus=True)
         args = output_inputs(launchers, *raw)
-        for who, got in (("mamba_ssm", mamba_output(launchers, args)), ("ours", chunk_scan_out(*args))):
+        for who, got in (("mamba_ssm", mamba_output(launchers, args)), ("ours", chunk_scan_out(*args)),
+                         ("ours, CB in bf16", chunk_scan_out(*with_bf16_cb(args)))):
             rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": "float64 check", "ms": None,
                          "rel_diff": rel_max(got, exact)})
     configs = [("autotuned", None)] + [(config_name(c), {**c.kwargs, "num_warps": c.num_warps,
@@ -131,6 +139,11 @@ def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
             rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": name, "ms": ms,
                          "rel_diff": rel_max(got, want)})
         rows[first + 1]["config"] = f"autotuned ({config_name(_autotuned_kernel.best_config)})"
+        bf16_cb = with_bf16_cb(args)
+        got = chunk_scan_out(*bf16_cb)
+        ms = common.median(common.time_calls(functools.partial(chunk_scan_out, *bf16_cb), device, 3, iters)) * 1e3
+        rows.append({"shape": f"{batch}x{seqlen}", "launch": "ours, CB in bf16", "config": "autotuned", "ms": ms,
+                     "rel_diff": rel_max(got, want)})
         z, weight = gate_inputs(args[1], device, 20 + seed)
         want = mamba_gated_norm(launchers, norm_module, args, z, weight)
         for who, timed, check in (
