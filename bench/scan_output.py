@@ -11,8 +11,9 @@ result times the row scale compared with the norm's output). A row "ours, CB in 
 C B^T rounded to bf16 (half the bytes of the input every head reads; with a float64 check row too).
 
     python -m bench.scan_output --out bench_results      # scan_output.md / .json / .png (needs a GPU)
-    python -m bench.scan_output --shapes 1x32768 --extra-configs 128x64:8:3 256x32:8:2 --out x
+    python -m bench.scan_output --shapes 1x32768 --extra-configs 128x64:8:3 64x32:4:3:2 --out x
                                                          # also launch configs outside the autotune list
+                                                         # (the last field: heads per program)
 """
 from __future__ import annotations
 
@@ -90,16 +91,25 @@ def config_name(config) -> str:
 
 
 def parse_config(text: str) -> dict:
-    """"BLOCK_MxBLOCK_K:warps:stages" (e.g. "128x64:8:3") -> chunk_scan_out's `config`."""
+    """"BLOCK_MxBLOCK_K:warps:stages[:heads]" (e.g. "128x64:8:3", "64x32:4:3:2") -> chunk_scan_out's
+    `config`; heads: heads per program (1 or 2)."""
     try:
-        blocks, warps, stages = text.split(":")
+        blocks, warps, stages, *heads = text.split(":")
         block_m, block_k = (int(v) for v in blocks.lower().split("x"))
-        config = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": int(warps), "num_stages": int(stages)}
-    except ValueError:
-        raise SystemExit(f"--extra-configs: {text!r} is not BLOCK_MxBLOCK_K:warps:stages, e.g. 128x64:8:3") from None
+        config = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": int(warps), "num_stages": int(stages),
+                  "HEADS": int(heads[0]) if heads else 1}
+        assert len(heads) <= 1 and config["HEADS"] in (1, 2)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--extra-configs: {text!r} is not BLOCK_MxBLOCK_K:warps:stages[:heads 1 or 2], "
+                         "e.g. 128x64:8:3") from None
     if block_m % block_k:
         raise SystemExit(f"--extra-configs: {text!r}: BLOCK_K must divide BLOCK_M")
     return config
+
+
+def extra_name(config: dict) -> str:
+    heads = f", {config['HEADS']} heads" if config["HEADS"] > 1 else ""
+    return f"{config['BLOCK_M']}x{config['BLOCK_K']}, {config['num_warps']}w {config['num_stages']}s{heads} (not in the list)"
 
 
 def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
@@ -121,8 +131,7 @@ def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
     configs = [("autotuned", None)] + [(config_name(c), {**c.kwargs, "num_warps": c.num_warps,
                                                          "num_stages": c.num_stages})
                                        for c in _autotuned_kernel.configs]
-    configs += [(f"{c['BLOCK_M']}x{c['BLOCK_K']}, {c['num_warps']}w {c['num_stages']}s (not in the list)", c)
-                for c in extra_configs]
+    configs += [(extra_name(c), c) for c in extra_configs]
     for seed, (batch, seqlen) in enumerate(shapes):
         args = output_inputs(launchers, *scan_inputs(batch, seqlen, dtype, device, 10 + seed))
         launches = [("mamba_ssm", "", functools.partial(mamba_output, launchers, args))] + [
@@ -190,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--iters", type=int, default=20, help="timed calls per row (the median is kept)")
     ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
-                    help="more launch configs to time, BLOCK_MxBLOCK_K:warps:stages (e.g. 128x64:8:3)")
+                    help="more launch configs to time, BLOCK_MxBLOCK_K:warps:stages[:heads per program] "
+                         "(e.g. 128x64:8:3, 64x32:4:3:2)")
     ap.add_argument("--out", type=Path, default=Path("bench_results"))
     ap.add_argument("--plot-only", action="store_true", help="redraw OUT/scan_output.png from its JSON")
     args = ap.parse_args(argv)

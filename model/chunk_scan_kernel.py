@@ -24,6 +24,11 @@ from L2. mamba_ssm's grid runs every chunk of one head before the next head; at 
 per sequence in fp32) has then left L2 before the next head reads it. In that order this kernel is no
 faster than mamba_ssm's.
 
+A launch config may give each program two neighbouring heads of a group (`HEADS: 2`): they share each
+load of CB and C, the largest reads of a program (at 32K tokens the kernel reads about 3 GB per call,
+mostly from L2, CB alone 1.3 GB). Not in the autotune list until a GPU measures it
+(`bench.scan_output --extra-configs 64x32:4:3:2`).
+
 `chunk_scan_gated_out` also does what the mixer's gated RMSNorm does before its row scale: y * silu(z) *
 weight, and each head's sum of squares of y * silu(z). The norm kernel, which would read y and z again
 and write its output, is then not needed in a forward without autograd (model/mixer_function.py's
@@ -40,7 +45,7 @@ LOG2E = tl.constexpr(1.4426950408889634)   # a global a kernel may read
 
 def _configs():
     """The block shapes the autotuner tries: the four fastest of the first six measured on an H100."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "HEADS": 1}, num_warps=w, num_stages=s)
             for bm, bk, w, s in ((64, 32, 4, 3), (128, 32, 4, 3), (32, 32, 2, 4), (64, 64, 4, 2))]
 
 
@@ -58,77 +63,93 @@ def _chunk_scan_out_kernel(
     s_D_h,
     s_z_b, s_z_l, s_z_h, s_z_p,
     s_ss_b, s_ss_l, s_ss_h,
-    HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_h = tl.program_id(0)    # heads first: the heads of a chunk run together (module docstring)
+    # heads first: the heads of a chunk run together (module docstring); HEADS (1 or 2) neighbouring heads
+    # of one group per program share each load of CB and C
+    head = tl.program_id(0) * HEADS
     pid_m = tl.program_id(1)
     pid_bc = tl.program_id(2)
     pid_c = pid_bc // batch
     pid_b = pid_bc - pid_c * batch
-    pid_g = pid_h // heads_per_group
+    pid_g = head // heads_per_group
     chunk_len = min(chunk_size, seqlen - pid_c * chunk_size)
     m_start = pid_m * BLOCK_M
 
     cb_ptr += pid_b * s_cb_b + pid_c * s_cb_c + pid_g * s_cb_g
-    x_ptr += pid_b * s_x_b + pid_c * chunk_size * s_x_l + pid_h * s_x_h
-    out_ptr += pid_b * s_o_b + pid_c * chunk_size * s_o_l + pid_h * s_o_h
-    dt_ptr += pid_b * s_dt_b + pid_c * s_dt_c + pid_h * s_dt_h
-    dA_ptr += pid_b * s_dA_b + pid_c * s_dA_c + pid_h * s_dA_h
+    x_ptr += pid_b * s_x_b + pid_c * chunk_size * s_x_l + head * s_x_h
+    out_ptr += pid_b * s_o_b + pid_c * chunk_size * s_o_l + head * s_o_h
+    dt_ptr += pid_b * s_dt_b + pid_c * s_dt_c + head * s_dt_h
+    dA_ptr += pid_b * s_dA_b + pid_c * s_dA_c + head * s_dA_h
     C_ptr += pid_b * s_C_b + pid_c * chunk_size * s_C_l + pid_g * s_C_g
-    states_ptr += pid_b * s_st_b + pid_c * s_st_c + pid_h * s_st_h
+    states_ptr += pid_b * s_st_b + pid_c * s_st_c + head * s_st_h
+    z_ptr += pid_b * s_z_b + pid_c * chunk_size * s_z_l + head * s_z_h
+    sumsq_ptr += pid_b * s_ss_b + pid_c * chunk_size * s_ss_l + head * s_ss_h
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < chunk_len
-    a_m = tl.load(dA_ptr + offs_m * s_dA_q, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
 
     # the state entering the chunk: exp(dA[m]) * C[m] @ state^T
     C = tl.load(C_ptr + offs_m[:, None] * s_C_l + offs_n[None, :] * s_C_n,
                 mask=row_ok[:, None] & (offs_n[None, :] < dstate), other=0.0)
-    state = tl.load(states_ptr + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p,
-                    mask=(offs_n[:, None] < dstate) & (offs_p[None, :] < hdim), other=0.0)
-    acc = tl.dot(C, state.to(C.dtype)) * tl.exp2(a_m)[:, None]
+    acc0, a0 = _state_part(C, states_ptr, dA_ptr, offs_m, offs_n, offs_p, row_ok, dstate, hdim,
+                           s_st_p, s_st_n, s_dA_q)
+    if HEADS == 2:
+        acc1, a1 = _state_part(C, states_ptr + s_st_h, dA_ptr + s_dA_h, offs_m, offs_n, offs_p, row_ok, dstate,
+                               hdim, s_st_p, s_st_n, s_dA_q)
 
     # the chunk's own positions: key blocks wholly in the past, then the diagonal ones with the causal select
-    offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, m_start, BLOCK_K):
-        acc = _add_key_block(acc, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, k0 + offs_k, offs_p, a_m, chunk_len, hdim,
-                             s_cb_m, s_cb_k, s_x_l, s_x_p, s_dt_q, s_dA_q, False)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        cb = _load_cb(cb_ptr, offs_m, offs_k, chunk_len, s_cb_m, s_cb_k)
+        acc0 = _add_key_block(acc0, cb, x_ptr, dt_ptr, dA_ptr, offs_m, offs_k, offs_p, a0, chunk_len, hdim,
+                              s_x_l, s_x_p, s_dt_q, s_dA_q, False)
+        if HEADS == 2:
+            acc1 = _add_key_block(acc1, cb, x_ptr + s_x_h, dt_ptr + s_dt_h, dA_ptr + s_dA_h, offs_m, offs_k, offs_p,
+                                  a1, chunk_len, hdim, s_x_l, s_x_p, s_dt_q, s_dA_q, False)
     k_end = min(m_start + BLOCK_M, chunk_len)
     for k0 in range(m_start, k_end, BLOCK_K):
-        acc = _add_key_block(acc, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, k0 + offs_k, offs_p, a_m, chunk_len, hdim,
-                             s_cb_m, s_cb_k, s_x_l, s_x_p, s_dt_q, s_dA_q, True)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        cb = _load_cb(cb_ptr, offs_m, offs_k, chunk_len, s_cb_m, s_cb_k)
+        acc0 = _add_key_block(acc0, cb, x_ptr, dt_ptr, dA_ptr, offs_m, offs_k, offs_p, a0, chunk_len, hdim,
+                              s_x_l, s_x_p, s_dt_q, s_dA_q, True)
+        if HEADS == 2:
+            acc1 = _add_key_block(acc1, cb, x_ptr + s_x_h, dt_ptr + s_dt_h, dA_ptr + s_dA_h, offs_m, offs_k, offs_p,
+                                  a1, chunk_len, hdim, s_x_l, s_x_p, s_dt_q, s_dA_q, True)
 
-    out_mask = row_ok[:, None] & (offs_p[None, :] < hdim)
-    if HAS_D:
-        if D_HAS_HDIM:
-            D = tl.load(D_ptr + pid_h * s_D_h + offs_p, mask=offs_p < hdim, other=0.0).to(tl.float32)[None, :]
-        else:
-            D = tl.load(D_ptr + pid_h * s_D_h).to(tl.float32)
-        x_m = tl.load(x_ptr + offs_m[:, None] * s_x_l + offs_p[None, :] * s_x_p, mask=out_mask, other=0.0)
-        acc += x_m.to(tl.float32) * D
-    if HAS_Z:   # the gate, the norm's sum of squares per head, and its weight (the row scale is the caller's)
-        z = tl.load(z_ptr + pid_b * s_z_b + (pid_c * chunk_size + offs_m[:, None]) * s_z_l + pid_h * s_z_h
-                    + offs_p[None, :] * s_z_p, mask=out_mask, other=0.0).to(tl.float32)
-        acc = acc * z * tl.sigmoid(z)
-        tl.store(sumsq_ptr + pid_b * s_ss_b + (pid_c * chunk_size + offs_m) * s_ss_l + pid_h * s_ss_h,
-                 tl.sum(acc * acc, axis=1), mask=row_ok)
-        weight = tl.load(norm_weight_ptr + pid_h * hdim + offs_p, mask=offs_p < hdim, other=0.0)
-        acc = acc * weight.to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * s_o_l + offs_p[None, :] * s_o_p, acc.to(out_ptr.dtype.element_ty),
-             mask=out_mask)
+    _finish(acc0, head, x_ptr, out_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim,
+            s_x_l, s_x_p, s_o_l, s_o_p, s_D_h, s_z_l, s_z_p, s_ss_l, HAS_D, D_HAS_HDIM, HAS_Z)
+    if HEADS == 2:
+        _finish(acc1, head + 1, x_ptr + s_x_h, out_ptr + s_o_h, D_ptr, z_ptr + s_z_h, norm_weight_ptr,
+                sumsq_ptr + s_ss_h, offs_m, offs_p, row_ok, hdim, s_x_l, s_x_p, s_o_l, s_o_p, s_D_h, s_z_l, s_z_p,
+                s_ss_l, HAS_D, D_HAS_HDIM, HAS_Z)
 
 
 @triton.jit
-def _add_key_block(acc, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, offs_k, offs_p, a_m, chunk_len, hdim,
-                   s_cb_m, s_cb_k, s_x_l, s_x_p, s_dt_q, s_dA_q, CAUSAL: tl.constexpr):
+def _state_part(C, states_ptr, dA_ptr, offs_m, offs_n, offs_p, row_ok, dstate, hdim, s_st_p, s_st_n, s_dA_q):
+    """One head's exp(dA[m]) * C[m] @ state^T, and a[m] = log2(e) * dA[m]."""
+    a_m = tl.load(dA_ptr + offs_m * s_dA_q, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+    state = tl.load(states_ptr + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p,
+                    mask=(offs_n[:, None] < dstate) & (offs_p[None, :] < hdim), other=0.0)
+    return tl.dot(C, state.to(C.dtype)) * tl.exp2(a_m)[:, None], a_m
+
+
+@triton.jit
+def _load_cb(cb_ptr, offs_m, offs_k, chunk_len, s_cb_m, s_cb_k):
+    return tl.load(cb_ptr + offs_m[:, None] * s_cb_m + offs_k[None, :] * s_cb_k,
+                   mask=(offs_m[:, None] < chunk_len) & (offs_k[None, :] < chunk_len), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _add_key_block(acc, cb, x_ptr, dt_ptr, dA_ptr, offs_m, offs_k, offs_p, a_m, chunk_len, hdim,
+                   s_x_l, s_x_p, s_dt_q, s_dA_q, CAUSAL: tl.constexpr):
+    """One head's sum over one block of keys: acc += (CB * exp2(a[m] - b[k])) @ x[k]."""
     key_ok = offs_k < chunk_len
     dt_k = tl.load(dt_ptr + offs_k * s_dt_q, mask=key_ok, other=0.0).to(tl.float32)
     b_k = tl.load(dA_ptr + offs_k * s_dA_q, mask=key_ok, other=0.0).to(tl.float32) * LOG2E - tl.log2(dt_k)
-    cb = tl.load(cb_ptr + offs_m[:, None] * s_cb_m + offs_k[None, :] * s_cb_k,
-                 mask=(offs_m[:, None] < chunk_len) & key_ok[None, :], other=0.0).to(tl.float32)
     exponent = a_m[:, None] - b_k[None, :]
     if CAUSAL:   # above the diagonal the exponent may be large and positive: select before the exponential
         exponent = tl.where(offs_m[:, None] >= offs_k[None, :], exponent, -float("inf"))
@@ -136,6 +157,30 @@ def _add_key_block(acc, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, offs_k, offs_p, a
     x = tl.load(x_ptr + offs_k[:, None] * s_x_l + offs_p[None, :] * s_x_p,
                 mask=key_ok[:, None] & (offs_p[None, :] < hdim), other=0.0)
     return acc + tl.dot(weight, x)
+
+
+@triton.jit
+def _finish(acc, head, x_ptr, out_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim,
+            s_x_l, s_x_p, s_o_l, s_o_p, s_D_h, s_z_l, s_z_p, s_ss_l,
+            HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr):
+    """One head's D * x term, the gate (chunk_scan_gated_out) and the store."""
+    out_mask = row_ok[:, None] & (offs_p[None, :] < hdim)
+    if HAS_D:
+        if D_HAS_HDIM:
+            D = tl.load(D_ptr + head * s_D_h + offs_p, mask=offs_p < hdim, other=0.0).to(tl.float32)[None, :]
+        else:
+            D = tl.load(D_ptr + head * s_D_h).to(tl.float32)
+        x_m = tl.load(x_ptr + offs_m[:, None] * s_x_l + offs_p[None, :] * s_x_p, mask=out_mask, other=0.0)
+        acc += x_m.to(tl.float32) * D
+    if HAS_Z:   # the gate, the norm's sum of squares per head, and its weight (the row scale is the caller's)
+        z = tl.load(z_ptr + offs_m[:, None] * s_z_l + offs_p[None, :] * s_z_p, mask=out_mask, other=0.0)
+        z = z.to(tl.float32)
+        acc = acc * z * tl.sigmoid(z)
+        tl.store(sumsq_ptr + offs_m * s_ss_l, tl.sum(acc * acc, axis=1), mask=row_ok)
+        weight = tl.load(norm_weight_ptr + head * hdim + offs_p, mask=offs_p < hdim, other=0.0)
+        acc = acc * weight.to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * s_o_l + offs_p[None, :] * s_o_p, acc.to(out_ptr.dtype.element_ty),
+             mask=out_mask)
 
 
 _autotuned_kernel = triton.autotune(configs=_configs(), key=["chunk_size", "hdim", "dstate", "HAS_Z"])(_chunk_scan_out_kernel)
@@ -146,7 +191,8 @@ def chunk_scan_out(cb, x, dt, dA_cumsum, C, states, D=None, config: dict | None 
     cb (b, chunks, g, Q, Q) fp32, x (b, l, h, p), dt and dA_cumsum (b, h, chunks, Q) fp32, C (b, l, g, n),
     states (b, chunks, h, p, n), D (h,) or (h, p). Returns y (b, l, h, p) in x's dtype.
     config: one launch config instead of the autotuner's pick, e.g. {"BLOCK_M": 64, "BLOCK_K": 32,
-    "num_warps": 4, "num_stages": 3} (BLOCK_K must divide BLOCK_M)."""
+    "num_warps": 4, "num_stages": 3} (BLOCK_K must divide BLOCK_M); "HEADS": 2 has each program compute two
+    neighbouring heads of a group, which share each load of CB and C."""
     return _launch(cb, x, dt, dA_cumsum, C, states, D, None, None, config)[0]
 
 
@@ -170,10 +216,14 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     assert batch * nchunks < 65536, f"batch x chunks = {batch * nchunks}: over the grid's limit of 65535"
     out = torch.empty_like(x)
     sumsq = None if z is None else torch.empty(batch, seqlen, nheads, device=x.device, dtype=torch.float32)
-    grid = lambda meta: (nheads, triton.cdiv(chunk_size, meta["BLOCK_M"]), batch * nchunks)
+    if config is not None:
+        config = {"HEADS": 1, **config}
+        assert config["HEADS"] in (1, 2) and (nheads // ngroups) % config["HEADS"] == 0, \
+            f"HEADS={config['HEADS']}: 1 or 2, and it must divide the {nheads // ngroups} heads of a group"
+    grid = lambda meta: (nheads // meta["HEADS"], triton.cdiv(chunk_size, meta["BLOCK_M"]), batch * nchunks)
     kernel = _autotuned_kernel if config is None else _chunk_scan_out_kernel
-    kernel[grid](
-        cb, x, out, dt, dA_cumsum, C, states, D, z, norm_weight, sumsq,
+    kernel[grid](   # without a gate, z and the sums point at x and dt: never read or written (HAS_Z)
+        cb, x, out, dt, dA_cumsum, C, states, D, x if z is None else z, norm_weight, dt if z is None else sumsq,
         chunk_size, hdim, dstate, batch, seqlen, nheads // ngroups,
         *cb.stride(), *x.stride(), *out.stride(),
         dt.stride(0), dt.stride(2), dt.stride(1), dt.stride(3),

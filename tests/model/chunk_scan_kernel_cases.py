@@ -14,19 +14,25 @@ import torch.nn.functional as F
 from model.chunk_scan_kernel import chunk_scan_gated_out, chunk_scan_out
 from tests.model import ssd_emulation
 
-# name: (batch, length, heads, headdim, groups, d_state, chunk, dtype, D per channel, decay scale, config)
+# name: (batch, length, heads, headdim, groups, d_state, chunk, dtype, D per channel, decay scale,
+#        (BLOCK_M, BLOCK_K[, HEADS]))
 CASES = {
     "fp32, 3 chunks, 2 groups": (2, 192, 4, 16, 2, 16, 64, torch.float32, False, 1.0, (32, 16)),
     "fp32, a part chunk": (1, 133, 2, 16, 1, 32, 64, torch.float32, False, 1.0, (16, 16)),
     "fp32, one key block per row block": (1, 128, 2, 32, 1, 16, 64, torch.float32, False, 1.0, (32, 32)),
     "fp16, D per channel": (2, 160, 4, 16, 1, 16, 64, torch.float16, True, 1.0, (32, 16)),
     "fp32, steep decay and zero steps": (1, 128, 2, 16, 1, 16, 64, torch.float32, False, 60.0, (64, 16)),
+    # two heads per program (config HEADS 2): each head's own decay, x, state, D and output
+    "fp32, two heads per program, 2 groups, a part chunk": (2, 150, 4, 16, 2, 16, 64, torch.float32, False, 1.0,
+                                                            (32, 16, 2)),
+    "fp16, two heads per program, D per channel": (1, 128, 4, 16, 1, 16, 64, torch.float16, True, 1.0, (64, 32, 2)),
 }
 # the same with the gate, the norm's sums of squares and its weight (chunk_scan_gated_out)
 GATED_CASES = {
     "gated, fp32, a part chunk, 2 groups": (2, 133, 4, 16, 2, 16, 64, torch.float32, False, 1.0, (32, 16)),
     "gated, fp16, D per channel, headdim below the block": (1, 160, 2, 24, 1, 16, 64, torch.float16, True, 1.0,
                                                             (32, 32)),
+    "gated, fp32, two heads per program": (1, 133, 4, 16, 1, 16, 64, torch.float32, False, 1.0, (32, 16, 2)),
 }
 
 
@@ -63,6 +69,10 @@ def gate_inputs(x, seed):
     return 2 * torch.randn(b, l, h, p, generator=gen).to(x.dtype), 0.5 + torch.rand(h * p, generator=gen)
 
 
+def launch_config(blocks):
+    return dict(zip(("BLOCK_M", "BLOCK_K", "HEADS"), blocks))
+
+
 def rel_err(got, want):
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
@@ -70,17 +80,17 @@ def rel_err(got, want):
 def main() -> None:
     errors = {}
     for seed, (name, case) in enumerate(CASES.items()):
-        *shape, (block_m, block_k) = case
+        *shape, blocks = case
         args = inputs(*shape, seed=seed)
-        got = chunk_scan_out(*args, config={"BLOCK_M": block_m, "BLOCK_K": block_k})
+        got = chunk_scan_out(*args, config=launch_config(blocks))
         want = float64_output(*args)
         errors[name] = {"dtype": str(got.dtype), "shape": list(got.shape), "finite": bool(got.isfinite().all()),
                         "rel_err": rel_err(got, want)}
     for seed, (name, case) in enumerate(GATED_CASES.items()):
-        *shape, (block_m, block_k) = case
+        *shape, blocks = case
         args = inputs(*shape, seed=seed)
         z, weight = gate_inputs(args[1], seed)
-        got, sumsq = chunk_scan_gated_out(*args, z, weight, config={"BLOCK_M": block_m, "BLOCK_K": block_k})
+        got, sumsq = chunk_scan_gated_out(*args, z, weight, config=launch_config(blocks))
         gated = float64_output(*args) * F.silu(z.double())          # y * silu(z), y from the stand-in
         want = gated * weight.double().view(shape[2], shape[3])
         want_sumsq = gated.square().sum(dim=-1)
