@@ -25,7 +25,7 @@ per sequence in fp32) has then left L2 before the next head reads it. In that or
 faster than mamba_ssm's.
 
 A launch config may give each program two neighbouring heads of a group (`HEADS: 2`): they share each
-load of CB and C, the largest reads of a program (at 32K tokens the kernel reads about 3 GB per call,
+load of CB and C, the largest reads of a program (at 32K tokens a call's programs load about 3.5 GB,
 mostly from L2, CB alone 1.3 GB). Not in the autotune list until a GPU measures it
 (`bench.scan_output --extra-configs 64x32:4:3:2`).
 
