@@ -95,3 +95,14 @@ def test_refuses_a_grid_too_tall():
     dt = torch.empty(b, 1, c, q)
     with pytest.raises(AssertionError, match="grid"):
         chunk_scan_out(torch.empty(b, c, 1, q, q), x, dt, dt, torch.empty(b, q, 1, 16), torch.empty(b, c, 1, 16, 16))
+
+
+def test_two_heads_per_program_need_an_even_group():
+    from model.chunk_scan_kernel import chunk_scan_out
+
+    b, c, q, h = 1, 1, 16, 3
+    x = torch.empty(b, q, h, 16)
+    dt = torch.empty(b, h, c, q)
+    with pytest.raises(AssertionError, match="HEADS=2"):
+        chunk_scan_out(torch.empty(b, c, 1, q, q), x, dt, dt, torch.empty(b, q, 1, 16), torch.empty(b, c, h, 16, 16),
+                       config={"BLOCK_M": 16, "BLOCK_K": 16, "HEADS": 2})
