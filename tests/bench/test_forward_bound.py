@@ -1,6 +1,7 @@
 """bench/forward_bound: the bytes each memory-bound kernel moves, counted here tensor by tensor for the tiny
 DiffuMamba-H preset (d_model 64, d_inner 128, 8 heads x 16, state 16, 1 group, chunk 16, GELU hidden 128,
 pattern MMA), and the bound they give."""
+import dataclasses
 import json
 
 import pytest
@@ -60,3 +61,22 @@ def test_the_bound_adds_the_traffic_time_to_the_floor(tmp_path):
     assert forward_bound.main(["--presets", "1.3b-diffumamba", "--seq-lens", "4096", "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "forward_bound.json").read_text())
     assert [r["seq_len"] for r in saved["rows"]] == [4096] and "bound (x floor)" in (tmp_path / "forward_bound.md").read_text()
+
+
+def test_without_autograd_the_gate_is_in_the_scan_and_the_gelu_in_the_matmul():
+    """A forward without autograd: the scan's output kernel also reads z and writes each head's sum of squares,
+    the gated norm does not run, the directions' sum reads the sums, and the GELU has no pass of its own."""
+    cfg = get_preset("tiny-diffumamba-h")
+    gated_scan = SCAN + [(128, 2, 1), (8, 4, 1)]                        # z read; sums of squares written
+    assert forward_bound.mamba_direction_bytes(cfg, without_autograd=True) == {"conv": total(CONV),
+                                                                             "scan": total(gated_scan)}
+    mamba = forward_bound.block_bytes("M", cfg, without_autograd=True)
+    assert mamba == {"add + norm": 2 * total(ADD_NORM), "MLP activation": 0, "flips": total(FLIPS + [(8, 4, 2)]),
+                     "conv": 2 * total(CONV), "scan": 2 * total(gated_scan)}
+    # two norm groups: the model keeps the gated norm (no scale per row), the GELU still in the matmul
+    two_groups = cfg.replace(mamba=dataclasses.replace(cfg.mamba, ngroups=2))
+    assert "gated norm" in forward_bound.mamba_direction_bytes(two_groups, without_autograd=True)
+    assert forward_bound.block_bytes("A", two_groups, without_autograd=True)["MLP activation"] == 0
+    plain = forward_bound.bound_row("1.3b-diffumamba", 32768, 770e12, 3.35e12)
+    inference = forward_bound.bound_row("1.3b-diffumamba", 32768, 770e12, 3.35e12, without_autograd=True)
+    assert inference["bound"] < plain["bound"] and "ms gated norm" not in inference
