@@ -14,9 +14,10 @@ cost twice the memory for a kernel half as long.
 
 The forward is mamba_ssm's to the bit (`with_chunk_scan_output` swaps in another launcher for the scan's
 output: model/kernels.py does so for forwards without autograd; `unscaled_forward` is the forward without
-autograd whose output kernel also gates, and whose norm scale the caller applies after out_proj). The backward reads the kept states where
-mamba_ssm's recomputes them in fp32 only in one place, the gradient of each chunk's decay
-(`_state_passing_bwd`); everywhere else mamba_ssm's backward too rounds them to the inputs' dtype first.
+autograd whose output kernel also gates, and whose norm scale the caller applies after out_proj).
+The backward reads the kept states where mamba_ssm's recomputes them in fp32 only in one place, the gradient
+of each chunk's decay (`_state_passing_bwd`); everywhere else mamba_ssm's backward too rounds them to the
+inputs' dtype first.
 In fp32 the two are the same.
 Only this mixer's path is covered (gated RMSNorm, out_proj without bias, no extra non-SSM channels, no
 initial states or seq_idx); `MixerFunction.build` refuses a mamba_ssm whose functions this was not
