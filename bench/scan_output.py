@@ -91,20 +91,12 @@ def config_name(config) -> str:
 
 
 def parse_config(text: str) -> dict:
-    """"BLOCK_MxBLOCK_K:warps:stages[:heads]" (e.g. "128x64:8:3", "64x32:4:3:2") -> chunk_scan_out's
-    `config`; heads: heads per program (1 or 2)."""
+    """--extra-configs' form: model/chunk_scan_kernel.py's parse_config, refusals as a usage error."""
+    from model.chunk_scan_kernel import parse_config as kernel_parse_config
     try:
-        blocks, warps, stages, *heads = text.split(":")
-        block_m, block_k = (int(v) for v in blocks.lower().split("x"))
-        config = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": int(warps), "num_stages": int(stages),
-                  "HEADS": int(heads[0]) if heads else 1}
-        assert len(heads) <= 1 and config["HEADS"] in (1, 2)
-    except (ValueError, AssertionError):
-        raise SystemExit(f"--extra-configs: {text!r} is not BLOCK_MxBLOCK_K:warps:stages[:heads 1 or 2], "
-                         "e.g. 128x64:8:3") from None
-    if block_m % block_k:
-        raise SystemExit(f"--extra-configs: {text!r}: BLOCK_K must divide BLOCK_M")
-    return config
+        return kernel_parse_config(text)
+    except ValueError as e:
+        raise SystemExit(f"--extra-configs: {e}") from None
 
 
 def extra_name(config: dict) -> str:

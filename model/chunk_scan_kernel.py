@@ -36,9 +36,13 @@ and write its output, is then not needed in a forward without autograd (model/mi
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+CONFIG_ENV = "DIFFUMAMBA_SCAN_OUT_CONFIG"   # one launch config for every call, e.g. 64x32:4:3 or 64x32:4:3:2
 
 LOG2E = tl.constexpr(1.4426950408889634)   # a global a kernel may read
 
@@ -192,7 +196,8 @@ def chunk_scan_out(cb, x, dt, dA_cumsum, C, states, D=None, config: dict | None 
     states (b, chunks, h, p, n), D (h,) or (h, p). Returns y (b, l, h, p) in x's dtype.
     config: one launch config instead of the autotuner's pick, e.g. {"BLOCK_M": 64, "BLOCK_K": 32,
     "num_warps": 4, "num_stages": 3} (BLOCK_K must divide BLOCK_M); "HEADS": 2 has each program compute two
-    neighbouring heads of a group, which share each load of CB and C."""
+    neighbouring heads of a group, which share each load of CB and C. Without one, $DIFFUMAMBA_SCAN_OUT_CONFIG
+    (parse_config's form) or the autotuner decides."""
     return _launch(cb, x, dt, dA_cumsum, C, states, D, None, None, config)[0]
 
 
@@ -206,6 +211,34 @@ def chunk_scan_gated_out(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, con
     return _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config)
 
 
+def parse_config(text: str) -> dict:
+    """"BLOCK_MxBLOCK_K:warps:stages[:heads]" (e.g. "128x64:8:3", "64x32:4:3:2") -> a launch config;
+    heads: heads per program, 1 or 2. ValueError naming what is wrong."""
+    try:
+        blocks, warps, stages, *heads = text.split(":")
+        block_m, block_k = (int(v) for v in blocks.lower().split("x"))
+        config = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": int(warps), "num_stages": int(stages),
+                  "HEADS": int(heads[0]) if heads else 1}
+    except ValueError:
+        config = None
+    if config is None or len(heads) > 1 or config["HEADS"] not in (1, 2):
+        raise ValueError(f"{text!r} is not BLOCK_MxBLOCK_K:warps:stages[:heads 1 or 2], e.g. 128x64:8:3")
+    if block_m % block_k:
+        raise ValueError(f"{text!r}: BLOCK_K must divide BLOCK_M")
+    return config
+
+
+def chosen_config(config: dict | None) -> dict | None:
+    """The launch config a call uses: the one given, else $DIFFUMAMBA_SCAN_OUT_CONFIG's (a config measured
+    for a card, e.g. with bench.scan_output), else None: the autotuner picks from its list."""
+    if config is None and os.environ.get(CONFIG_ENV):
+        try:
+            config = parse_config(os.environ[CONFIG_ENV])
+        except ValueError as e:
+            raise ValueError(f"{CONFIG_ENV}: {e}") from None
+    return None if config is None else {"HEADS": 1, **config}
+
+
 def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     batch, seqlen, nheads, hdim = x.shape
     _, _, nchunks, chunk_size = dt.shape
@@ -216,8 +249,8 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     assert batch * nchunks < 65536, f"batch x chunks = {batch * nchunks}: over the grid's limit of 65535"
     out = torch.empty_like(x)
     sumsq = None if z is None else torch.empty(batch, seqlen, nheads, device=x.device, dtype=torch.float32)
+    config = chosen_config(config)
     if config is not None:
-        config = {"HEADS": 1, **config}
         assert config["HEADS"] in (1, 2) and (nheads // ngroups) % config["HEADS"] == 0, \
             f"HEADS={config['HEADS']}: 1 or 2, and it must divide the {nheads // ngroups} heads of a group"
     grid = lambda meta: (nheads // meta["HEADS"], triton.cdiv(chunk_size, meta["BLOCK_M"]), batch * nchunks)

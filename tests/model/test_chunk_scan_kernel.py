@@ -106,3 +106,19 @@ def test_two_heads_per_program_need_an_even_group():
     with pytest.raises(AssertionError, match="HEADS=2"):
         chunk_scan_out(torch.empty(b, c, 1, q, q), x, dt, dt, torch.empty(b, q, 1, 16), torch.empty(b, c, h, 16, 16),
                        config={"BLOCK_M": 16, "BLOCK_K": 16, "HEADS": 2})
+
+
+def test_a_launch_config_from_the_environment(monkeypatch):
+    """chunk_scan_out's config: the one given, else $DIFFUMAMBA_SCAN_OUT_CONFIG's, else the autotuner's (None);
+    a bad value names the variable."""
+    from model.chunk_scan_kernel import CONFIG_ENV, chosen_config
+
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    assert chosen_config(None) is None
+    assert chosen_config({"BLOCK_M": 64, "BLOCK_K": 32}) == {"BLOCK_M": 64, "BLOCK_K": 32, "HEADS": 1}
+    monkeypatch.setenv(CONFIG_ENV, "64x32:4:3:2")
+    assert chosen_config(None) == {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3, "HEADS": 2}
+    assert chosen_config({"BLOCK_M": 32, "BLOCK_K": 32})["BLOCK_M"] == 32, "a config given wins"
+    monkeypatch.setenv(CONFIG_ENV, "64x32")
+    with pytest.raises(ValueError, match=CONFIG_ENV):
+        chosen_config(None)
