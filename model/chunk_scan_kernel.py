@@ -101,28 +101,18 @@ def _chunk_scan_out_kernel(
                 mask=row_ok[:, None] & (offs_n[None, :] < dstate), other=0.0)
     acc0, a0 = _state_part(C, states_ptr, dA_ptr, offs_m, offs_n, offs_p, row_ok, dstate, hdim,
                            s_st_p, s_st_n, s_dA_q)
+    acc1, a1 = acc0, a0                 # one head: a stand-in the sums below leave alone
     if HEADS == 2:
         acc1, a1 = _state_part(C, states_ptr + s_st_h, dA_ptr + s_dA_h, offs_m, offs_n, offs_p, row_ok, dstate,
                                hdim, s_st_p, s_st_n, s_dA_q)
 
     # the chunk's own positions: key blocks wholly in the past, then the diagonal ones with the causal select
-    for k0 in range(0, m_start, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        cb = _load_cb(cb_ptr, offs_m, offs_k, chunk_len, s_cb_m, s_cb_k)
-        acc0 = _add_key_block(acc0, cb, x_ptr, dt_ptr, dA_ptr, offs_m, offs_k, offs_p, a0, chunk_len, hdim,
-                              s_x_l, s_x_p, s_dt_q, s_dA_q, False)
-        if HEADS == 2:
-            acc1 = _add_key_block(acc1, cb, x_ptr + s_x_h, dt_ptr + s_dt_h, dA_ptr + s_dA_h, offs_m, offs_k, offs_p,
-                                  a1, chunk_len, hdim, s_x_l, s_x_p, s_dt_q, s_dA_q, False)
-    k_end = min(m_start + BLOCK_M, chunk_len)
-    for k0 in range(m_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        cb = _load_cb(cb_ptr, offs_m, offs_k, chunk_len, s_cb_m, s_cb_k)
-        acc0 = _add_key_block(acc0, cb, x_ptr, dt_ptr, dA_ptr, offs_m, offs_k, offs_p, a0, chunk_len, hdim,
-                              s_x_l, s_x_p, s_dt_q, s_dA_q, True)
-        if HEADS == 2:
-            acc1 = _add_key_block(acc1, cb, x_ptr + s_x_h, dt_ptr + s_dt_h, dA_ptr + s_dA_h, offs_m, offs_k, offs_p,
-                                  a1, chunk_len, hdim, s_x_l, s_x_p, s_dt_q, s_dA_q, True)
+    acc0, acc1 = _add_key_blocks(acc0, acc1, a0, a1, 0, m_start, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, offs_p,
+                                 chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p, s_dt_h, s_dt_q, s_dA_h, s_dA_q,
+                                 False, HEADS, BLOCK_K)
+    acc0, acc1 = _add_key_blocks(acc0, acc1, a0, a1, m_start, min(m_start + BLOCK_M, chunk_len), cb_ptr, x_ptr,
+                                 dt_ptr, dA_ptr, offs_m, offs_p, chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p,
+                                 s_dt_h, s_dt_q, s_dA_h, s_dA_q, True, HEADS, BLOCK_K)
 
     _finish(acc0, head, x_ptr, out_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim,
             s_x_l, s_x_p, s_o_l, s_o_p, s_D_h, s_z_l, s_z_p, s_ss_l, HAS_D, D_HAS_HDIM, HAS_Z)
@@ -139,6 +129,22 @@ def _state_part(C, states_ptr, dA_ptr, offs_m, offs_n, offs_p, row_ok, dstate, h
     state = tl.load(states_ptr + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p,
                     mask=(offs_n[:, None] < dstate) & (offs_p[None, :] < hdim), other=0.0)
     return tl.dot(C, state.to(C.dtype)) * tl.exp2(a_m)[:, None], a_m
+
+
+@triton.jit
+def _add_key_blocks(acc0, acc1, a0, a1, k_start, k_stop, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, offs_p, chunk_len,
+                    hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p, s_dt_h, s_dt_q, s_dA_h, s_dA_q,
+                    CAUSAL: tl.constexpr, HEADS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Each of the program's heads' sums over the key blocks from k_start to k_stop, each CB tile loaded once."""
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        cb = _load_cb(cb_ptr, offs_m, offs_k, chunk_len, s_cb_m, s_cb_k)
+        acc0 = _add_key_block(acc0, cb, x_ptr, dt_ptr, dA_ptr, offs_m, offs_k, offs_p, a0, chunk_len, hdim,
+                              s_x_l, s_x_p, s_dt_q, s_dA_q, CAUSAL)
+        if HEADS == 2:
+            acc1 = _add_key_block(acc1, cb, x_ptr + s_x_h, dt_ptr + s_dt_h, dA_ptr + s_dA_h, offs_m, offs_k, offs_p,
+                                  a1, chunk_len, hdim, s_x_l, s_x_p, s_dt_q, s_dA_q, CAUSAL)
+    return acc0, acc1
 
 
 @triton.jit
