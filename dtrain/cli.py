@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -81,18 +80,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    """The `dtrain` command. A rank whose work is done (checkpoints written, logs closed) leaves without the
-    interpreter's finalisation: there, now and then, a native thread of torch.distributed / DeepSpeed
-    aborted a finished rank ("terminate called without an active exception", SIGABRT), and torchrun then
-    reported the whole run as failed."""
+    """The `dtrain` command. A rank whose work is done leaves through engine.exit_rank: without the
+    interpreter's finalisation, where a native thread of torch.distributed / DeepSpeed now and then aborted
+    a finished rank."""
     rc = main()
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
+    if "torch.distributed" not in sys.modules:     # a command that never imported torch
         sys.exit(rc)
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
+    from dtrain.engine import exit_rank
+    exit_rank(rc)
 
 
 if __name__ == "__main__":

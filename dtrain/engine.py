@@ -14,6 +14,7 @@ import datetime
 import functools
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,20 @@ def setup_distributed(backend: str | None = None) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def exit_rank(rc: int) -> None:
+    """Leave the process with status rc. A rank in a process group ends it and leaves without the interpreter's
+    finalisation: there, now and then, a native thread of torch.distributed / DeepSpeed aborted a finished
+    rank ("terminate called without an active exception", SIGABRT), and torchrun then reported the whole
+    run as failed. Call once the rank's work is done (checkpoints written, logs closed)."""
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        raise SystemExit(rc)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def check_batch(cfg: RunConfig, world_size: int) -> int:

@@ -92,15 +92,10 @@ dengine.setup_distributed()
 """
 
 
-# A probe that finished leaves as `dtrain` does (dtrain/cli.py console_main): without the interpreter's
+# A probe that finished leaves as `dtrain` does (dtrain/engine.py exit_rank): without the interpreter's
 # finalisation, where a native thread of torch.distributed / DeepSpeed now and then aborts a finished rank.
 PROBE_EXIT = r"""
-import os, sys
-import torch.distributed as _dist
-if _dist.is_initialized():
-    _dist.destroy_process_group()
-sys.stdout.flush(); sys.stderr.flush()
-os._exit(0)
+dengine.exit_rank(0)
 """
 
 
