@@ -86,8 +86,15 @@ def ours_gated_norm(args, z, weight, eps=1e-5):
     return (gated.flatten(2) * scale).flatten(0, 1)
 
 
-def config_name(config) -> str:
-    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_K']}, {config.num_warps}w {config.num_stages}s"
+def config_name(config: dict) -> str:
+    """A launch config as chunk_scan_out takes it, e.g. "64x32, 4w 3s" or "64x32, 4w 3s, 2 heads"."""
+    heads = f", {config['HEADS']} heads" if config.get("HEADS", 1) > 1 else ""
+    return f"{config['BLOCK_M']}x{config['BLOCK_K']}, {config['num_warps']}w {config['num_stages']}s{heads}"
+
+
+def as_launch_config(config) -> dict:
+    """A triton.Config of the autotune list as chunk_scan_out's `config`."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 def parse_config(text: str) -> dict:
@@ -99,9 +106,11 @@ def parse_config(text: str) -> dict:
         raise SystemExit(f"--extra-configs: {e}") from None
 
 
-def extra_name(config: dict) -> str:
-    heads = f", {config['HEADS']} heads" if config["HEADS"] > 1 else ""
-    return f"{config['BLOCK_M']}x{config['BLOCK_K']}, {config['num_warps']}w {config['num_stages']}s{heads} (not in the list)"
+def timed_row(shape, launch, config, fn, want, iters, device, check=None) -> dict:
+    """fn's median time over `iters` calls, and how far check() (fn() when None) is from `want`."""
+    got = (check or fn)()
+    ms = common.median(common.time_calls(fn, device, 3, iters)) * 1e3
+    return {"shape": shape, "launch": launch, "config": config, "ms": ms, "rel_diff": rel_max(got, want)}
 
 
 def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
@@ -120,42 +129,28 @@ def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
                          ("ours, CB in bf16", chunk_scan_out(*with_bf16_cb(args)))):
             rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": "float64 check", "ms": None,
                          "rel_diff": rel_max(got, exact)})
-    configs = [("autotuned", None)] + [(config_name(c), {**c.kwargs, "num_warps": c.num_warps,
-                                                         "num_stages": c.num_stages})
-                                       for c in _autotuned_kernel.configs]
-    configs += [(extra_name(c), c) for c in extra_configs]
+    configs = [("autotuned", None)] + [(config_name(c), c) for c in map(as_launch_config, _autotuned_kernel.configs)]
+    configs += [(f"{config_name(c)} (not in the list)", c) for c in extra_configs]
     for seed, (batch, seqlen) in enumerate(shapes):
+        shape = f"{batch}x{seqlen}"
         args = output_inputs(launchers, *scan_inputs(batch, seqlen, dtype, device, 10 + seed))
         launches = [("mamba_ssm", "", functools.partial(mamba_output, launchers, args))] + [
-            ("ours", name, functools.partial(chunk_scan_out, *args, config=config)) for name, config in configs]
+            ("ours", name, functools.partial(chunk_scan_out, *args, config=config)) for name, config in configs] + [
+            ("ours, CB in bf16", "autotuned", functools.partial(chunk_scan_out, *with_bf16_cb(args)))]
         want, first = launches[0][2](), len(rows)
         for who, name, fn in launches:
             try:
-                got = fn()
+                rows.append(timed_row(shape, who, name, fn, want, iters, device))
             except OutOfResources as e:   # an extra config too big for the card
-                rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": f"{name}: {e}"[:120],
-                             "ms": None, "rel_diff": float("nan")})
-                continue
-            ms = common.median(common.time_calls(fn, device, 3, iters)) * 1e3
-            rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": name, "ms": ms,
-                         "rel_diff": rel_max(got, want)})
-        rows[first + 1]["config"] = f"autotuned ({config_name(_autotuned_kernel.best_config)})"
-        bf16_cb = with_bf16_cb(args)
-        got = chunk_scan_out(*bf16_cb)
-        ms = common.median(common.time_calls(functools.partial(chunk_scan_out, *bf16_cb), device, 3, iters)) * 1e3
-        rows.append({"shape": f"{batch}x{seqlen}", "launch": "ours, CB in bf16", "config": "autotuned", "ms": ms,
-                     "rel_diff": rel_max(got, want)})
+                rows.append({"shape": shape, "launch": who, "config": f"{name}: {e}"[:120], "ms": None,
+                             "rel_diff": float("nan")})
+        rows[first + 1]["config"] = f"autotuned ({config_name(as_launch_config(_autotuned_kernel.best_config))})"
         z, weight = gate_inputs(args[1], device, 20 + seed)
         want = mamba_gated_norm(launchers, norm_module, args, z, weight)
-        for who, timed, check in (
-                ("mamba_ssm + gated norm", functools.partial(mamba_gated_norm, launchers, norm_module, args, z, weight),
-                 None),
-                ("ours, gated", functools.partial(chunk_scan_gated_out, *args, z, weight),
-                 functools.partial(ours_gated_norm, args, z, weight))):
-            got = (check or timed)()
-            ms = common.median(common.time_calls(timed, device, 3, iters)) * 1e3
-            rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": "autotuned" if check else "",
-                         "ms": ms, "rel_diff": rel_max(got, want)})
+        rows.append(timed_row(shape, "mamba_ssm + gated norm", "", functools.partial(
+            mamba_gated_norm, launchers, norm_module, args, z, weight), want, iters, device))
+        rows.append(timed_row(shape, "ours, gated", "autotuned", functools.partial(chunk_scan_gated_out, *args, z, weight),
+                              want, iters, device, check=functools.partial(ours_gated_norm, args, z, weight)))
     return rows
 
 

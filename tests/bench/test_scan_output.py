@@ -33,7 +33,8 @@ def test_extra_configs_are_parsed_and_bad_ones_named():
     assert scan_output.parse_config("128x64:8:3") == {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
                                                       "HEADS": 1}
     assert scan_output.parse_config("64x32:4:3:2")["HEADS"] == 2
-    assert scan_output.extra_name(scan_output.parse_config("64x32:4:3:2")) == "64x32, 4w 3s, 2 heads (not in the list)"
+    assert scan_output.config_name(scan_output.parse_config("64x32:4:3:2")) == "64x32, 4w 3s, 2 heads"
+    assert scan_output.config_name(scan_output.parse_config("64x32:4:3")) == "64x32, 4w 3s"
     for bad, why in (("128x64:8", "BLOCK_MxBLOCK_K:warps:stages"), ("64x128:4:2", "must divide"),
                      ("64x32:4:3:4", "heads 1 or 2")):
         with pytest.raises(SystemExit, match=why):
