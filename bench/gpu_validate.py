@@ -43,11 +43,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import rel_err
-from bench.inference_checks import inference_checks
+from bench.inference_checks import bimamba, inference_checks
 from bench.model_checks import MIXER_CASES, mixer_function_checks, report_checks, run_model_checks
 from model import kernels
 from model.config import MambaConfig, ModelConfig
-from model.mamba2 import BiMamba2
 
 DEFAULT_SIZES = {
     "cuda": {"batch": 2, "seqlen": 1000, "d_model": 256, "d_state": 64, "headdim": 64, "chunk_size": 256,
@@ -64,17 +63,6 @@ SAME_DTYPE_SLACK = 1.25    # a row also passes within this factor of the same-dt
 def make_cfg(d_model, directions="independent", ngroups=1, d_state=64, headdim=64, chunk_size=256):
     return ModelConfig(d_model=d_model, layer_pattern="M", mamba=MambaConfig(
         d_state=d_state, headdim=headdim, chunk_size=chunk_size, ngroups=ngroups, directions=directions))
-
-
-def make_model(cfg, fused, device, seed=0):
-    """A BiMamba2 with non-trivial norm weights, D and conv bias, so every parameter matters."""
-    torch.manual_seed(seed)
-    model = BiMamba2(cfg, fuse_directions=fused).to(device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", ".D")):
-                p.mul_(1 + 0.2 * torch.randn_like(p))
-    return model
 
 
 def forward_backward(model, x, grad_out, autocast=False):
@@ -96,7 +84,7 @@ def forward_backward(model, x, grad_out, autocast=False):
 def validate_one(cfg, precision, forced, fused, device, batch, seqlen):
     """Rows (tensor, max_abs, rel, rel of the same-dtype reference, pass) for one configuration."""
     dtype, autocast = PRECISIONS[precision]
-    master = make_model(cfg, fused, device)
+    master = bimamba(cfg, fused, device)
     model = copy.deepcopy(master).to(dtype)                         # kernel path, A_log/D/dt_bias stay fp32
     reference = copy.deepcopy(model).double()                       # same rounded weights, float64
     reference.fuse_directions = False                               # also checks the fused wiring
@@ -191,7 +179,7 @@ def run_timing(args, device, lines):
              ("kernels, directions separate, mixer pieces (fused mixer off)", False, ("mixer",)),
              ("kernels, conv fallback, fused", True, ("conv",)), ("reference (pure PyTorch)", False, None)]
     for label, fused, forced in paths:
-        model = make_model(cfg, fused, device).to(dtype)
+        model = bimamba(cfg, fused, device).to(dtype)
         x = torch.randn(batch, args.bench_seqlen, cfg.d_model, device=device, dtype=dtype, requires_grad=True)
         context = (kernels.use_reference_kernels() if forced is None else
                    kernels.use_reference_kernels(*forced) if forced else contextlib.nullcontext())

@@ -28,10 +28,12 @@ from model.presets import get_preset
 BF16_TOL = 1e-2
 
 
-def _bimamba(device, seed):
+def bimamba(cfg, fused, device, seed=0):
+    """A BiMamba2 with its norm weights and D off their initial ones, so every parameter matters (a weight
+    applied twice, or not at all, shows). bench/gpu_validate.py's matrix starts from it too."""
     torch.manual_seed(seed)
-    model = BiMamba2(get_preset("1.3b-diffumamba"), fuse_directions=False).to(device)
-    with torch.no_grad():   # norm weights and D off their initial ones, so a weight applied twice shows
+    model = BiMamba2(cfg, fuse_directions=fused).to(device)
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("norm.weight", ".D")):
                 p.mul_(1 + 0.2 * torch.randn_like(p))
@@ -42,7 +44,7 @@ def mixer_checks(device, gen, seqlen: int = 3000) -> list:
     """BiMamba2 (1.3B, directions separate) without autograd against its training path and float64;
     seqlen 3000 ends in a part chunk."""
     used = kernels.describe(device)["scan_gate"]
-    model = _bimamba(device, seed=11)
+    model = bimamba(get_preset("1.3b-diffumamba"), False, device, seed=11)
     reference = copy.deepcopy(model).double()
     x = torch.randn(1, seqlen, model.fwd.d_model, generator=gen).to(device)
     with kernels.use_reference_kernels(), torch.no_grad():
