@@ -330,18 +330,23 @@ def fused_mixer(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_
         headdim=headdim, ngroups=ngroups, norm_before_gate=False)
 
 
+def _forward_only_kernel_on(name: str, tensor: torch.Tensor) -> bool:
+    """Whether kernel `name`, one that has no backward (scan_out, scan_gate, gelu_gemm), runs on `tensor`: in
+    a forward without autograd (inference, sampling, evaluation) and where uses_kernel says so. Training
+    keeps the kernels whose backward was validated with them (bench/model_checks.py)."""
+    return not torch.is_grad_enabled() and uses_kernel(name, tensor)
+
+
 def _scan_output_kernel_on(zxbcdt: torch.Tensor) -> bool:
-    """Whether the fused mixer computes the scan's output with model/chunk_scan_kernel.py: in a forward
-    without autograd (inference, sampling, evaluation) on a GPU. Training keeps mamba_ssm's launcher, whose
-    output its backward kernels were validated with (bench/model_checks.py)."""
-    return not torch.is_grad_enabled() and uses_kernel("scan_out", zxbcdt)
+    """Whether the fused mixer computes the scan's output with model/chunk_scan_kernel.py."""
+    return _forward_only_kernel_on("scan_out", zxbcdt)
 
 
 def unscaled_mixer_usable(tensor: torch.Tensor, conv_channels: int, conv_width: int, ngroups: int) -> bool:
     """Whether a BiMamba2 may run its directions through fused_mixer_unscaled and scale their sum itself:
     a forward without autograd, the kernel on, the fused mixer's shapes, one norm group."""
-    return (not torch.is_grad_enabled() and uses_kernel("scan_gate", tensor) and ngroups == 1
-            and conv_channels % 8 == 0 and 2 <= conv_width <= 4)
+    return (ngroups == 1 and _forward_only_kernel_on("scan_gate", tensor)
+            and fused_mixer_usable(tensor, conv_channels, conv_width))
 
 
 def fused_mixer_unscaled(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, out_weight,
@@ -355,7 +360,7 @@ def fused_mixer_unscaled(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_si
 
 def linear_gelu_usable(x: torch.Tensor) -> bool:
     """Whether linear_gelu may run on x: a forward without autograd on a GPU, the kernel on."""
-    return not torch.is_grad_enabled() and uses_kernel("gelu_gemm", x)
+    return _forward_only_kernel_on("gelu_gemm", x)
 
 
 def linear_gelu(x, weight):
