@@ -7,7 +7,8 @@ sampling, evaluation), each a (what, dtype, got, want, tol) check at the 1.3B pr
     gelu_gemm   the MLP's first matmul with the GELU in cuBLASLt's epilogue against the float64 formula
     whole model DiffusionLM logits without autograd against float64, no further from them than its
                 logits with autograd enabled (the training path's kernels), so the pieces are checked
-                where the model calls them
+                where the model calls them; sum_norm (the directions' sum in the blocks' next norm) only
+                runs there
 
 bf16 weights (as `dtrain sample` and bench.inference run) and fp32 weights under bf16 autocast (the
 trainer's evaluation).
@@ -97,7 +98,7 @@ def model_checks(device, gen, seqlen: int = 2048) -> list:
     with torch.enable_grad():
         training = model(ids).detach()
     used = ", ".join(f"{k}: {v}" for k, v in kernels.describe(device).items() if k in ("scan_out", "scan_gate",
-                                                                                       "gelu_gemm"))
+                                                                                       "gelu_gemm", "sum_norm"))
     training_err = rel_err(training.double(), exact)
     what = f"DiffusionLM 240M logits without autograd ({used}) vs float64"
     return [(f"{what} (the training path's kernels: {training_err:.2e})", torch.bfloat16, got, exact,

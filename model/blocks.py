@@ -11,6 +11,9 @@ AddNorm does both in one pass (one fused kernel on a GPU, kernels.add_norm), kee
 in fp32 and hands the next matmul its input already in the compute dtype. The head's norm adds the last
 block's output.
 
+A mixer with a `forward_add_norm(h, residual, norm)` computes norm(mixer(h), residual) itself, so that
+it may fold its own last step into the norm's pass (BiMamba2 does without autograd).
+
 The mixer is chosen by the block's letter in the layer pattern: "M" a bidirectional Mamba-2 mixer,
 "A" bidirectional attention. Everything else is shared, so the families differ only in their pattern.
 """
@@ -82,5 +85,8 @@ class Block(nn.Module):
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None):
         """(hidden, residual) -> (hidden, residual); see the module docstring."""
         h, residual = self.mixer_norm(hidden, residual)
-        h, residual = self.mlp_norm(self.mixer(h), residual)
+        if hasattr(self.mixer, "forward_add_norm"):   # a mixer that may fuse its last step into the norm
+            h, residual = self.mixer.forward_add_norm(h, residual, self.mlp_norm)
+        else:
+            h, residual = self.mlp_norm(self.mixer(h), residual)
         return self.mlp(h), residual

@@ -25,9 +25,10 @@ per sequence in fp32) has then left L2 before the next head reads it. In that or
 faster than mamba_ssm's.
 
 A launch config may give each program two neighbouring heads of a group (`HEADS: 2`): they share each
-load of CB and C, the largest reads of a program (at 32K tokens a call's programs load about 3.5 GB,
-mostly from L2, CB alone 1.3 GB). Not in the autotune list until a GPU measures it
-(`bench.scan_output --extra-configs 64x32:4:3:2`).
+load of CB and C, the largest reads of a program. On an H100 that made 64 x 32 blocks 1-4% faster
+(docs/benchmarks.md, eighteenth run). The autotuner keys on a size class (batch x chunks, to a power of
+two up to 256) as well as the shapes: the best config differs by up to 12% between 4K and 32K tokens,
+and a pick made on the first, short call was kept for every length.
 
 `chunk_scan_gated_out` also does what the mixer's gated RMSNorm does before its row scale: y * silu(z) *
 weight, and each head's sum of squares of y * silu(z). The norm kernel, which would read y and z again
@@ -48,15 +49,27 @@ LOG2E = tl.constexpr(1.4426950408889634)   # a global a kernel may read
 
 
 def _configs():
-    """The block shapes the autotuner tries: the four fastest of the first six measured on an H100."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "HEADS": 1}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in ((64, 32, 4, 3), (128, 32, 4, 3), (32, 32, 2, 4), (64, 64, 4, 2))]
+    """The launch configs the autotuner tries: each the fastest, or within 2% of it, at one of 1 x 32K,
+    2 x 32K and 8 x 2K tokens on an H100 (bench.scan_output, eighteenth run)."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "HEADS": heads}, num_warps=w, num_stages=s)
+            for bm, bk, w, s, heads in ((64, 32, 4, 3, 2), (64, 32, 4, 3, 1), (128, 32, 4, 3, 1), (32, 32, 2, 4, 2))]
 
 
-@triton.jit
+def _configs_for_the_group(configs, named_args, **_):
+    """Two heads per program only where a group's heads pair up."""
+    return [c for c in configs if named_args["heads_per_group"] % c.kwargs["HEADS"] == 0]
+
+
+def size_class(batch: int, nchunks: int) -> int:
+    """The autotuner's size key: batch x chunks as a power of two, at most 256 (8 x 32K tokens and up tune
+    as one)."""
+    return min(triton.next_power_of_2(batch * nchunks), 256)
+
+
+@triton.jit(do_not_specialize=["tuning_size"])
 def _chunk_scan_out_kernel(
     cb_ptr, x_ptr, out_ptr, dt_ptr, dA_ptr, C_ptr, states_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr,
-    chunk_size, hdim, dstate, batch, seqlen, heads_per_group,
+    chunk_size, hdim, dstate, batch, seqlen, heads_per_group, tuning_size,
     s_cb_b, s_cb_c, s_cb_g, s_cb_m, s_cb_k,
     s_x_b, s_x_l, s_x_h, s_x_p,
     s_o_b, s_o_l, s_o_h, s_o_p,
@@ -193,7 +206,10 @@ def _finish(acc, head, x_ptr, out_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr,
              mask=out_mask)
 
 
-_autotuned_kernel = triton.autotune(configs=_configs(), key=["chunk_size", "hdim", "dstate", "HAS_Z"])(_chunk_scan_out_kernel)
+# tuning_size: size_class(batch, chunks), read by the autotuner only
+_autotuned_kernel = triton.autotune(configs=_configs(), key=["chunk_size", "hdim", "dstate", "HAS_Z", "tuning_size"],
+                                    prune_configs_by={"early_config_prune": _configs_for_the_group}
+                                    )(_chunk_scan_out_kernel)
 
 
 def chunk_scan_out(cb, x, dt, dA_cumsum, C, states, D=None, config: dict | None = None):
@@ -263,7 +279,7 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     kernel = _autotuned_kernel if config is None else _chunk_scan_out_kernel
     kernel[grid](   # without a gate, z and the sums point at x and dt: never read or written (HAS_Z)
         cb, x, out, dt, dA_cumsum, C, states, D, x if z is None else z, norm_weight, dt if z is None else sumsq,
-        chunk_size, hdim, dstate, batch, seqlen, nheads // ngroups,
+        chunk_size, hdim, dstate, batch, seqlen, nheads // ngroups, size_class(batch, nchunks),
         *cb.stride(), *x.stride(), *out.stride(),
         dt.stride(0), dt.stride(2), dt.stride(1), dt.stride(3),
         dA_cumsum.stride(0), dA_cumsum.stride(2), dA_cumsum.stride(1), dA_cumsum.stride(3),

@@ -20,6 +20,8 @@
                    model/mamba2.py sums the directions with it)  else  the fused mixer
     gelu_gemm      without autograd: the MLP's first matmul with the GELU (tanh) in cuBLASLt's epilogue
                    (torch._addmm_activation)                    else  the matmul, then the GELU
+    sum_norm       where scan_gate runs in a Block: the directions' scaled sum, the residual add and the
+                   next RMSNorm in one compiled pass (BiMamba2.forward_add_norm)  else  the sum, then add_norm
     flash_attn_func  flash-attn's kernel, or None
 
 A kernel is used only on CUDA tensors and only when its package imports. The reference path can be
@@ -53,7 +55,7 @@ from einops import rearrange
 from model import mixer_function, norm_backward, ssd
 
 KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip", "scan_out",
-                "scan_gate", "gelu_gemm")
+                "scan_gate", "gelu_gemm", "sum_norm")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
 
 
@@ -174,7 +176,8 @@ _AVAILABLE = {"scan": HAS_MAMBA_TRITON, "norm": HAS_MAMBA_TRITON, "conv": HAS_CA
               "attn": HAS_FLASH_ATTN, "mixer": _mamba_split_conv1d_scan_combined is not None,
               "add_norm": _layer_norm_fn is not None, "swiglu": HAS_TRITON, "rotary": HAS_TRITON,
               "flip": HAS_TRITON, "scan_out": _mixer_without_grad is not None,
-              "scan_gate": _unscaled_mixer is not None, "gelu_gemm": hasattr(torch, "_addmm_activation")}
+              "scan_gate": _unscaled_mixer is not None, "gelu_gemm": hasattr(torch, "_addmm_activation"),
+              "sum_norm": HAS_TRITON}
 
 
 # ---------------------------------------------------------------- choosing a path
@@ -211,8 +214,9 @@ def use_reference_kernels(*names: str):
 
 
 # The fused mixer runs the conv, scan and norm kernels: forcing any of them to the reference forces it too;
-# the scan's output kernel runs inside the fused mixer.
-_ALSO_NEEDS = {"mixer": ("scan", "conv", "norm"), "scan_out": ("mixer",), "scan_gate": ("scan_out",)}
+# the scan's output kernel runs inside the fused mixer, and sum_norm in place of scan_gate's sum and add_norm.
+_ALSO_NEEDS = {"mixer": ("scan", "conv", "norm"), "scan_out": ("mixer",), "scan_gate": ("scan_out",),
+               "sum_norm": ("scan_gate", "add_norm")}
 
 
 def _on(name: str, on_gpu: bool) -> bool:

@@ -15,7 +15,8 @@ fused autograd function (kernels.fused_mixer, the same function; its backward re
 the norm instead of storing them, -23% training memory at 1.3B, and by default keeps the scan's chunk
 states, model/mixer_function.py); elsewhere, and when the directions are fused, the pieces run. In a
 forward without autograd the scan's output kernel also gates, and the norm's scale per row is applied
-where the two directions are summed, after out_proj (a row scale commutes with it).
+where the two directions are summed, after out_proj (a row scale commutes with it); in a Block that sum
+also takes the residual add and the next norm (forward_add_norm).
 
 A_log, D and dt_bias stay fp32 when the module is cast to bf16 (exp(A_log) and softplus(dt) lose too
 much in bf16); the scan itself runs in fp32 in the reference and inside the Triton kernel.
@@ -166,11 +167,20 @@ def _plus_reversed_row_scaled(forward_out, forward_sumsq, backward_out, backward
     return (scaled(forward_out, forward_sumsq) + scaled(backward_out, backward_sumsq).flip(1)).to(forward_out.dtype)
 
 
+def _plus_reversed_row_scaled_add_norm(forward_out, forward_sumsq, backward_out, backward_sumsq, residual,
+                                       norm_weight, d_inner: int, mixer_eps: float, eps: float):
+    """The block's next add + RMSNorm (kernels.add_norm_reference) of _plus_reversed_row_scaled's sum:
+    (RMSNorm(residual + sum) * norm_weight in the outputs' dtype, residual + sum in fp32)."""
+    hidden = _plus_reversed_row_scaled(forward_out, forward_sumsq, backward_out, backward_sumsq, d_inner, mixer_eps)
+    return kernels.add_norm_reference(hidden, residual, norm_weight, None, eps, True)
+
+
 # On a GPU each is one compiled kernel (and its backward one more): torch's flip kernel does not vectorise
 # (12 ms a step at 1.3B, L = 2048, micro-batch 16, for half the bytes of a copy), and the sum is fused in.
 reverse_time = kernels.CompiledOnGPU("flip", _reversed)
 add_time_reversed = kernels.CompiledOnGPU("flip", _plus_reversed)
 add_time_reversed_row_scaled = kernels.CompiledOnGPU("scan_gate", _plus_reversed_row_scaled)
+add_time_reversed_row_scaled_add_norm = kernels.CompiledOnGPU("sum_norm", _plus_reversed_row_scaled_add_norm)
 
 
 def _pair_up(first, second, sizes, dim):
@@ -206,11 +216,32 @@ class BiMamba2(nn.Module):
 
     def forward(self, x):
         """x (b, l, d_model) -> (b, l, d_model)."""
-        channels = self.fwd.d_in_proj * (2 if self.fuse_directions else 1)   # widest tensor per token
-        rows = max(1, KERNEL_MAX_ELEMENTS // (x.shape[1] * channels))
+        rows = self._rows_per_piece(x)
         if x.shape[0] > rows:
             return torch.cat([self._forward(part) for part in x.split(rows)], dim=0)
         return self._forward(x)
+
+    def forward_add_norm(self, x, residual, norm):
+        """norm(self(x), residual): the mixer and the block's AddNorm after it (model/blocks.py). Where the
+        directions come unscaled (below) and the norm is an RMSNorm, their sum, the residual add and the norm
+        run as one compiled pass (kernel "sum_norm"): one pass less over the block's output."""
+        f = self.fwd
+        if (norm.is_rms_norm and x.shape[0] <= self._rows_per_piece(x) and self._directions_unscaled(x)
+                and kernels.uses_kernel("sum_norm", x)):
+            return add_time_reversed_row_scaled_add_norm(
+                *f.forward_unscaled(x), *self.bwd.forward_unscaled(reverse_time(x)), residual, norm.weight,
+                f.d_inner, f.norm.eps, norm.eps)
+        return norm(self(x), residual)
+
+    def _rows_per_piece(self, x):
+        channels = self.fwd.d_in_proj * (2 if self.fuse_directions else 1)   # widest tensor per token
+        return max(1, KERNEL_MAX_ELEMENTS // (x.shape[1] * channels))
+
+    def _directions_unscaled(self, x):
+        """Whether both directions run as fused_mixer_unscaled: inference, independent directions."""
+        f = self.fwd
+        return (not self.fuse_directions and not self.tied
+                and kernels.unscaled_mixer_usable(x, f.conv_dim, f.conv1d.kernel_size[0], f.ngroups))
 
     def _forward(self, x):
         if self.fuse_directions:
@@ -220,7 +251,7 @@ class BiMamba2(nn.Module):
             y = add_time_reversed(self.fwd.mix(zxbcdt), self.bwd.mix(reverse_time(zxbcdt)))
             return self.out_proj(y)            # out_proj is linear: one matmul for both directions
         f = self.fwd
-        if kernels.unscaled_mixer_usable(x, f.conv_dim, f.conv1d.kernel_size[0], f.ngroups):
+        if self._directions_unscaled(x):
             # inference: the norms' row scales applied in the sum of the directions (mixer_function.py)
             return add_time_reversed_row_scaled(*f.forward_unscaled(x), *self.bwd.forward_unscaled(reverse_time(x)),
                                                 f.d_inner, f.norm.eps)

@@ -51,8 +51,8 @@ def test_gated_output_and_sums_of_squares_match_float64(interpreted_errors, case
     assert got["sumsq_rel_err"] <= TOLERANCE[got["dtype"]], got
 
 
-# two heads per program: not in the autotune list until measured (bench.scan_output --extra-configs)
-TWO_HEAD_CONFIGS = [({"BLOCK_M": 64, "BLOCK_K": 32, "HEADS": 2}, 4, 3), ({"BLOCK_M": 128, "BLOCK_K": 32, "HEADS": 2}, 8, 3)]
+# a config outside the autotune list that bench.scan_output measures (--extra-configs)
+EXTRA_CONFIGS = [({"BLOCK_M": 128, "BLOCK_K": 32, "HEADS": 2}, 8, 3)]
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -67,7 +67,7 @@ def test_every_autotune_config_compiles_for_an_h100(dtype, gated):
     params = list(inspect.signature(_chunk_scan_out_kernel.fn).parameters)
     pointers = {name: "*fp32" for name in ("cb_ptr", "dt_ptr", "dA_ptr", "D_ptr", "norm_weight_ptr", "sumsq_ptr")}
     pointers |= {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "C_ptr", "states_ptr", "z_ptr")}
-    configs = [(c.kwargs, c.num_warps, c.num_stages) for c in _autotuned_kernel.configs] + TWO_HEAD_CONFIGS
+    configs = [(c.kwargs, c.num_warps, c.num_stages) for c in _autotuned_kernel.configs] + EXTRA_CONFIGS
     for kwargs, warps, stages in configs:
         constants = dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=gated, BLOCK_P=64, BLOCK_N=128, **kwargs)
         signature = {p: "constexpr" if p in constants else pointers.get(p, "i32") for p in params}
@@ -77,6 +77,25 @@ def test_every_autotune_config_compiles_for_an_h100(dtype, gated):
                                   options={"num_warps": warps, "num_stages": stages})
         assert compiled.asm["cubin"], kwargs
         assert compiled.metadata.shared <= 227 * 1024, f"{kwargs}: more shared memory than an H100 has"
+
+
+def test_the_autotuner_tries_two_heads_per_program_only_where_a_group_pairs_them():
+    from model.chunk_scan_kernel import _autotuned_kernel, _configs_for_the_group
+
+    configs = _autotuned_kernel.configs
+    assert {c.kwargs["HEADS"] for c in configs} == {1, 2}
+    kept_for_odd = _configs_for_the_group(configs, {"heads_per_group": 3})
+    assert kept_for_odd and all(c.kwargs["HEADS"] == 1 for c in kept_for_odd)
+    assert _configs_for_the_group(configs, {"heads_per_group": 64}) == configs
+
+
+def test_the_autotuner_keys_on_a_size_class():
+    from model.chunk_scan_kernel import _autotuned_kernel, size_class
+
+    assert "tuning_size" in _autotuned_kernel.keys
+    # 1 x 4K, 1 x 32K, 2 x 32K, 1 x 128K and 8 x 2K tokens in chunks of 256
+    assert [size_class(b, c) for b, c in ((1, 16), (1, 128), (2, 128), (1, 512), (8, 8), (3, 5))] == \
+        [16, 128, 256, 256, 64, 16]
 
 
 def test_takes_the_arguments_of_mamba_ssms_launcher():

@@ -1,4 +1,5 @@
 """model.kernels: the loader of the optional GPU packages, the reference fallbacks and the dispatch."""
+import functools
 import importlib
 import importlib.util
 import sys
@@ -379,6 +380,47 @@ def test_bimamba_without_autograd_scales_the_unscaled_directions_in_their_sum(mo
         got = bi(x)
     assert len(calls) == 2
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("first_block", [False, True])
+def test_a_block_without_autograd_sums_the_directions_in_its_next_norm(monkeypatch, first_block):
+    """Where the directions come unscaled and sum_norm is on, Block hands its mlp_norm to the mixer, which
+    sums the scaled directions, adds the residual and normalises in one function (one compiled pass on a
+    GPU): the same (hidden, residual) as the training path (float64 stand-ins of the launchers)."""
+    from model import mamba2, mixer_function
+    from model.blocks import Block
+    from tests.model import ssd_emulation
+    from tests.model.test_mixer_function import gated_out_float64
+
+    torch.manual_seed(1)
+    block = Block("M", ModelConfig(d_model=32, layer_pattern="M", mamba=MambaConfig(
+        d_state=4, headdim=8, chunk_size=8, fuse_directions=False))).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    monkeypatch.setattr(kernels, "_unscaled_mixer", functools.partial(
+        mixer_function.unscaled_forward, ssd_emulation.namespace(), gated_out_float64))
+    monkeypatch.setattr(kernels, "unscaled_mixer_usable", lambda *args: not torch.is_grad_enabled())
+    monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: name == "sum_norm")
+    calls = []
+
+    def fused(*args):
+        calls.append(len(args))
+        return mamba2._plus_reversed_row_scaled_add_norm(*args)
+    monkeypatch.setattr(mamba2, "add_time_reversed_row_scaled_add_norm", fused)
+    hidden = torch.randn(2, 24, 32, dtype=torch.float64)
+    residual = None if first_block else torch.randn(2, 24, 32, dtype=torch.float64)
+    want = block(hidden, residual)
+    assert not calls, "a forward with autograd runs the mixer, then add_norm"
+    with torch.no_grad():
+        got = block(hidden, residual)
+        assert len(calls) == 1
+        monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: False)   # sum_norm off
+        unfused = block(hidden, residual)
+    assert len(calls) == 1
+    for g, u, w in zip(got, unfused, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(u, w, rtol=1e-10, atol=1e-10)
 
 
 def test_the_mlp_runs_its_gelu_in_the_matmul_without_autograd_only(monkeypatch):
