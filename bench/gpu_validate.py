@@ -25,6 +25,7 @@ bench/model_checks.py, bench/graph_checks.py and bench/inference_checks.py.
     python bench/gpu_validate.py --out gpu_validate.md               # on an H100
     python bench/gpu_validate.py --device cpu --out /tmp/smoke.md    # CPU smoke run: reference vs reference
     python bench/gpu_validate.py --pieces-only --skip-bench --out x.md   # the model-level checks alone
+    python bench/gpu_validate.py --pieces-only --skip-bench --model-checks pieces model --out x.md   # some
     python bench/gpu_validate.py --inference-only --out x.md   # the kernels of forwards without autograd
 
 Exit status: 0 when every row passes, 1 otherwise.
@@ -44,7 +45,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import rel_err
 from bench.inference_checks import bimamba, inference_checks
-from bench.model_checks import MIXER_CASES, mixer_function_checks, report_checks, run_model_checks
+from bench.model_checks import (
+    MIXER_CASES,
+    MODEL_CHECK_GROUPS,
+    mixer_function_checks,
+    report_checks,
+    run_model_checks,
+)
 from model import kernels
 from model.config import MambaConfig, ModelConfig
 
@@ -218,6 +225,9 @@ def main(argv=None):
     p.add_argument("--pieces-only", action="store_true",
                    help="only the model-level checks (every kernel once, a whole model): minutes less than the "
                         "mixer matrix, whose Triton autotuning takes about 40 s a row")
+    p.add_argument("--model-checks", nargs="+", choices=list(MODEL_CHECK_GROUPS), default=list(MODEL_CHECK_GROUPS),
+                   help="the groups of model-level checks to run (all by default); on a fresh machine all of them "
+                        "take over 8 minutes, most of it Triton autotuning mamba_ssm's backward kernels")
     args = p.parse_args(argv)
     for name, value in DEFAULT_SIZES[args.device].items():   # the CPU smoke run is small
         if getattr(args, name) is None:
@@ -241,7 +251,7 @@ def main(argv=None):
         args.skip_bench = True
     else:
         all_pass = True if args.pieces_only else run_validation(args, device, lines)
-        all_pass &= run_model_checks(device, lines)
+        all_pass &= run_model_checks(device, lines, args.model_checks)
     if not args.skip_bench:
         run_timing(args, device, lines)
     lines.append(f"**{'PASS' if all_pass else 'FAIL'}**")

@@ -225,14 +225,11 @@ def signal_checks(device) -> list:
              torch.tensor([float(caught)]), torch.tensor([2.0]), 1e-6)]
 
 
-def run_model_checks(device, lines) -> bool:
-    """The blocks' pieces against float64 formulas, a whole model's loss and gradients against the float64
-    reference path, and DiffusionLM's logits at masked positions only (score_mask, the training path)
-    against the same rows of its full logits, on the kernel path."""
-    gen = torch.Generator(device="cpu").manual_seed(2)
-    checks = (piece_checks(device, gen) + norm_launch_checks(device) + mixer_function_checks(device, gen)
-              + inference_checks(device, gen))
-
+def whole_model_checks(device, gen) -> list:
+    """A whole model's loss and gradients against the float64 reference path, DiffusionLM's logits at
+    masked positions only (score_mask, the training path) against the same rows of its full logits, and
+    its trunk replayed from a CUDA graph against the plain forward, on the kernel path."""
+    checks = []
     # the whole model, fp32 on the kernel path (tf32 inside the Triton kernels) vs float64 reference path
     torch.manual_seed(4)
     small = get_preset("tiny-diffumamba-h").replace(d_model=256, layer_pattern="MAM", vocab_size=1024,
@@ -284,15 +281,41 @@ def run_model_checks(device, lines) -> bool:
         checks.append(("CUDA graph captured", torch.float32, torch.tensor([float(len(graphed.graphs))]),
                        torch.tensor([1.0]), 1e-6))
 
-    checks += training_graph_checks(device, gen) + stage_graph_checks(device, gen) + signal_checks(device)
-    return report_checks(checks, lines)
+    return checks
 
 
-def report_checks(checks, lines) -> bool:
-    """Print and append the table of (what, dtype, got, want, tol) checks; whether all pass."""
-    lines.append("## Model pieces on the kernel path\n")
-    lines.append("| check | dtype | max abs | rel | tol | ok |")
-    lines.append("|---|---|---|---|---|---|")
+# the groups of run_model_checks, in their order: name -> checks(device, gen)
+MODEL_CHECK_GROUPS = {
+    "pieces": lambda device, gen: piece_checks(device, gen) + norm_launch_checks(device),
+    "mixer_function": mixer_function_checks,
+    "inference": inference_checks,
+    "model": whole_model_checks,
+    "training_graphs": lambda device, gen: training_graph_checks(device, gen) + stage_graph_checks(device, gen),
+    "signals": lambda device, gen: signal_checks(device),
+}
+
+
+def run_model_checks(device, lines, groups=tuple(MODEL_CHECK_GROUPS)) -> bool:
+    """The named groups of MODEL_CHECK_GROUPS (all by default), each on a generator of its own seed, its rows
+    printed as soon as it is done: a run cut short keeps the finished groups' rows."""
+    all_pass, first = True, True
+    for index, name in enumerate(MODEL_CHECK_GROUPS):
+        if name in groups:
+            checks = MODEL_CHECK_GROUPS[name](device, torch.Generator(device="cpu").manual_seed(2 + index))
+            if not first:
+                lines.pop()        # the blank line that ended the table: more rows follow
+            all_pass &= report_checks(checks, lines, header=first)
+            first = False
+    return all_pass
+
+
+def report_checks(checks, lines, header=True) -> bool:
+    """Print and append the table of (what, dtype, got, want, tol) checks, then a blank line (header=False:
+    rows that continue the table `lines` ends with); whether all pass."""
+    if header:
+        lines.append("## Model pieces on the kernel path\n")
+        lines.append("| check | dtype | max abs | rel | tol | ok |")
+        lines.append("|---|---|---|---|---|---|")
     all_pass = True
     for what, dtype, got, want, tol in checks:
         got, want = got.double().cpu(), want.double().cpu()

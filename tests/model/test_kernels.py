@@ -476,6 +476,19 @@ def test_gpu_validate_smoke_run_on_cpu(tmp_path, monkeypatch):
     assert "FAIL" in out.read_text()
 
 
+def test_gpu_validate_runs_the_model_check_groups_named(tmp_path):
+    gpu_validate = load_gpu_validate()
+    out = tmp_path / "table.md"
+    args = ["--device", "cpu", "--out", str(out), "--pieces-only", "--skip-bench", "--model-checks"]
+    assert gpu_validate.main(args + ["signals"]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "check |" not in line]
+    assert rows and all(row.startswith("| stop signals") for row in rows)
+    assert gpu_validate.main(args + ["signals", "pieces"]) == 0
+    text = out.read_text()
+    assert text.count("| check |") == 1, "one table"
+    assert text.index("| SwiGLU") < text.index("| stop signals"), "the groups' own order"
+
+
 # ---------------------------------------------------------------- add + norm and SwiGLU dispatch
 def test_add_norm_hands_the_kernel_mamba_ssms_prenorm_contract(monkeypatch):
     """On the kernel path AddNorm calls layer_norm_fn(hidden, weight, bias, residual=..., eps=...,
