@@ -3,7 +3,8 @@ sampling, evaluation), each a (what, dtype, got, want, tol) check at the 1.3B pr
 
     scan_gate   BiMamba2's directions through mixer_function.unscaled_forward (gate in the scan's output
                 kernel, the norm's row scale in the sum of the directions) against the same module's
-                training path (mamba_ssm's kernels, grad enabled) and against the float64 reference path
+                training path (mamba_ssm's kernels, grad enabled) and against the float64 reference path;
+                once more with the opt-in state_pass kernel (the states entering the chunks)
     gelu_gemm   the MLP's first matmul with the GELU in cuBLASLt's epilogue against the float64 formula
     whole model DiffusionLM logits without autograd against float64, no further from them than its
                 logits with autograd enabled (the training path's kernels), so the pieces are checked
@@ -51,14 +52,17 @@ def mixer_checks(device, gen, seqlen: int = 3000) -> list:
     with kernels.use_reference_kernels(), torch.no_grad():
         exact = reference(x.double())
     checks = []
-    for label, weights, autocast in (("bf16 weights", torch.bfloat16, False), ("amp-bf16", torch.float32, True)):
+    for label, weights, autocast, opt_in in (("bf16 weights", torch.bfloat16, False, ()),
+                                             ("amp-bf16", torch.float32, True, ()),
+                                             ("bf16 weights", torch.bfloat16, False, ("state_pass",))):
         m = copy.deepcopy(model).to(weights)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            with torch.no_grad():
+            with torch.no_grad(), kernels.use_opt_in_kernels(*opt_in):
                 got = m(x.to(weights))
+                states = kernels.describe(device)["state_pass"]
             with torch.enable_grad():
                 training = m(x.to(weights)).detach()   # parameters need gradients: the training path
-        what = f"BiMamba2 without autograd (1.3B, L {seqlen}, {label}, scan_gate: {used})"
+        what = f"BiMamba2 without autograd (1.3B, L {seqlen}, {label}, scan_gate: {used}, state_pass: {states})"
         checks.append((f"{what} vs the training path", torch.bfloat16, got, training, BF16_TOL))
         checks.append((f"{what} vs float64", torch.bfloat16, got, exact,
                        max(1.25 * rel_err(training.double().cpu(), exact.cpu()), 1e-6)))

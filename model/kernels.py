@@ -22,6 +22,9 @@
                    (torch._addmm_activation)                    else  the matmul, then the GELU
     sum_norm       where scan_gate runs in a Block: the directions' scaled sum, the residual add and the
                    next RMSNorm in one compiled pass (BiMamba2.forward_add_norm)  else  the sum, then add_norm
+    state_pass     where scan_out runs: the states entering each chunk by model/state_pass_kernel.py (one
+                   kernel, no fp32 chunk states in memory)  else  mamba_ssm's `_chunk_state_fwd` and
+                   `_state_passing_fwd`. Opt-in until a GPU has measured it: DIFFUMAMBA_OPT_IN_KERNELS=state_pass
     flash_attn_func  flash-attn's kernel, or None
 
 A kernel is used only on CUDA tensors and only when its package imports. The reference path can be
@@ -30,6 +33,7 @@ forced, for tests that run both paths on the same weights:
     with use_reference_kernels("conv"):      # just the conv (names: KERNEL_NAMES)
     DIFFUMAMBA_KERNELS=reference             # every kernel, for the whole process
     DIFFUMAMBA_KERNELS=reference:conv,norm   # some of them
+An opt-in kernel (OPT_IN) runs only where DIFFUMAMBA_OPT_IN_KERNELS names it, e.g. =state_pass.
 
 mamba_ssm is often installed without its Mamba-1 CUDA extension: `import mamba_ssm` then fails inside
 the package __init__ (No module named 'selective_scan_cuda') although the Triton modules we need are
@@ -55,8 +59,10 @@ from einops import rearrange
 from model import mixer_function, norm_backward, ssd
 
 KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip", "scan_out",
-                "scan_gate", "gelu_gemm", "sum_norm")
+                "scan_gate", "gelu_gemm", "sum_norm", "state_pass")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
+OPT_IN = ("state_pass",)        # off unless named in OPT_IN_ENV: not yet measured on a GPU
+OPT_IN_ENV = "DIFFUMAMBA_OPT_IN_KERNELS"
 
 
 # ---------------------------------------------------------------- importing without a package's __init__
@@ -153,6 +159,7 @@ if HAS_MAMBA_TRITON:   # the norms' backward launched with more rows in flight (
     except RuntimeError as e:   # another mamba_ssm: its own launch, with a note
         IMPORT_ERRORS["norm_backward"] = str(e)
 _mixer_keeping_states = _mixer_without_grad = _unscaled_mixer = None
+_mixer_without_grad_state_pass = _unscaled_mixer_state_pass = None
 if _mamba_split_conv1d_scan_combined is not None:
     try:
         _ssd_combined = import_skipping_package_init("mamba_ssm.ops.triton.ssd_combined")
@@ -168,6 +175,17 @@ if _mamba_split_conv1d_scan_combined is not None:
                                                 chunk_scan_kernel.chunk_scan_gated_out)
         except Exception as e:  # noqa: BLE001 - a Triton too old for the kernel: mamba_ssm's launcher stays
             IMPORT_ERRORS["chunk_scan_kernel"] = repr(e)
+    if _mixer_without_grad is not None:   # and the states entering the chunks by model/state_pass_kernel.py
+        try:
+            from model import state_pass_kernel
+            _ssd_state_pass = mixer_function.with_fused_chunk_states(_ssd_combined,
+                                                                     state_pass_kernel.states_entering_chunks)
+            _mixer_without_grad_state_pass = mixer_function.MixerFunction.build(
+                mixer_function.with_chunk_scan_output(_ssd_state_pass, chunk_scan_kernel.chunk_scan_out))
+            _unscaled_mixer_state_pass = functools.partial(mixer_function.unscaled_forward, _ssd_state_pass,
+                                                           chunk_scan_kernel.chunk_scan_gated_out)
+        except Exception as e:  # noqa: BLE001 - as above
+            IMPORT_ERRORS["state_pass_kernel"] = repr(e)
 HAS_CAUSAL_CONV1D = _causal_conv1d_fn is not None
 HAS_FLASH_ATTN = flash_attn_func is not None
 # torch.compile generates Triton kernels on a GPU: usable where Triton imports (it ships with CUDA torch)
@@ -177,7 +195,7 @@ _AVAILABLE = {"scan": HAS_MAMBA_TRITON, "norm": HAS_MAMBA_TRITON, "conv": HAS_CA
               "add_norm": _layer_norm_fn is not None, "swiglu": HAS_TRITON, "rotary": HAS_TRITON,
               "flip": HAS_TRITON, "scan_out": _mixer_without_grad is not None,
               "scan_gate": _unscaled_mixer is not None, "gelu_gemm": hasattr(torch, "_addmm_activation"),
-              "sum_norm": HAS_TRITON}
+              "sum_norm": HAS_TRITON, "state_pass": _mixer_without_grad_state_pass is not None}
 
 
 # ---------------------------------------------------------------- choosing a path
@@ -216,11 +234,36 @@ def use_reference_kernels(*names: str):
 # The fused mixer runs the conv, scan and norm kernels: forcing any of them to the reference forces it too;
 # the scan's output kernel runs inside the fused mixer, and sum_norm in place of scan_gate's sum and add_norm.
 _ALSO_NEEDS = {"mixer": ("scan", "conv", "norm"), "scan_out": ("mixer",), "scan_gate": ("scan_out",),
-               "sum_norm": ("scan_gate", "add_norm")}
+               "sum_norm": ("scan_gate", "add_norm"), "state_pass": ("scan_out",)}
+
+
+_opted_in: set[str] = set()
+
+
+def opted_in(name: str) -> bool:
+    """False for an OPT_IN kernel that neither $DIFFUMAMBA_OPT_IN_KERNELS (comma-separated names) nor
+    use_opt_in_kernels names."""
+    return (name not in OPT_IN or name in _opted_in
+            or name in os.environ.get(OPT_IN_ENV, "").replace(" ", "").lower().split(","))
+
+
+@contextlib.contextmanager
+def use_opt_in_kernels(*names: str):
+    """Run the named OPT_IN kernels inside the block (where they are installed and not forced off)."""
+    unknown = set(names) - set(OPT_IN)
+    if unknown:
+        raise ValueError(f"not opt-in kernel name(s) {sorted(unknown)}; opt-in: {OPT_IN}")
+    saved = set(_opted_in)
+    _opted_in.update(names)
+    try:
+        yield
+    finally:
+        _opted_in.clear()
+        _opted_in.update(saved)
 
 
 def _on(name: str, on_gpu: bool) -> bool:
-    return (_AVAILABLE[name] and on_gpu and not reference_forced(name)
+    return (_AVAILABLE[name] and on_gpu and not reference_forced(name) and opted_in(name)
             and all(_on(n, on_gpu) for n in _ALSO_NEEDS.get(name, ())))
 
 
@@ -325,7 +368,10 @@ def fused_mixer(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_
     keep_scan_states: keep the scan's chunk states etc. for the backward (model/mixer_function.py),
     instead of mamba_ssm's recomputing them."""
     if keep_scan_states and _mixer_keeping_states is not None:
-        fn = _mixer_without_grad if _scan_output_kernel_on(zxbcdt) else _mixer_keeping_states
+        fn = _mixer_keeping_states
+        if _scan_output_kernel_on(zxbcdt):
+            fn = _mixer_without_grad_state_pass if _forward_only_kernel_on("state_pass", zxbcdt) \
+                else _mixer_without_grad
         return fn(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, norm_eps, out_weight,
                   headdim, ngroups)
     return _mamba_split_conv1d_scan_combined(
@@ -358,8 +404,8 @@ def fused_mixer_unscaled(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_si
     """fused_mixer's output before the norm's row scale, and the sums of squares that give it:
     (out (b, l, d_model), sumsq (b, l, heads) fp32); fused_mixer = out * rsqrt(sumsq.sum(-1) / d_inner + eps).
     Only where unscaled_mixer_usable (model/mixer_function.py: unscaled_forward)."""
-    return _unscaled_mixer(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, out_weight,
-                           headdim, ngroups)
+    fn = _unscaled_mixer_state_pass if _forward_only_kernel_on("state_pass", zxbcdt) else _unscaled_mixer
+    return fn(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, out_weight, headdim, ngroups)
 
 
 def linear_gelu_usable(x: torch.Tensor) -> bool:

@@ -13,8 +13,9 @@ mamba_ssm's backward kernels in mamba_ssm's order. The conv output is still reco
 cost twice the memory for a kernel half as long.
 
 The forward is mamba_ssm's to the bit (`with_chunk_scan_output` swaps in another launcher for the scan's
-output: model/kernels.py does so for forwards without autograd; `unscaled_forward` is the forward without
-autograd whose output kernel also gates, and whose norm scale the caller applies after out_proj).
+output, and `with_fused_chunk_states` one for the states entering the chunks: model/kernels.py does so for
+forwards without autograd; `unscaled_forward` is the forward without autograd whose output kernel also
+gates, and whose norm scale the caller applies after out_proj).
 The backward reads the kept states where mamba_ssm's recomputes them in fp32 only in one place, the gradient
 of each chunk's decay (`_state_passing_bwd`); everywhere else mamba_ssm's backward too rounds them to the
 inputs' dtype first.
@@ -72,6 +73,14 @@ def with_chunk_scan_output(ssd, chunk_scan_out):
     return types.SimpleNamespace(**{**vars(ssd), "__name__": name, "_chunk_scan_fwd": _chunk_scan_fwd})
 
 
+def with_fused_chunk_states(ssd, states_entering_chunks):
+    """`ssd` with the states entering each chunk from one launcher,
+    states_entering_chunks(B, x, dt, dA_cumsum, out_dtype) -> (b, chunks, H, P, N), in place of
+    `_chunk_state_fwd` then `_state_passing_fwd` (model/state_pass_kernel.py); every launcher unchanged."""
+    name = f"{getattr(ssd, '__name__', ssd)} with {getattr(states_entering_chunks, '__module__', '?')}"
+    return types.SimpleNamespace(**{**vars(ssd), "__name__": name, "states_entering_chunks": states_entering_chunks})
+
+
 def conv_silu(ssd, xBC, conv_weight, conv_bias):
     """(b, l, channels) -> silu(causal depthwise conv), same layout."""
     x_t = rearrange(ssd.ensure_stride(xBC), "b s d -> b d s")
@@ -107,10 +116,20 @@ def output_inputs(ssd, x, dt_raw, A, B, C, dt_bias, chunk_size):
     """What the scan's output launcher `_chunk_scan_fwd` reads besides x, C and D: (CB, dt, dA_cumsum, the
     states entering each chunk (b, chunks, H, P, N) in C's dtype)."""
     dA_cumsum, dt, CB = chunk_pieces(ssd, x, dt_raw, A, B, C, dt_bias, chunk_size)
+    return CB, dt, dA_cumsum, states_entering_chunks(ssd, B, x, dt, dA_cumsum, chunk_size, C.dtype)
+
+
+def states_entering_chunks(ssd, B, x, dt, dA_cumsum, chunk_size, out_dtype):
+    """The state entering each chunk (b, chunks, H, P, N) in out_dtype: each chunk's own state in fp32
+    (`_chunk_state_fwd`) passed along the chunks (`_state_passing_fwd`), or `ssd`'s one launcher for both
+    (with_fused_chunk_states)."""
+    fused = getattr(ssd, "states_entering_chunks", None)
+    if fused is not None:
+        return fused(B, x, dt, dA_cumsum, out_dtype)
     states = ssd._chunk_state_fwd(B, x, dt, dA_cumsum, states_in_fp32=True)
     states, _ = ssd._state_passing_fwd(rearrange(states, "... p n -> ... (p n)"), dA_cumsum[:, :, :, -1],
-                                       chunk_size=chunk_size, out_dtype=C.dtype)
-    return CB, dt, dA_cumsum, rearrange(states, "... (p n) -> ... p n", n=B.shape[-1])
+                                       chunk_size=chunk_size, out_dtype=out_dtype)
+    return rearrange(states, "... (p n) -> ... p n", n=B.shape[-1])
 
 
 def scan_forward(ssd, x, dt_raw, A, B, C, D, dt_bias, chunk_size):

@@ -1,0 +1,131 @@
+"""The states entering each chunk of the scan: mamba_ssm's `_chunk_state_fwd` then `_state_passing_fwd`
+against model/state_pass_kernel.py's one kernel.
+
+One direction of a 1.3B mixer layer (64 heads x 64, state 128, chunk 256, bf16 by default), dt and its
+cumulative sum made by mamba_ssm's own `_chunk_cumsum_fwd` from random inputs (bench.scan_output's). Each
+shape is timed with mamba_ssm's two launchers, ours under the autotuner and ours under each of its configs,
+and each result compared with mamba_ssm's. Float64 rows check both against the plain-torch formula
+(`states_entering_chunks_reference`) on short sequences.
+
+    python -m bench.state_pass --out bench_results      # state_pass.md / .json / .png (needs a GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+
+from bench import common
+from bench.scan_output import SHAPES, rel_max, scan_inputs, timed_row
+from model import kernels, mixer_function
+
+CHUNK = 256
+CHECK_SHAPES = [(1, 4096), (2, 1000)]   # batch x L of the float64 rows: whole chunks, and a part chunk
+
+
+def state_inputs(launchers, batch, seqlen, dtype, device, seed):
+    """(B, x, dt, dA_cumsum) as the mixer hands them to the states' launchers."""
+    x, dt_raw, A, B, _, _, dt_bias = scan_inputs(batch, seqlen, dtype, device, seed)
+    dA_cumsum, dt = launchers._chunk_cumsum_fwd(dt_raw, A, CHUNK, dt_bias=dt_bias, dt_softplus=True,
+                                                dt_limit=mixer_function.NO_DT_LIMIT)
+    return B, x, dt, dA_cumsum
+
+
+def config_name(config) -> str:
+    return f"{config.kwargs['BLOCK_P']}x{config.kwargs['BLOCK_N']}, {config.num_warps}w {config.num_stages}s"
+
+
+def measure(shapes, dtype, device, iters) -> list[dict]:
+    from triton.runtime.errors import OutOfResources
+
+    from model.state_pass_kernel import (
+        _autotuned_kernel,
+        states_entering_chunks,
+        states_entering_chunks_reference,
+    )
+    launchers = kernels.import_skipping_package_init("mamba_ssm.ops.triton.ssd_combined")
+
+    def mamba(B, x, dt, dA_cumsum):
+        return mixer_function.states_entering_chunks(launchers, B, x, dt, dA_cumsum, CHUNK, dtype)
+
+    rows = []
+    for seed, (batch, seqlen) in enumerate(CHECK_SHAPES):                   # accuracy, float64 reference
+        args = state_inputs(launchers, batch, seqlen, dtype, device, seed)
+        exact = states_entering_chunks_reference(*(a.double() for a in args), torch.float64)
+        for who, got in (("mamba_ssm", mamba(*args)), ("ours", states_entering_chunks(*args, dtype))):
+            rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": "float64 check", "ms": None,
+                         "rel_diff": rel_max(got, exact)})
+    configs = [("autotuned", None)] + [
+        (config_name(c), {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
+        for c in _autotuned_kernel.configs]
+    for seed, (batch, seqlen) in enumerate(shapes):
+        shape = f"{batch}x{seqlen}"
+        args = state_inputs(launchers, batch, seqlen, dtype, device, 10 + seed)
+        want = mamba(*args)
+        rows.append(timed_row(shape, "mamba_ssm", "chunk states, then passing", functools.partial(mamba, *args),
+                              want, iters, device))
+        first = len(rows)
+        for name, config in configs:
+            try:
+                rows.append(timed_row(shape, "ours", name, functools.partial(
+                    states_entering_chunks, *args, dtype, config=config), want, iters, device))
+            except OutOfResources as e:   # a config too big for the card (fp32 inputs)
+                rows.append({"shape": shape, "launch": "ours", "config": f"{name}: {e}"[:120], "ms": None,
+                             "rel_diff": float("nan")})
+        rows[first]["config"] = f"autotuned ({config_name(_autotuned_kernel.best_config)})"
+    return rows
+
+
+def markdown(rows: list[dict], head: dict) -> str:
+    lines = [f"## The states entering the scan's chunks — {head['card']}", ""]
+    lines += [f"- {ln}" for ln in common.header_lines(head)]
+    lines += ["- rel. diff: largest difference over the largest value of mamba_ssm's states (float64 in the check rows)",
+              "", "| batch x L | launch | config | ms | vs mamba_ssm | rel. diff |", "| --- | --- | --- | --- | --- | --- |"]
+    base = {r["shape"]: r["ms"] for r in rows if r["launch"] == "mamba_ssm" and r["ms"]}
+    for r in rows:
+        ms, speed = (f"{r['ms']:.3f}", f"{base[r['shape']] / r['ms']:.2f}x") if r["ms"] else ("-", "-")
+        lines.append(f"| {r['shape']} | {r['launch']} | {r['config']} | {ms} | {speed} | {r['rel_diff']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], head: dict, path) -> None:
+    plt = common.pyplot()
+    if plt is None:
+        return
+    timed = [r for r in rows if r["ms"]]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(range(len(timed)), [r["ms"] for r in timed],
+           color=["C1" if r["launch"] == "mamba_ssm" else "C0" for r in timed])
+    ax.set_xticks(range(len(timed)), [f"{r['shape']} {r['launch']} {r['config'].split(' (')[0]}" for r in timed],
+                  rotation=75, fontsize=7)
+    ax.set_ylabel("ms per call")
+    common.save_figure(fig, head, "states entering the chunks", path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.state_pass", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=SHAPES, help="batch x L, e.g. 1x32768")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--iters", type=int, default=20, help="timed calls per row (the median is kept)")
+    ap.add_argument("--out", type=Path, default=Path("bench_results"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw OUT/state_pass.png from its JSON")
+    args = ap.parse_args(argv)
+    if args.plot_only:
+        return common.replot(args.out, "state_pass", plot)
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    if not (torch.cuda.is_available() and kernels.HAS_MAMBA_TRITON):
+        print("bench.state_pass needs a GPU and mamba_ssm's Triton kernels "
+              f"({kernels.IMPORT_ERRORS.get('mamba_ssm', 'no GPU')})")
+        return 2
+    device = torch.device("cuda")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    rows = measure(shapes, dtype, device, args.iters)
+    head = common.header(device, "bench.state_pass", dtype=args.dtype)
+    common.save_and_print(args.out, "state_pass", head, rows, markdown(rows, head), plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

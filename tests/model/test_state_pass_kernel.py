@@ -1,0 +1,113 @@
+"""model/state_pass_kernel.py: the states entering each chunk of the scan, a Triton kernel.
+
+No GPU here: the kernel runs under Triton's interpreter against the float64 stand-ins of mamba_ssm's two
+launchers (tests/model/state_pass_kernel_cases.py, in a process of its own since the interpreter is chosen
+when Triton is imported), and every autotune config is compiled for an H100 (sm_90) down to the binary,
+which the interpreter does not do. bench/inference_checks.py compares the mixer that uses it with float64
+on a GPU in bfloat16."""
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.model.state_pass_kernel_cases import CASES
+
+ROOT = Path(__file__).resolve().parents[2]
+TOLERANCE = {"torch.float32": 1e-5, "torch.float16": 2e-3}
+SHARED_MEMORY_H100 = 227 * 1024
+
+
+@pytest.fixture(scope="module")
+def interpreted_errors():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = subprocess.run([sys.executable, "-m", "tests.model.state_pass_kernel_cases"], cwd=ROOT, env=env,
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_the_float64_launchers(interpreted_errors, case):
+    got = interpreted_errors[case]
+    assert got["shape"] == got["want_shape"] and got["finite"] and got["first_is_zero"], got
+    assert got["out_dtype"] == str(CASES[case][8]), got
+    assert got["rel_err"] <= TOLERANCE[got["dtype"]], got
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_plain_torch_reference_matches_the_float64_launchers(case):
+    import torch
+
+    from model.state_pass_kernel import states_entering_chunks_reference
+    from tests.model.state_pass_kernel_cases import float64_states, inputs
+    *shape, dtype, out_dtype, decay, _ = CASES[case]
+    args = inputs(*shape, dtype, decay, seed=99)
+    want = float64_states(*args)
+    torch.testing.assert_close(states_entering_chunks_reference(*(a.double() for a in args), torch.float64), want,
+                               rtol=1e-12, atol=1e-12)
+    got = states_entering_chunks_reference(*args, out_dtype)              # fp32 compute, out_dtype result
+    assert got.dtype == out_dtype and ((got.double() - want).abs().max() <= 1e-3 * want.abs().max().clamp_min(1e-30))
+
+
+def test_mixer_function_hands_the_scan_output_the_kernels_states(interpreted_errors):
+    got = interpreted_errors["mixer_function.output_inputs"]
+    assert got["shape"] == got["want_shape"] and got["finite"] and got["first_is_zero"], got
+    assert got["out_dtype"] == "torch.float32", "C's dtype"
+    assert got["rel_err"] <= TOLERANCE["torch.float32"] and got["other_pieces_rel_err"] <= 1e-5, got
+
+
+def compiled_shared_memory(dtype, kwargs, warps, stages):
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from model.state_pass_kernel import _states_entering_kernel
+
+    params = list(inspect.signature(_states_entering_kernel.fn).parameters)
+    pointers = {"x_ptr": f"*{dtype}", "B_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
+                "dA_ptr": "*fp32"}
+    # as a launch at the 1.3B shapes specialises: unit strides, and pointers, other strides and sizes
+    # (headdim 64, state 128, chunk 256) multiples of 16. Without that the loads do not vectorise, the loop
+    # does not pipeline them, and the shared memory counted here is a third of a real launch's.
+    unit_strides = ("s_x_p", "s_B_n", "s_o_n", "s_dt_q", "s_dA_q")
+    constants = dict(BLOCK_Q=256, **kwargs, **dict.fromkeys(unit_strides, 1))
+    signature = {p: "constexpr" if p in constants else pointers.get(p, "i32") for p in params}
+    multiples_of_16 = [p for p in params if p not in constants and p not in ("nchunks", "heads_per_group",
+                                                                             "tuning_size")]
+    source = ASTSource(fn=_states_entering_kernel, signature=signature,
+                       constexprs={(params.index(n),): v for n, v in constants.items()},
+                       attrs={(params.index(p),): [["tt.divisibility", 16]] for p in multiples_of_16})
+    compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    assert compiled.asm["cubin"], kwargs
+    buffered = set(re.findall(r"memdesc<\d+x(\d+x\d+)x(?:bf16|f32)", compiled.asm["ttgir"]))
+    tiles = {f"{kwargs['BLOCK_P']}x256", f"256x{kwargs['BLOCK_N']}"}     # x and B of a whole chunk
+    assert tiles <= buffered, f"{kwargs}: the loop does not load x and B ahead ({buffered})"
+    return compiled.metadata.shared
+
+
+def test_every_autotune_config_compiles_for_an_h100_in_bf16():
+    from model.state_pass_kernel import _autotuned_kernel
+    for config in _autotuned_kernel.configs:
+        shared = compiled_shared_memory("bf16", config.kwargs, config.num_warps, config.num_stages)
+        assert shared <= SHARED_MEMORY_H100, f"{config}: {shared} bytes of shared memory"
+
+
+def test_an_autotune_config_fits_an_h100_in_fp32():
+    """fp32 inputs need twice the shared memory per stage: the autotuner skips the configs that do not fit
+    (OutOfResources), but one must."""
+    from model.state_pass_kernel import _autotuned_kernel
+    smallest = min(_autotuned_kernel.configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_N"] * c.num_stages)
+    assert compiled_shared_memory("fp32", smallest.kwargs, smallest.num_warps, smallest.num_stages) <= \
+        SHARED_MEMORY_H100
+
+
+def test_the_autotuner_keys_on_shapes_and_a_size_class():
+    from model.state_pass_kernel import _autotuned_kernel, size_class
+    assert _autotuned_kernel.keys == ["chunk_size", "hdim", "dstate", "tuning_size"]
+    assert [size_class(1, 16), size_class(1, 128), size_class(2, 512)] == [16, 128, 256]
