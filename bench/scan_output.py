@@ -154,10 +154,11 @@ def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], head: dict) -> str:
-    lines = [f"## The scan's output kernel — {head['card']}", ""] + [f"- {ln}" for ln in common.header_lines(head)]
+def markdown(rows: list[dict], head: dict, title: str = "The scan's output kernel",
+             checked_against: str = "mamba_ssm's output") -> str:
+    lines = [f"## {title} — {head['card']}", ""] + [f"- {ln}" for ln in common.header_lines(head)]
     lines += ["- rel. diff: largest difference over the largest value of what it is checked against: "
-              + "mamba_ssm's output, float64 in the check rows", "",
+              + f"{checked_against}, float64 in the check rows", "",
               "| batch x L | launch | config | ms | vs mamba_ssm | rel. diff |", "| --- | --- | --- | --- | --- | --- |"]
     base = {r["shape"]: r["ms"] for r in rows if r["launch"] == "mamba_ssm" and r["ms"]}
     for r in rows:
@@ -166,7 +167,7 @@ def markdown(rows: list[dict], head: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], head: dict, path) -> None:
+def plot(rows: list[dict], head: dict, path, what: str = "scan output kernel") -> None:
     plt = common.pyplot()
     if plt is None:
         return
@@ -177,7 +178,7 @@ def plot(rows: list[dict], head: dict, path) -> None:
     ax.set_xticks(range(len(timed)), [f"{r['shape']} {r['launch']} {r['config'].split(' (')[0]}" for r in timed],
                   rotation=75, fontsize=7)
     ax.set_ylabel("ms per call")
-    common.save_figure(fig, head, "scan output kernel", path)
+    common.save_figure(fig, head, what, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench import common
+from bench import common, scan_output
 from bench.scan_output import SHAPES, rel_max, scan_inputs, timed_row
 from model import kernels, mixer_function
 
@@ -78,30 +78,10 @@ def measure(shapes, dtype, device, iters) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], head: dict) -> str:
-    lines = [f"## The states entering the scan's chunks — {head['card']}", ""]
-    lines += [f"- {ln}" for ln in common.header_lines(head)]
-    lines += ["- rel. diff: largest difference over the largest value of mamba_ssm's states (float64 in the check rows)",
-              "", "| batch x L | launch | config | ms | vs mamba_ssm | rel. diff |", "| --- | --- | --- | --- | --- | --- |"]
-    base = {r["shape"]: r["ms"] for r in rows if r["launch"] == "mamba_ssm" and r["ms"]}
-    for r in rows:
-        ms, speed = (f"{r['ms']:.3f}", f"{base[r['shape']] / r['ms']:.2f}x") if r["ms"] else ("-", "-")
-        lines.append(f"| {r['shape']} | {r['launch']} | {r['config']} | {ms} | {speed} | {r['rel_diff']:.1e} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], head: dict, path) -> None:
-    plt = common.pyplot()
-    if plt is None:
-        return
-    timed = [r for r in rows if r["ms"]]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar(range(len(timed)), [r["ms"] for r in timed],
-           color=["C1" if r["launch"] == "mamba_ssm" else "C0" for r in timed])
-    ax.set_xticks(range(len(timed)), [f"{r['shape']} {r['launch']} {r['config'].split(' (')[0]}" for r in timed],
-                  rotation=75, fontsize=7)
-    ax.set_ylabel("ms per call")
-    common.save_figure(fig, head, "states entering the chunks", path)
+# bench.scan_output's table and bars, with this bench's names
+markdown = functools.partial(scan_output.markdown, title="The states entering the scan's chunks",
+                             checked_against="mamba_ssm's states")
+plot = functools.partial(scan_output.plot, what="states entering the chunks")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -216,19 +216,23 @@ def reference_forced(name: str | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def use_reference_kernels(*names: str):
-    """Run the pure-PyTorch path for the named kernels (all when none is named) inside the block."""
-    names = set(names) or set(KERNEL_NAMES)
-    unknown = names - set(KERNEL_NAMES)
+def _names_added(names_in_force: set[str], names, known: tuple[str, ...], what: str):
+    """names added to names_in_force inside the block (ValueError for one not in `known`)."""
+    unknown = set(names) - set(known)
     if unknown:
-        raise ValueError(f"unknown kernel name(s) {sorted(unknown)}; known: {KERNEL_NAMES}")
-    saved = set(_forced_reference)
-    _forced_reference.update(names)
+        raise ValueError(f"{what} {sorted(unknown)}; known: {known}")
+    saved = set(names_in_force)
+    names_in_force.update(names)
     try:
         yield
     finally:
-        _forced_reference.clear()
-        _forced_reference.update(saved)
+        names_in_force.clear()
+        names_in_force.update(saved)
+
+
+def use_reference_kernels(*names: str):
+    """Run the pure-PyTorch path for the named kernels (all when none is named) inside the block."""
+    return _names_added(_forced_reference, names or KERNEL_NAMES, KERNEL_NAMES, "unknown kernel name(s)")
 
 
 # The fused mixer runs the conv, scan and norm kernels: forcing any of them to the reference forces it too;
@@ -247,19 +251,9 @@ def opted_in(name: str) -> bool:
             or name in os.environ.get(OPT_IN_ENV, "").replace(" ", "").lower().split(","))
 
 
-@contextlib.contextmanager
 def use_opt_in_kernels(*names: str):
     """Run the named OPT_IN kernels inside the block (where they are installed and not forced off)."""
-    unknown = set(names) - set(OPT_IN)
-    if unknown:
-        raise ValueError(f"not opt-in kernel name(s) {sorted(unknown)}; opt-in: {OPT_IN}")
-    saved = set(_opted_in)
-    _opted_in.update(names)
-    try:
-        yield
-    finally:
-        _opted_in.clear()
-        _opted_in.update(saved)
+    return _names_added(_opted_in, names, OPT_IN, "not opt-in kernel name(s)")
 
 
 def _on(name: str, on_gpu: bool) -> bool:

@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
+from model.chunk_scan_kernel import size_class  # the same size key as the output kernel's autotuner
+
 
 def _configs():
     """Tile shapes (P x N), warps, stages. Not yet measured on a GPU: the shared memory of each stage is the
@@ -81,11 +83,6 @@ def _states_entering_kernel(
         b = (b * scale[:, None]).to(x_ptr.dtype.element_ty)
         state = state * tl.exp(dA_last) + tl.dot(x, b)
         tl.store(out_ptrs + (c + 1) * s_o_c, state.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-def size_class(batch: int, nchunks: int) -> int:
-    """The autotuner's size key: batch x chunks as a power of two, at most 256."""
-    return min(triton.next_power_of_2(batch * nchunks), 256)
 
 
 # tuning_size: size_class(batch, chunks), read by the autotuner only
