@@ -34,7 +34,8 @@ def _configs():
     x and B tiles of a whole chunk (64 KB at 64 x 64 in bf16, chunk 256), so the fp32 inputs' launches fit
     only the smaller tiles."""
     return [triton.Config({"BLOCK_P": p, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for p, n, w, s in ((64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2))]
+            for p, n, w, s in ((64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2),
+                               (32, 128, 8, 2), (64, 128, 8, 2))]   # the whole state: x read by one program
 
 
 @triton.jit(do_not_specialize=["tuning_size"])
