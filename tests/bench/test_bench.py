@@ -555,4 +555,3 @@ def test_matmul_peak_is_the_median_of_its_bursts(monkeypatch):
     assert mm["burst_tflops"] == pytest.approx([2e6 / t / 1e12 for t in (1.0e-3, 1.2e-3, 0.9e-3, 1.1e-3, 1.05e-3)])
     text = common.matmul_peak_text(mm)
     assert text.startswith("0.0019 TFLOP/s measured") and "5 bursts: 0.001667-0.002222" in text, text
-

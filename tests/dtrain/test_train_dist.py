@@ -229,4 +229,3 @@ def test_a_run_saved_with_the_bucket_copy_resumes_without_it(tmp_path, dataset):
     assert "resumed from" in proc.stdout
     assert sorted(runs["resumed"]) == [3, 4]
     assert [runs["resumed"][s] for s in (3, 4)] == pytest.approx([runs["saved"][s] for s in (3, 4)], rel=1e-6)
-

@@ -6,28 +6,19 @@ when Triton is imported), and every autotune config is compiled for an H100 (sm_
 which the interpreter does not do. bench/model_checks.py compares it with mamba_ssm's launcher and float64
 on a GPU in bfloat16."""
 import inspect
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.model.chunk_scan_kernel_cases import CASES, GATED_CASES
+from tests.model.triton_on_cpu import SHARED_MEMORY_H100, compile_for_h100, interpreted
 
-ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = {"torch.float32": 1e-5, "torch.float16": 2e-3}
 
 
 @pytest.fixture(scope="module")
 def interpreted_errors():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    run = subprocess.run([sys.executable, "-m", "tests.model.chunk_scan_kernel_cases"], cwd=ROOT, env=env, check=False,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return interpreted("tests.model.chunk_scan_kernel_cases")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -58,25 +49,15 @@ EXTRA_CONFIGS = [({"BLOCK_M": 128, "BLOCK_K": 32, "HEADS": 2}, 8, 3)]
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_every_autotune_config_compiles_for_an_h100(dtype, gated):
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from model.chunk_scan_kernel import _autotuned_kernel, _chunk_scan_out_kernel
 
-    params = list(inspect.signature(_chunk_scan_out_kernel.fn).parameters)
     pointers = {name: "*fp32" for name in ("cb_ptr", "dt_ptr", "dA_ptr", "D_ptr", "norm_weight_ptr", "sumsq_ptr")}
     pointers |= {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "C_ptr", "states_ptr", "z_ptr")}
     configs = [(c.kwargs, c.num_warps, c.num_stages) for c in _autotuned_kernel.configs] + EXTRA_CONFIGS
     for kwargs, warps, stages in configs:
         constants = dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=gated, BLOCK_P=64, BLOCK_N=128, **kwargs)
-        signature = {p: "constexpr" if p in constants else pointers.get(p, "i32") for p in params}
-        source = ASTSource(fn=_chunk_scan_out_kernel, signature=signature,
-                           constexprs={(params.index(n),): v for n, v in constants.items()})
-        compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps, "num_stages": stages})
-        assert compiled.asm["cubin"], kwargs
-        assert compiled.metadata.shared <= 227 * 1024, f"{kwargs}: more shared memory than an H100 has"
+        compiled = compile_for_h100(_chunk_scan_out_kernel, pointers, constants, warps, stages)
+        assert compiled.metadata.shared <= SHARED_MEMORY_H100, f"{kwargs}: more shared memory than an H100 has"
 
 
 def test_the_autotuner_tries_two_heads_per_program_only_where_a_group_pairs_them():

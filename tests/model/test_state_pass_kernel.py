@@ -6,29 +6,19 @@ when Triton is imported), and every autotune config is compiled for an H100 (sm_
 which the interpreter does not do. bench/inference_checks.py compares the mixer that uses it with float64
 on a GPU in bfloat16."""
 import inspect
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.model.state_pass_kernel_cases import CASES
+from tests.model.triton_on_cpu import SHARED_MEMORY_H100, compile_for_h100, interpreted
 
-ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = {"torch.float32": 1e-5, "torch.float16": 2e-3}
-SHARED_MEMORY_H100 = 227 * 1024
 
 
 @pytest.fixture(scope="module")
 def interpreted_errors():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    run = subprocess.run([sys.executable, "-m", "tests.model.state_pass_kernel_cases"], cwd=ROOT, env=env,
-                         check=False, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return interpreted("tests.model.state_pass_kernel_cases")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -62,10 +52,6 @@ def test_mixer_function_hands_the_scan_output_the_kernels_states(interpreted_err
 
 
 def compiled_shared_memory(dtype, kwargs, warps, stages):
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from model.state_pass_kernel import _states_entering_kernel
 
     params = list(inspect.signature(_states_entering_kernel.fn).parameters)
@@ -76,15 +62,9 @@ def compiled_shared_memory(dtype, kwargs, warps, stages):
     # does not pipeline them, and the shared memory counted here is a third of a real launch's.
     unit_strides = ("s_x_p", "s_B_n", "s_o_n", "s_dt_q", "s_dA_q")
     constants = dict(BLOCK_Q=256, **kwargs, **dict.fromkeys(unit_strides, 1))
-    signature = {p: "constexpr" if p in constants else pointers.get(p, "i32") for p in params}
     multiples_of_16 = [p for p in params if p not in constants and p not in ("nchunks", "heads_per_group",
                                                                              "tuning_size")]
-    source = ASTSource(fn=_states_entering_kernel, signature=signature,
-                       constexprs={(params.index(n),): v for n, v in constants.items()},
-                       attrs={(params.index(p),): [["tt.divisibility", 16]] for p in multiples_of_16})
-    compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": stages})
-    assert compiled.asm["cubin"], kwargs
+    compiled = compile_for_h100(_states_entering_kernel, pointers, constants, warps, stages, multiples_of_16)
     buffered = set(re.findall(r"memdesc<\d+x(\d+x\d+)x(?:bf16|f32)", compiled.asm["ttgir"]))
     tiles = {f"{kwargs['BLOCK_P']}x256", f"256x{kwargs['BLOCK_N']}"}     # x and B of a whole chunk
     assert tiles <= buffered, f"{kwargs}: the loop does not load x and B ahead ({buffered})"
