@@ -181,30 +181,42 @@ def plot(rows: list[dict], head: dict, path, what: str = "scan output kernel") -
     common.save_figure(fig, head, what, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.scan_output", description=__doc__.split("\n\n")[0])
+def kernel_bench_main(name: str, doc: str, argv, measure_rows, markdown, plot, add_args=None) -> int:
+    """The command of a bench that times one direction's scan kernels at --shapes (this one and
+    bench.state_pass): OUT/name.md / .json / .png, or exit status 2 without a GPU and mamba_ssm.
+    measure_rows(args, shapes, dtype, device) -> rows; add_args(ap): the bench's own options."""
+    ap = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="batch x L, e.g. 1x32768")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--iters", type=int, default=20, help="timed calls per row (the median is kept)")
-    ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
-                    help="more launch configs to time, BLOCK_MxBLOCK_K:warps:stages[:heads per program] "
-                         "(e.g. 128x64:8:3, 64x32:4:3:2)")
+    if add_args is not None:
+        add_args(ap)
     ap.add_argument("--out", type=Path, default=Path("bench_results"))
-    ap.add_argument("--plot-only", action="store_true", help="redraw OUT/scan_output.png from its JSON")
+    ap.add_argument("--plot-only", action="store_true", help=f"redraw OUT/{name}.png from its JSON")
     args = ap.parse_args(argv)
     if args.plot_only:
-        return common.replot(args.out, "scan_output", plot)
+        return common.replot(args.out, name, plot)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
     if not (torch.cuda.is_available() and kernels.HAS_MAMBA_TRITON):
-        print("bench.scan_output needs a GPU and mamba_ssm's Triton kernels "
+        print(f"bench.{name} needs a GPU and mamba_ssm's Triton kernels "
               f"({kernels.IMPORT_ERRORS.get('mamba_ssm', 'no GPU')})")
         return 2
     device = torch.device("cuda")
-    rows = measure(shapes, torch.bfloat16 if args.dtype == "bf16" else torch.float32, device, args.iters,
-                   args.extra_configs)
-    head = common.header(device, "bench.scan_output", dtype=args.dtype)
-    common.save_and_print(args.out, "scan_output", head, rows, markdown(rows, head), plot)
+    rows = measure_rows(args, shapes, torch.bfloat16 if args.dtype == "bf16" else torch.float32, device)
+    head = common.header(device, f"bench.{name}", dtype=args.dtype)
+    common.save_and_print(args.out, name, head, rows, markdown(rows, head), plot)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def add_args(ap):
+        ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
+                        help="more launch configs to time, BLOCK_MxBLOCK_K:warps:stages[:heads per program] "
+                             "(e.g. 128x64:8:3, 64x32:4:3:2)")
+    return kernel_bench_main("scan_output", __doc__, argv,
+                             lambda args, shapes, dtype, device: measure(shapes, dtype, device, args.iters,
+                                                                         args.extra_configs),
+                             markdown, plot, add_args)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,12 @@ and each result compared with mamba_ssm's. Float64 rows check both against the p
 """
 from __future__ import annotations
 
-import argparse
 import functools
-from pathlib import Path
 
 import torch
 
-from bench import common, scan_output
-from bench.scan_output import SHAPES, rel_max, scan_inputs, timed_row
+from bench import scan_output
+from bench.scan_output import rel_max, scan_inputs, timed_row
 from model import kernels, mixer_function
 
 CHUNK = 256
@@ -85,26 +83,9 @@ plot = functools.partial(scan_output.plot, what="states entering the chunks")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.state_pass", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=SHAPES, help="batch x L, e.g. 1x32768")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    ap.add_argument("--iters", type=int, default=20, help="timed calls per row (the median is kept)")
-    ap.add_argument("--out", type=Path, default=Path("bench_results"))
-    ap.add_argument("--plot-only", action="store_true", help="redraw OUT/state_pass.png from its JSON")
-    args = ap.parse_args(argv)
-    if args.plot_only:
-        return common.replot(args.out, "state_pass", plot)
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
-    if not (torch.cuda.is_available() and kernels.HAS_MAMBA_TRITON):
-        print("bench.state_pass needs a GPU and mamba_ssm's Triton kernels "
-              f"({kernels.IMPORT_ERRORS.get('mamba_ssm', 'no GPU')})")
-        return 2
-    device = torch.device("cuda")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    rows = measure(shapes, dtype, device, args.iters)
-    head = common.header(device, "bench.state_pass", dtype=args.dtype)
-    common.save_and_print(args.out, "state_pass", head, rows, markdown(rows, head), plot)
-    return 0
+    return scan_output.kernel_bench_main("state_pass", __doc__, argv,
+                                         lambda args, shapes, dtype, device: measure(shapes, dtype, device, args.iters),
+                                         markdown, plot)
 
 
 if __name__ == "__main__":
