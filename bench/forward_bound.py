@@ -23,12 +23,11 @@ peak. Batch 1, bf16 activations, fp32 residual stream (model/blocks.py); per tok
     embedding, final norm    the fp32 row read and written (8d); hidden + residual read, output written (8d)
 
 --without-autograd counts the kernels of a forward without autograd (inference, sampling; model/kernels.py's
-scan_gate, gelu_gemm and sum_norm): with one norm group the scan's output kernel also reads z and writes each
-head's sum of squares (2 d_inner + 4 H) and the gated norm does not run; the directions' sum reads the sums
-(2 x 4 H) and, in the same pass as the next add + norm, neither writes its result nor does that norm read it
-(-2 x 2d); the GELU runs in the matmul's epilogue (no pass of its own).
---state-pass (with --without-autograd) adds the opt-in state_pass kernel: the states entering the chunks come
-from one kernel, so no fp32 chunk states are written or read (12 H P N / Q becomes 4 H P N / Q).
+scan_gate, gelu_gemm, sum_norm and state_pass): with one norm group the scan's output kernel also reads z and
+writes each head's sum of squares (2 d_inner + 4 H) and the gated norm does not run; the directions' sum reads
+the sums (2 x 4 H) and, in the same pass as the next add + norm, neither writes its result nor does that norm
+read it (-2 x 2d); the GELU runs in the matmul's epilogue (no pass of its own); the states entering the chunks
+come from one kernel, so no fp32 chunk states are written or read (12 H P N / Q becomes 4 H P N / Q).
 
 --fused-mixer asks what a mixer written as one kernel per direction would allow: it reads in_proj's
 output (z, x, B, C, dt) once and writes the normalised output (2 d_in_proj + 2 d_inner), in place of the
@@ -58,14 +57,13 @@ def gate_in_scan(cfg: ModelConfig, without_autograd: bool) -> bool:
     return without_autograd and cfg.mamba.ngroups == 1
 
 
-def mamba_direction_bytes(cfg: ModelConfig, without_autograd: bool = False,
-                          state_pass: bool = False) -> dict[str, float]:
+def mamba_direction_bytes(cfg: ModelConfig, without_autograd: bool = False) -> dict[str, float]:
     """Bytes per token that one scan direction's memory-bound kernels move (see the module docstring)."""
     m = cfg.mamba
     di, heads, n, g, q = cfg.d_inner, cfg.mamba_nheads, m.d_state, m.ngroups, m.chunk_size
     conv_dim = di + 2 * g * n
     states = heads * m.headdim * n / q                     # state entries per token (one state per chunk)
-    fp32_states = 0 if without_autograd and state_pass else 2 * FP32
+    fp32_states = 0 if without_autograd else 2 * FP32   # state_pass
     scan = (3 * BF16 * di                                  # x read by chunk state and chunk scan, y written
             + (fp32_states + 2 * BF16) * states            # fp32 states written, read; bf16 written, read
             + 2 * FP32 * g * q                             # C B^T, fp32, written and read
@@ -83,8 +81,7 @@ def fused_direction_bytes(cfg: ModelConfig) -> dict[str, float]:
     return {"fused mixer": BF16 * (in_proj_out + cfg.d_inner)}
 
 
-def block_bytes(kind: str, cfg: ModelConfig, fused_mixer: bool = False, without_autograd: bool = False,
-                state_pass: bool = False) -> dict[str, float]:
+def block_bytes(kind: str, cfg: ModelConfig, fused_mixer: bool = False, without_autograd: bool = False) -> dict[str, float]:
     """Bytes per token of one block's memory-bound kernels, by kind of kernel."""
     d, h = cfg.d_model, cfg.mlp_hidden
     gelu = 0 if without_autograd else 2 * BF16 * h          # without autograd: in the matmul's epilogue
@@ -98,7 +95,7 @@ def block_bytes(kind: str, cfg: ModelConfig, fused_mixer: bool = False, without_
             out["flips"] -= BF16 * d
             out["add + norm"] -= BF16 * d
         direction = (fused_direction_bytes(cfg) if fused_mixer
-                     else mamba_direction_bytes(cfg, without_autograd, state_pass))
+                     else mamba_direction_bytes(cfg, without_autograd))
         for name, value in direction.items():
             out[name] = 2 * value                          # two directions
     elif kind == "A":
@@ -108,22 +105,21 @@ def block_bytes(kind: str, cfg: ModelConfig, fused_mixer: bool = False, without_
     return out
 
 
-def forward_bytes_per_token(cfg: ModelConfig, fused_mixer: bool = False, without_autograd: bool = False,
-                            state_pass: bool = False) -> dict[str, float]:
+def forward_bytes_per_token(cfg: ModelConfig, fused_mixer: bool = False, without_autograd: bool = False) -> dict[str, float]:
     """Bytes per token of the whole forward's memory-bound kernels, by kind of kernel."""
     total = {"embedding + final norm": 2 * FP32 * cfg.d_model + (2 * BF16 + FP32) * cfg.d_model}
     for kind in cfg.layer_pattern:
-        for name, value in block_bytes(kind, cfg, fused_mixer, without_autograd, state_pass).items():
+        for name, value in block_bytes(kind, cfg, fused_mixer, without_autograd).items():
             total[name] = total.get(name, 0.0) + value
     return total
 
 
 def bound_row(preset: str, seq_len: int, peak_flops: float, bandwidth: float, fused_mixer: bool = False,
-              without_autograd: bool = False, state_pass: bool = False) -> dict:
+              without_autograd: bool = False) -> dict:
     cfg = get_preset(preset)
     floor_s = forward_flops_per_token(cfg, seq_len) * seq_len / peak_flops
     by_kind = {k: v * seq_len
-               for k, v in forward_bytes_per_token(cfg, fused_mixer, without_autograd, state_pass).items()}
+               for k, v in forward_bytes_per_token(cfg, fused_mixer, without_autograd).items()}
     traffic = sum(by_kind.values())
     row = {"preset": preset, "seq_len": seq_len, "floor_ms": floor_s * 1e3, "traffic_GB": traffic / 1e9,
            "memory_ms": traffic / bandwidth * 1e3, "bound": 1 + traffic / bandwidth / floor_s}
@@ -160,22 +156,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="each Mamba direction as one kernel (conv, scan, gated norm fused): what it would allow")
     ap.add_argument("--without-autograd", action="store_true",
                     help="the kernels of a forward without autograd: gate in the scan's output, GELU in the matmul, "
-                         "the directions' sum in the next norm")
-    ap.add_argument("--state-pass", action="store_true",
-                    help="with --without-autograd: the opt-in state_pass kernel (no fp32 chunk states in memory)")
+                         "the directions' sum in the next norm, one kernel for the chunk states")
     common.add_output_args(ap, "forward_bound")
     args = ap.parse_args(argv)
-    if args.state_pass and not args.without_autograd:
-        ap.error("--state-pass needs --without-autograd (the kernel runs only in forwards without autograd)")
     if args.plot_only:
         return common.replot(args.out, "forward_bound", plot)
     rows = [bound_row(p, L, args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12, args.fused_mixer,
-                      args.without_autograd, args.state_pass) for p in args.presets for L in args.seq_lens]
+                      args.without_autograd) for p in args.presets for L in args.seq_lens]
     mixer = "each Mamba direction one fused kernel" if args.fused_mixer else "the model's kernels"
     if args.without_autograd:
-        mixer += ", without autograd (gate in the scan's output, GELU in the matmul, the sum in the next norm)"
-    if args.state_pass:
-        mixer += ", the state_pass kernel"
+        mixer += (", without autograd (gate in the scan's output, GELU in the matmul, the sum in the next norm, "
+                  "the chunk states in one kernel)")
     head = common.header(torch.device("cpu"), "bench.forward_bound",
                          assumptions=f"{args.peak_tflops:g} TFLOP/s matmul peak, {args.bandwidth_tbs:g} TB/s, {mixer}")
     kinds = [k for k in rows[0] if k.startswith("ms ")]

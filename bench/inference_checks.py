@@ -3,8 +3,8 @@ sampling, evaluation), each a (what, dtype, got, want, tol) check at the 1.3B pr
 
     scan_gate   BiMamba2's directions through mixer_function.unscaled_forward (gate in the scan's output
                 kernel, the norm's row scale in the sum of the directions) against the same module's
-                training path (mamba_ssm's kernels, grad enabled) and against the float64 reference path;
-                once more with the opt-in state_pass kernel (the states entering the chunks)
+                training path (mamba_ssm's kernels, grad enabled) and against the float64 reference path,
+                with the state_pass kernel (the states entering the chunks) and once more without it
     gelu_gemm   the MLP's first matmul with the GELU in cuBLASLt's epilogue against the float64 formula
     whole model DiffusionLM logits without autograd against float64, no further from them than its
                 logits with autograd enabled (the training path's kernels), so the pieces are checked
@@ -16,6 +16,7 @@ trainer's evaluation).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -52,12 +53,12 @@ def mixer_checks(device, gen, seqlen: int = 3000) -> list:
     with kernels.use_reference_kernels(), torch.no_grad():
         exact = reference(x.double())
     checks = []
-    for label, weights, autocast, opt_in in (("bf16 weights", torch.bfloat16, False, ()),
+    for label, weights, autocast, forced in (("bf16 weights", torch.bfloat16, False, ()),
                                              ("amp-bf16", torch.float32, True, ()),
                                              ("bf16 weights", torch.bfloat16, False, ("state_pass",))):
         m = copy.deepcopy(model).to(weights)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            with torch.no_grad(), kernels.use_opt_in_kernels(*opt_in):
+            with torch.no_grad(), (kernels.use_reference_kernels(*forced) if forced else contextlib.nullcontext()):
                 got = m(x.to(weights))
                 states = kernels.describe(device)["state_pass"]
             with torch.enable_grad():

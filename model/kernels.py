@@ -24,7 +24,7 @@
                    next RMSNorm in one compiled pass (BiMamba2.forward_add_norm)  else  the sum, then add_norm
     state_pass     where scan_out runs: the states entering each chunk by model/state_pass_kernel.py (one
                    kernel, no fp32 chunk states in memory)  else  mamba_ssm's `_chunk_state_fwd` and
-                   `_state_passing_fwd`. Opt-in until a GPU has measured it: DIFFUMAMBA_OPT_IN_KERNELS=state_pass
+                   `_state_passing_fwd`
     flash_attn_func  flash-attn's kernel, or None
 
 A kernel is used only on CUDA tensors and only when its package imports. The reference path can be
@@ -33,7 +33,6 @@ forced, for tests that run both paths on the same weights:
     with use_reference_kernels("conv"):      # just the conv (names: KERNEL_NAMES)
     DIFFUMAMBA_KERNELS=reference             # every kernel, for the whole process
     DIFFUMAMBA_KERNELS=reference:conv,norm   # some of them
-An opt-in kernel (OPT_IN) runs only where DIFFUMAMBA_OPT_IN_KERNELS names it, e.g. =state_pass.
 
 mamba_ssm is often installed without its Mamba-1 CUDA extension: `import mamba_ssm` then fails inside
 the package __init__ (No module named 'selective_scan_cuda') although the Triton modules we need are
@@ -61,8 +60,6 @@ from model import mixer_function, norm_backward, ssd
 KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip", "scan_out",
                 "scan_gate", "gelu_gemm", "sum_norm", "state_pass")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
-OPT_IN = ("state_pass",)        # off unless named in OPT_IN_ENV: not yet measured on a GPU
-OPT_IN_ENV = "DIFFUMAMBA_OPT_IN_KERNELS"
 
 
 # ---------------------------------------------------------------- importing without a package's __init__
@@ -216,23 +213,18 @@ def reference_forced(name: str | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def _names_added(names_in_force: set[str], names, known: tuple[str, ...], what: str):
-    """names added to names_in_force inside the block (ValueError for one not in `known`)."""
-    unknown = set(names) - set(known)
+def use_reference_kernels(*names: str):
+    """Run the pure-PyTorch path for the named kernels (all when none is named) inside the block."""
+    unknown = set(names) - set(KERNEL_NAMES)
     if unknown:
-        raise ValueError(f"{what} {sorted(unknown)}; known: {known}")
-    saved = set(names_in_force)
-    names_in_force.update(names)
+        raise ValueError(f"unknown kernel name(s) {sorted(unknown)}; known: {KERNEL_NAMES}")
+    saved = set(_forced_reference)
+    _forced_reference.update(names or KERNEL_NAMES)
     try:
         yield
     finally:
-        names_in_force.clear()
-        names_in_force.update(saved)
-
-
-def use_reference_kernels(*names: str):
-    """Run the pure-PyTorch path for the named kernels (all when none is named) inside the block."""
-    return _names_added(_forced_reference, names or KERNEL_NAMES, KERNEL_NAMES, "unknown kernel name(s)")
+        _forced_reference.clear()
+        _forced_reference.update(saved)
 
 
 # The fused mixer runs the conv, scan and norm kernels: forcing any of them to the reference forces it too;
@@ -241,23 +233,8 @@ _ALSO_NEEDS = {"mixer": ("scan", "conv", "norm"), "scan_out": ("mixer",), "scan_
                "sum_norm": ("scan_gate", "add_norm"), "state_pass": ("scan_out",)}
 
 
-_opted_in: set[str] = set()
-
-
-def opted_in(name: str) -> bool:
-    """False for an OPT_IN kernel that neither $DIFFUMAMBA_OPT_IN_KERNELS (comma-separated names) nor
-    use_opt_in_kernels names."""
-    return (name not in OPT_IN or name in _opted_in
-            or name in os.environ.get(OPT_IN_ENV, "").replace(" ", "").lower().split(","))
-
-
-def use_opt_in_kernels(*names: str):
-    """Run the named OPT_IN kernels inside the block (where they are installed and not forced off)."""
-    return _names_added(_opted_in, names, OPT_IN, "not opt-in kernel name(s)")
-
-
 def _on(name: str, on_gpu: bool) -> bool:
-    return (_AVAILABLE[name] and on_gpu and not reference_forced(name) and opted_in(name)
+    return (_AVAILABLE[name] and on_gpu and not reference_forced(name)
             and all(_on(n, on_gpu) for n in _ALSO_NEEDS.get(name, ())))
 
 

@@ -289,11 +289,8 @@ def test_summary_names_the_paths_and_why_a_kernel_is_missing(monkeypatch):
     available["attn"] = False
     monkeypatch.setattr(kernels, "_AVAILABLE", available)
     monkeypatch.setattr(kernels, "IMPORT_ERRORS", {"flash_attn": "ModuleNotFoundError('flash_attn')"})
-    monkeypatch.delenv(kernels.OPT_IN_ENV, raising=False)
     line = kernels.summary("cuda")
-    assert line.startswith("kernels on cuda: scan, conv, ") and "| reference path: attn, state_pass |" in line
-    monkeypatch.setenv(kernels.OPT_IN_ENV, "state_pass")
-    assert "| reference path: attn |" in kernels.summary("cuda")
+    assert line.startswith("kernels on cuda: scan, conv, ") and "| reference path: attn |" in line
     assert line.endswith("flash_attn: ModuleNotFoundError('flash_attn')")
     assert kernels.summary("cpu") == f"kernels on cpu: none | reference path: {', '.join(kernels.KERNEL_NAMES)}"
 
@@ -309,12 +306,11 @@ def test_forcing_a_piece_of_the_fused_mixer_forces_the_mixer(monkeypatch):
     assert kernels.describe("cuda")["mixer"] == "reference"
 
 
-def test_the_state_pass_kernel_runs_opted_in_and_where_the_scan_output_kernel_does(monkeypatch):
+def test_the_state_pass_kernel_runs_where_the_scan_output_kernel_does(monkeypatch):
     """fused_mixer and fused_mixer_unscaled hand a forward without autograd to the functions whose chunk
-    states come from model/state_pass_kernel.py only where DIFFUMAMBA_OPT_IN_KERNELS names state_pass and
-    scan_out runs; everything else keeps the two launchers."""
+    states come from model/state_pass_kernel.py where state_pass and scan_out run; forcing either to the
+    reference keeps mamba_ssm's two launchers."""
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    monkeypatch.delenv(kernels.OPT_IN_ENV, raising=False)
     monkeypatch.setattr(kernels, "_AVAILABLE", dict.fromkeys(kernels.KERNEL_NAMES, True))
     monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: kernels._on(name, True))
     calls = []
@@ -328,11 +324,12 @@ def test_the_state_pass_kernel_runs_opted_in_and_where_the_scan_output_kernel_do
         kernels.fused_mixer_unscaled(torch.zeros(1), *(None,) * 10)
         return calls
     with torch.no_grad():
-        assert which() == ["_mixer_without_grad", "_unscaled_mixer"], "opt-in"
-        monkeypatch.setenv(kernels.OPT_IN_ENV, "gelu_gemm, State_Pass")
         assert which() == ["_mixer_without_grad_state_pass", "_unscaled_mixer_state_pass"]
         with kernels.use_reference_kernels("state_pass"):
             assert which() == ["_mixer_without_grad", "_unscaled_mixer"]
+        monkeypatch.setenv(kernels.ENV_VAR, "reference:gelu_gemm,state_pass")
+        assert which() == ["_mixer_without_grad", "_unscaled_mixer"]
+        monkeypatch.delenv(kernels.ENV_VAR)
         with kernels.use_reference_kernels("scan_out"):
             assert which()[0] == "_mixer_keeping_states" and kernels.describe("cuda")["state_pass"] == "reference"
     assert which()[0] == "_mixer_keeping_states", "a training forward"
@@ -347,7 +344,8 @@ def test_the_scan_output_kernel_runs_in_forwards_without_autograd_only(monkeypat
     monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: kernels._on(name, True))
     calls = []
     monkeypatch.setattr(kernels, "_mixer_keeping_states", lambda *args: calls.append("mamba_ssm's output"))
-    monkeypatch.setattr(kernels, "_mixer_without_grad", lambda *args: calls.append("our output"))
+    for ours in ("_mixer_without_grad", "_mixer_without_grad_state_pass"):   # the states from either
+        monkeypatch.setattr(kernels, ours, lambda *args: calls.append("our output"))
     args = (torch.zeros(1),) + (None,) * 11
 
     def which(keep_scan_states=True):
