@@ -45,7 +45,8 @@ from bench.host_time import host_breakdown, host_markdown
 RULES = [
     ("nccl_p2p", ("sendrecv", "send", "recv"), "nccl"),
     ("nccl_collective", ("nccl",), None),
-    ("ssm_scan", ("_chunk_", "_state_passing", "_bmm_chunk"), None),  # mamba-ssm's Triton kernels
+    # mamba-ssm's Triton kernels and ours (model/chunk_scan_kernel.py, model/state_pass_kernel.py)
+    ("ssm_scan", ("_chunk_", "_state_passing", "_bmm_chunk", "_states_entering"), None),
     ("conv1d", ("causal_conv1d",), None),
     # before gemm: flash-attention / fmha kernels are often cutlass kernels too
     ("attention", ("flash", "fmha", "attention", "sdpa"), None),

@@ -69,6 +69,8 @@ def split_row(line: str) -> list[str]:
     ("_chunk_cumsum_fwd_kernel", "ssm_scan"),
     ("_state_passing_bwd_kernel", "ssm_scan"),
     ("_bmm_chunk_fwd_kernel", "ssm_scan"),
+    ("_chunk_scan_out_kernel", "ssm_scan"),
+    ("_states_entering_kernel", "ssm_scan"),
     ("causal_conv1d_fwd_kernel", "conv1d"),
     ("_layer_norm_fwd_1pass_kernel", "norm"),
     ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
