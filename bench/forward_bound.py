@@ -63,7 +63,7 @@ def mamba_direction_bytes(cfg: ModelConfig, without_autograd: bool = False) -> d
     di, heads, n, g, q = cfg.d_inner, cfg.mamba_nheads, m.d_state, m.ngroups, m.chunk_size
     conv_dim = di + 2 * g * n
     states = heads * m.headdim * n / q                     # state entries per token (one state per chunk)
-    fp32_states = 0 if without_autograd else 2 * FP32   # state_pass
+    fp32_states = 0 if without_autograd else 2 * FP32     # without autograd: state_pass keeps them on chip
     scan = (3 * BF16 * di                                  # x read by chunk state and chunk scan, y written
             + (fp32_states + 2 * BF16) * states            # fp32 states written, read; bf16 written, read
             + 2 * FP32 * g * q                             # C B^T, fp32, written and read
@@ -81,7 +81,8 @@ def fused_direction_bytes(cfg: ModelConfig) -> dict[str, float]:
     return {"fused mixer": BF16 * (in_proj_out + cfg.d_inner)}
 
 
-def block_bytes(kind: str, cfg: ModelConfig, fused_mixer: bool = False, without_autograd: bool = False) -> dict[str, float]:
+def block_bytes(kind: str, cfg: ModelConfig, fused_mixer: bool = False,
+                without_autograd: bool = False) -> dict[str, float]:
     """Bytes per token of one block's memory-bound kernels, by kind of kernel."""
     d, h = cfg.d_model, cfg.mlp_hidden
     gelu = 0 if without_autograd else 2 * BF16 * h          # without autograd: in the matmul's epilogue
@@ -105,7 +106,8 @@ def block_bytes(kind: str, cfg: ModelConfig, fused_mixer: bool = False, without_
     return out
 
 
-def forward_bytes_per_token(cfg: ModelConfig, fused_mixer: bool = False, without_autograd: bool = False) -> dict[str, float]:
+def forward_bytes_per_token(cfg: ModelConfig, fused_mixer: bool = False,
+                            without_autograd: bool = False) -> dict[str, float]:
     """Bytes per token of the whole forward's memory-bound kernels, by kind of kernel."""
     total = {"embedding + final norm": 2 * FP32 * cfg.d_model + (2 * BF16 + FP32) * cfg.d_model}
     for kind in cfg.layer_pattern:
