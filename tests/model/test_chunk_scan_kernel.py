@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from tests.model.chunk_scan_kernel_cases import CASES, GATED_CASES
+from tests.model.triton_on_cpu import INTERPRETER_TOLERANCE as TOLERANCE
 from tests.model.triton_on_cpu import SHARED_MEMORY_H100, compile_for_h100, interpreted
-
-TOLERANCE = {"torch.float32": 1e-5, "torch.float16": 2e-3}
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +53,12 @@ def test_every_autotune_config_compiles_for_an_h100(dtype, gated):
     pointers = {name: "*fp32" for name in ("cb_ptr", "dt_ptr", "dA_ptr", "D_ptr", "norm_weight_ptr", "sumsq_ptr")}
     pointers |= {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "C_ptr", "states_ptr", "z_ptr")}
     configs = [(c.kwargs, c.num_warps, c.num_stages) for c in _autotuned_kernel.configs] + EXTRA_CONFIGS
-    # as a launch at the 1.3B shapes specialises (tests/model/test_state_pass_kernel.py says why it matters):
-    # unit strides, and pointers, other strides and sizes multiples of 16
-    unit_strides = ("s_cb_k", "s_x_p", "s_o_p", "s_dt_q", "s_dA_q", "s_C_n", "s_st_n", "s_D_h", "s_z_p", "s_ss_h")
-    params = list(inspect.signature(_chunk_scan_out_kernel.fn).parameters)
     for kwargs, warps, stages in configs:
-        constants = dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=gated, BLOCK_P=64, BLOCK_N=128, **kwargs,
-                         **dict.fromkeys(unit_strides, 1))
-        multiples_of_16 = [p for p in params if p not in constants and p not in ("batch", "tuning_size")]
-        compiled = compile_for_h100(_chunk_scan_out_kernel, pointers, constants, warps, stages, multiples_of_16)
+        constants = dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=gated, BLOCK_P=64, BLOCK_N=128, **kwargs)
+        compiled = compile_for_h100(_chunk_scan_out_kernel, pointers, constants, warps, stages,
+                                    unit_strides=("s_cb_k", "s_x_p", "s_o_p", "s_dt_q", "s_dA_q", "s_C_n", "s_st_n",
+                                                  "s_D_h", "s_z_p", "s_ss_h"),
+                                    not_multiples_of_16=("batch", "tuning_size"))
         assert compiled.metadata.shared <= SHARED_MEMORY_H100, f"{kwargs}: more shared memory than an H100 has"
 
 

@@ -5,15 +5,13 @@ launchers (tests/model/state_pass_kernel_cases.py, in a process of its own since
 when Triton is imported), and every autotune config is compiled for an H100 (sm_90) down to the binary,
 which the interpreter does not do. bench/inference_checks.py compares the mixer that uses it with float64
 on a GPU in bfloat16."""
-import inspect
 import re
 
 import pytest
 
 from tests.model.state_pass_kernel_cases import CASES
+from tests.model.triton_on_cpu import INTERPRETER_TOLERANCE as TOLERANCE
 from tests.model.triton_on_cpu import SHARED_MEMORY_H100, compile_for_h100, interpreted
-
-TOLERANCE = {"torch.float32": 1e-5, "torch.float16": 2e-3}
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +52,11 @@ def test_mixer_function_hands_the_scan_output_the_kernels_states(interpreted_err
 def compiled_shared_memory(dtype, kwargs, warps, stages):
     from model.state_pass_kernel import _states_entering_kernel
 
-    params = list(inspect.signature(_states_entering_kernel.fn).parameters)
     pointers = {"x_ptr": f"*{dtype}", "B_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
                 "dA_ptr": "*fp32"}
-    # as a launch at the 1.3B shapes specialises: unit strides, and pointers, other strides and sizes
-    # (headdim 64, state 128, chunk 256) multiples of 16. Without that the loads do not vectorise, the loop
-    # does not pipeline them, and the shared memory counted here is a third of a real launch's.
-    unit_strides = ("s_x_p", "s_B_n", "s_o_n", "s_dt_q", "s_dA_q")
-    constants = dict(BLOCK_Q=256, **kwargs, **dict.fromkeys(unit_strides, 1))
-    multiples_of_16 = [p for p in params if p not in constants and p not in ("nchunks", "heads_per_group",
-                                                                             "tuning_size")]
-    compiled = compile_for_h100(_states_entering_kernel, pointers, constants, warps, stages, multiples_of_16)
+    compiled = compile_for_h100(_states_entering_kernel, pointers, dict(BLOCK_Q=256, **kwargs), warps, stages,
+                                unit_strides=("s_x_p", "s_B_n", "s_o_n", "s_dt_q", "s_dA_q"),
+                                not_multiples_of_16=("nchunks", "heads_per_group", "tuning_size"))
     buffered = set(re.findall(r"memdesc<\d+x(\d+x\d+)x(?:bf16|f32)", compiled.asm["ttgir"]))
     tiles = {f"{kwargs['BLOCK_P']}x256", f"256x{kwargs['BLOCK_N']}"}     # x and B of a whole chunk
     assert tiles <= buffered, f"{kwargs}: the loop does not load x and B ahead ({buffered})"
