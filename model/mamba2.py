@@ -228,9 +228,8 @@ class BiMamba2(nn.Module):
         f = self.fwd
         if (norm.is_rms_norm and x.shape[0] <= self._rows_per_piece(x) and self._directions_unscaled(x)
                 and kernels.uses_kernel("sum_norm", x)):
-            return add_time_reversed_row_scaled_add_norm(
-                *f.forward_unscaled(x), *self.bwd.forward_unscaled(reverse_time(x)), residual, norm.weight,
-                f.d_inner, f.norm.eps, norm.eps)
+            return add_time_reversed_row_scaled_add_norm(*self._unscaled_directions(x), residual, norm.weight,
+                                                         f.d_inner, f.norm.eps, norm.eps)
         return norm(self(x), residual)
 
     def _rows_per_piece(self, x):
@@ -243,6 +242,11 @@ class BiMamba2(nn.Module):
         return (not self.fuse_directions and not self.tied
                 and kernels.unscaled_mixer_usable(x, f.conv_dim, f.conv1d.kernel_size[0], f.ngroups))
 
+    def _unscaled_directions(self, x):
+        """(forward out, its sums of squares, backward out, its sums): each direction before its norm's row
+        scale, the backward one on the reversed sequence and not yet reversed back."""
+        return (*self.fwd.forward_unscaled(x), *self.bwd.forward_unscaled(reverse_time(x)))
+
     def _forward(self, x):
         if self.fuse_directions:
             return self._forward_fused(x)
@@ -253,8 +257,7 @@ class BiMamba2(nn.Module):
         f = self.fwd
         if self._directions_unscaled(x):
             # inference: the norms' row scales applied in the sum of the directions (mixer_function.py)
-            return add_time_reversed_row_scaled(*f.forward_unscaled(x), *self.bwd.forward_unscaled(reverse_time(x)),
-                                                f.d_inner, f.norm.eps)
+            return add_time_reversed_row_scaled(*self._unscaled_directions(x), f.d_inner, f.norm.eps)
         return add_time_reversed(self.fwd(x), self.bwd(reverse_time(x)))
 
     def _forward_fused(self, x):

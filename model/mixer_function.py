@@ -18,8 +18,7 @@ forwards without autograd; `unscaled_forward` is the forward without autograd wh
 gates, and whose norm scale the caller applies after out_proj).
 The backward reads the kept states where mamba_ssm's recomputes them in fp32 only in one place, the gradient
 of each chunk's decay (`_state_passing_bwd`); everywhere else mamba_ssm's backward too rounds them to the
-inputs' dtype first.
-In fp32 the two are the same.
+inputs' dtype first. In fp32 the two are the same.
 Only this mixer's path is covered (gated RMSNorm, out_proj without bias, no extra non-SSM channels, no
 initial states or seq_idx); `MixerFunction.build` refuses a mamba_ssm whose functions this was not
 written against. `ssd` below is mamba_ssm.ops.triton.ssd_combined, whose module namespace holds every
@@ -69,16 +68,20 @@ def with_chunk_scan_output(ssd, chunk_scan_out):
     def _chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states, D=None, z=None, seq_idx=None):
         assert z is None and seq_idx is None, "the mixer passes neither"
         return chunk_scan_out(cb, x, dt, dA_cumsum, C, states, D), None
-    name = f"{getattr(ssd, '__name__', ssd)} with {getattr(chunk_scan_out, '__module__', chunk_scan_out)}"
-    return types.SimpleNamespace(**{**vars(ssd), "__name__": name, "_chunk_scan_fwd": _chunk_scan_fwd})
+    return _with(ssd, chunk_scan_out, _chunk_scan_fwd=_chunk_scan_fwd)
 
 
 def with_fused_chunk_states(ssd, states_entering_chunks):
     """`ssd` with the states entering each chunk from one launcher,
     states_entering_chunks(B, x, dt, dA_cumsum, out_dtype) -> (b, chunks, H, P, N), in place of
     `_chunk_state_fwd` then `_state_passing_fwd` (model/state_pass_kernel.py); every launcher unchanged."""
-    name = f"{getattr(ssd, '__name__', ssd)} with {getattr(states_entering_chunks, '__module__', '?')}"
-    return types.SimpleNamespace(**{**vars(ssd), "__name__": name, "states_entering_chunks": states_entering_chunks})
+    return _with(ssd, states_entering_chunks, states_entering_chunks=states_entering_chunks)
+
+
+def _with(ssd, launcher, **replaced):
+    """A copy of `ssd`'s namespace with `replaced`, named after `launcher`'s module."""
+    name = f"{getattr(ssd, '__name__', ssd)} with {getattr(launcher, '__module__', launcher)}"
+    return types.SimpleNamespace(**{**vars(ssd), "__name__": name, **replaced})
 
 
 def conv_silu(ssd, xBC, conv_weight, conv_bias):
