@@ -120,6 +120,18 @@ def add_floor(rows: list[dict], peak_flops: float | None) -> None:
                 r["gemm_vs_floor"] = r["ms_gemm"] / r["floor_ms"]
 
 
+def autotune_picks() -> dict[str, str]:
+    """The picks of our Triton kernels' autotuners so far, "kernel (key)" -> config; none without Triton.
+    Recorded per row: a pick can differ between processes and machines, and by up to 12% in a kernel's time."""
+    try:
+        from model import chunk_scan_kernel, state_pass_kernel
+    except ImportError:
+        return {}
+    return {f"{name} {key}": str(config)
+            for name, module in (("scan_out", chunk_scan_kernel), ("state_pass", state_pass_kernel))
+            for key, config in module._autotuned_kernel.cache.items()}
+
+
 def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batch_tokens=None,
           on_row=lambda rows: None, previous: list[dict] = (), cuda_graphs: bool = False,
           profile_root: Path | None = None, overrides: list[str] = ()) -> list[dict]:
@@ -154,13 +166,16 @@ def sweep(presets, batches, seq_lens, device, warmup, iters, max_row_s, max_batc
                         print(f"{name}: {params:.0f}M parameters", flush=True)
                     t0 = time.perf_counter()
                     profile_dir = profile_root / f"{name}_b{batch}_L{seq_len}" if profile_root is not None else None
+                    picked_before = autotune_picks()
                     got = common.guarded(measure, device, model, batch, seq_len, device, warmup, iters, max_row_s,
                                          profile_dir)
                     row.update({"status": common.OOM} if got is common.OOM else got)
+                    row["autotune_picks"] = {k: v for k, v in autotune_picks().items() if k not in picked_before}
                     oom_at = seq_len if got is common.OOM else None
                     print(f"  batch {batch} L {seq_len}: {row['status']}"
                           + (f", {row['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in row else "")
-                          + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
+                          + f" ({time.perf_counter() - t0:.1f} s)"
+                          + "".join(f"\n    picked {k}: {v}" for k, v in row["autotune_picks"].items()), flush=True)
                 rows.append(row)
                 on_row(rows)
         del model

@@ -4,16 +4,18 @@ One direction of a 1.3B mixer layer (64 heads x 64, state 128, chunk 256, bf16 b
 (CB, dt, dA_cumsum, the states entering each chunk) made by mamba_ssm's own forward launchers from random
 x, dt, B, C. Each shape is timed with mamba_ssm's kernel, ours under the autotuner and ours under each of
 its configs, and each result compared with mamba_ssm's. A float64 row per dtype checks both against
-model.ssd.ssd_chunked on a short sequence. Two more rows per shape time what a forward without autograd
+model.ssd.ssd_chunked on a short sequence. More rows per shape time what a forward without autograd
 runs in their place with the gated norm: mamba_ssm's kernel followed by mamba_ssm's gated RMSNorm kernel,
 against `chunk_scan_gated_out` (the gate, the sums of squares and the norm weight in our kernel; its
-result times the row scale compared with the norm's output). A row "ours, CB in bf16" times our kernel on
+result times the row scale compared with the norm's output) under the autotuner and each config. A row "ours, CB in bf16" times our kernel on
 C B^T rounded to bf16 (half the bytes of the input every head reads; with a float64 check row too).
+The calls of a row are queued back to back, so its time is the GPU's, without the host's launch.
 
     python -m bench.scan_output --out bench_results      # scan_output.md / .json / .png (needs a GPU)
-    python -m bench.scan_output --shapes 1x32768 --extra-configs 128x64:8:3 64x32:4:3:2 --out x
+    python -m bench.scan_output --shapes 1x32768 --extra-configs 128x64:8:3 64x32:4:3:2 64x32:4:3:2:f --out x
                                                          # also launch configs outside the autotune list
-                                                         # (the last field: heads per program)
+                                                         # (after the stages: heads per program, then
+                                                         # flags: f the past key blocks' decay factored)
 """
 from __future__ import annotations
 
@@ -78,18 +80,21 @@ def mamba_gated_norm(launchers, norm_module, args, z, weight, eps=1e-5):
                                        group_size=weight.numel(), norm_before_gate=False, is_rms_norm=True)[0]
 
 
-def ours_gated_norm(args, z, weight, eps=1e-5):
-    """chunk_scan_gated_out's result times its row scale: what mamba_gated_norm returns."""
+def ours_gated_norm(args, z, weight, config=None, eps=1e-5):
+    """chunk_scan_gated_out's result (under `config`, None: the autotuner's) times its row scale: what
+    mamba_gated_norm returns."""
     from model.chunk_scan_kernel import chunk_scan_gated_out
-    gated, sumsq = chunk_scan_gated_out(*args, z, weight)
+    gated, sumsq = chunk_scan_gated_out(*args, z, weight, config=config)
     scale = torch.rsqrt(sumsq.sum(dim=-1, keepdim=True) / weight.numel() + eps)
     return (gated.flatten(2) * scale).flatten(0, 1)
 
 
 def config_name(config: dict) -> str:
-    """A launch config as chunk_scan_out takes it, e.g. "64x32, 4w 3s" or "64x32, 4w 3s, 2 heads"."""
+    """A launch config as chunk_scan_out takes it, e.g. "64x32, 4w 3s", "64x32, 4w 3s, 2 heads" or
+    "64x32, 4w 3s, 2 heads, factored"."""
     heads = f", {config['HEADS']} heads" if config.get("HEADS", 1) > 1 else ""
-    return f"{config['BLOCK_M']}x{config['BLOCK_K']}, {config['num_warps']}w {config['num_stages']}s{heads}"
+    factored = ", factored" if config.get("FACTORED", 0) else ""
+    return f"{config['BLOCK_M']}x{config['BLOCK_K']}, {config['num_warps']}w {config['num_stages']}s{heads}{factored}"
 
 
 def as_launch_config(config) -> dict:
@@ -109,7 +114,7 @@ def parse_config(text: str) -> dict:
 def timed_row(shape, launch, config, fn, want, iters, device, check=None) -> dict:
     """fn's median time over `iters` calls, and how far check() (fn() when None) is from `want`."""
     got = (check or fn)()
-    ms = common.median(common.time_calls(fn, device, 3, iters)) * 1e3
+    ms = common.median(common.time_calls(fn, device, 3, iters, back_to_back=True)) * 1e3
     return {"shape": shape, "launch": launch, "config": config, "ms": ms, "rel_diff": rel_max(got, want)}
 
 
@@ -149,8 +154,10 @@ def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
         want = mamba_gated_norm(launchers, norm_module, args, z, weight)
         rows.append(timed_row(shape, "mamba_ssm + gated norm", "", functools.partial(
             mamba_gated_norm, launchers, norm_module, args, z, weight), want, iters, device))
-        rows.append(timed_row(shape, "ours, gated", "autotuned", functools.partial(chunk_scan_gated_out, *args, z, weight),
-                              want, iters, device, check=functools.partial(ours_gated_norm, args, z, weight)))
+        for name, config in configs:
+            rows.append(timed_row(shape, "ours, gated", name, functools.partial(chunk_scan_gated_out, *args, z, weight,
+                                                                                 config=config),
+                                  want, iters, device, check=functools.partial(ours_gated_norm, args, z, weight, config)))
     return rows
 
 
@@ -211,8 +218,9 @@ def kernel_bench_main(name: str, doc: str, argv, measure_rows, markdown, plot, a
 def main(argv: list[str] | None = None) -> int:
     def add_args(ap):
         ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
-                        help="more launch configs to time, BLOCK_MxBLOCK_K:warps:stages[:heads per program] "
-                             "(e.g. 128x64:8:3, 64x32:4:3:2)")
+                        help="more launch configs to time, BLOCK_MxBLOCK_K:warps:stages[:heads per program[:f]] "
+                             "(e.g. 128x64:8:3, 64x32:4:3:2, 64x32:4:3:2:f; f: the past key blocks' decay "
+                             "factored)")
     return kernel_bench_main("scan_output", __doc__, argv,
                              lambda args, shapes, dtype, device: measure(shapes, dtype, device, args.iters,
                                                                          args.extra_configs),

@@ -90,6 +90,22 @@ def test_inference_cuda_graphs_option_measures_through_the_graphed_denoiser(tmp_
     assert called and set(called) == {GraphedDenoiser}
 
 
+def test_inference_rows_record_the_autotuner_picks_their_measurement_made(tmp_path, monkeypatch):
+    """Each row keeps the picks that first appeared while it was measured (a pick made for an earlier row is
+    that row's, and stays out of the later one)."""
+    picks = {}
+
+    def autotune_picks():
+        picks[f"scan_out ({len(picks)},)"] = f"config {len(picks)}"   # every look finds one new pick
+        return dict(picks)
+
+    monkeypatch.setattr(inference, "autotune_picks", autotune_picks)
+    assert inference.main(["--smoke", "--out", str(tmp_path), "--presets", "tiny-diffumamba", "--seq-lens", "32", "64",
+                           "--batches", "1"]) == 0
+    rows = json.loads((tmp_path / "inference.json").read_text())["rows"]
+    assert [r["autotune_picks"] for r in rows] == [{"scan_out (1,)": "config 1"}, {"scan_out (3,)": "config 3"}]
+
+
 def test_inference_profile_traces_each_row_and_tables_the_gpu_breakdown(tmp_path, monkeypatch):
     """--profile traces 2 more forward passes per row under inference_profiles/<preset>_b<B>_L<L>/; on the
     CPU there is no GPU kernel to break down (the row says so). With a GPU breakdown (faked here) a second
