@@ -127,7 +127,7 @@ def autotune_picks() -> dict[str, str]:
         from model import chunk_scan_kernel, state_pass_kernel
     except ImportError:
         return {}
-    return {f"{name} {key}": str(config)
+    return {f"{name} {tuple(k for k in key if not str(k).startswith('torch.'))}": str(config)   # dtypes left out
             for name, module in (("scan_out", chunk_scan_kernel), ("state_pass", state_pass_kernel))
             for key, config in module._autotuned_kernel.cache.items()}
 

@@ -12,10 +12,9 @@ C B^T rounded to bf16 (half the bytes of the input every head reads; with a floa
 The calls of a row are queued back to back, so its time is the GPU's, without the host's launch.
 
     python -m bench.scan_output --out bench_results      # scan_output.md / .json / .png (needs a GPU)
-    python -m bench.scan_output --shapes 1x32768 --extra-configs 128x64:8:3 64x32:4:3:2 64x32:4:3:2:f --out x
+    python -m bench.scan_output --shapes 1x32768 --extra-configs 128x64:8:3 64x32:4:3:2 --out x
                                                          # also launch configs outside the autotune list
-                                                         # (after the stages: heads per program, then
-                                                         # flags: f the past key blocks' decay factored)
+                                                         # (the last field: heads per program)
 """
 from __future__ import annotations
 
@@ -90,11 +89,9 @@ def ours_gated_norm(args, z, weight, config=None, eps=1e-5):
 
 
 def config_name(config: dict) -> str:
-    """A launch config as chunk_scan_out takes it, e.g. "64x32, 4w 3s", "64x32, 4w 3s, 2 heads" or
-    "64x32, 4w 3s, 2 heads, factored"."""
+    """A launch config as chunk_scan_out takes it, e.g. "64x32, 4w 3s" or "64x32, 4w 3s, 2 heads"."""
     heads = f", {config['HEADS']} heads" if config.get("HEADS", 1) > 1 else ""
-    factored = ", factored" if config.get("FACTORED", 0) else ""
-    return f"{config['BLOCK_M']}x{config['BLOCK_K']}, {config['num_warps']}w {config['num_stages']}s{heads}{factored}"
+    return f"{config['BLOCK_M']}x{config['BLOCK_K']}, {config['num_warps']}w {config['num_stages']}s{heads}"
 
 
 def as_launch_config(config) -> dict:
@@ -218,9 +215,8 @@ def kernel_bench_main(name: str, doc: str, argv, measure_rows, markdown, plot, a
 def main(argv: list[str] | None = None) -> int:
     def add_args(ap):
         ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
-                        help="more launch configs to time, BLOCK_MxBLOCK_K:warps:stages[:heads per program[:f]] "
-                             "(e.g. 128x64:8:3, 64x32:4:3:2, 64x32:4:3:2:f; f: the past key blocks' decay "
-                             "factored)")
+                        help="more launch configs to time, BLOCK_MxBLOCK_K:warps:stages[:heads per program] "
+                             "(e.g. 128x64:8:3, 64x32:4:3:2)")
     return kernel_bench_main("scan_output", __doc__, argv,
                              lambda args, shapes, dtype, device: measure(shapes, dtype, device, args.iters,
                                                                          args.extra_configs),

@@ -30,21 +30,6 @@ load of CB and C, the largest reads of a program. On an H100 that made 64 x 32 b
 two up to 256) as well as the shapes: the best config differs by up to 12% between 4K and 32K tokens,
 and a pick made on the first, short call was kept for every length.
 
-A launch config may also factor the decay of the key blocks wholly left of a row block (`FACTORED: 1`).
-For keys k < m_start <= m, m_start the first row of the program's row block, the weight splits through
-ref = a[m_start]:
-
-    exp2(a[m] - b[k]) = exp2(a[m] - ref) * dt[k] * exp2(ref - a_k)        a_k = log2(e) * dA[k]
-    row factor r[m] = exp2(a[m] - ref) in (0, 1]      key factor s[k] = dt[k] * exp2(ref - a_k) in [0, dt[k]]
-
-so those blocks add r[m] * sum_k CB[m, k] * (s[k] * x[k]), the scaled x cast back to x's dtype: per key block
-K exponentials and a K x P scale of x instead of M x K exponentials, and one cast of the CB tile for the
-program's heads. It is safe because dA is non-increasing: both exponents are at most 0, nothing overflows,
-and a factor that underflows stands for a weight smaller still. dt[k] = 0 gives s[k] = 0. A row past the
-chunk's end (its a[m] reads 0) gets r = 0, and a row block wholly past it reads ref = 0, so s's exponent is
-clamped at 0. The diagonal blocks and the state part are computed as above. Not in the autotune list:
-unmeasured on a GPU.
-
 `chunk_scan_gated_out` also does what the mixer's gated RMSNorm does before its row scale: y * silu(z) *
 weight, and each head's sum of squares of y * silu(z). The norm kernel, which would read y and z again
 and write its output, is then not needed in a forward without autograd (model/mixer_function.py's
@@ -58,18 +43,16 @@ import torch
 import triton
 import triton.language as tl
 
-CONFIG_ENV = "DIFFUMAMBA_SCAN_OUT_CONFIG"   # one launch config for every call, e.g. 64x32:4:3 or 64x32:4:3:2:f
+CONFIG_ENV = "DIFFUMAMBA_SCAN_OUT_CONFIG"   # one launch config for every call, e.g. 64x32:4:3 or 64x32:4:3:2
 
 LOG2E = tl.constexpr(1.4426950408889634)   # a global a kernel may read
-FLAGS = {"f": "FACTORED"}   # a launch config's switches, 0 unless set (parse_config's letters)
 
 
 def _configs():
     """The launch configs the autotuner tries: each the fastest, or within 2% of it, at one of 1 x 32K,
     2 x 32K and 8 x 2K tokens on an H100 (bench.scan_output, eighteenth run), and 64x32 with 2 stages, the
     fastest without the gate at 1 x 32K and 8 x 2K on an H200 (twentieth run; with the gate it is not)."""
-    flags_off = dict.fromkeys(FLAGS.values(), 0)
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "HEADS": heads, **flags_off}, num_warps=w, num_stages=s)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "HEADS": heads}, num_warps=w, num_stages=s)
             for bm, bk, w, s, heads in ((64, 32, 4, 3, 2), (64, 32, 4, 3, 1), (128, 32, 4, 3, 1), (32, 32, 2, 4, 2),
                                         (64, 32, 4, 2, 1))]
 
@@ -100,7 +83,7 @@ def _chunk_scan_out_kernel(
     s_z_b, s_z_l, s_z_h, s_z_p,
     s_ss_b, s_ss_l, s_ss_h,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HEADS: tl.constexpr,
-    FACTORED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # heads first: the heads of a chunk run together (module docstring); HEADS (1 or 2) neighbouring heads
     # of one group per program share each load of CB and C
@@ -139,14 +122,9 @@ def _chunk_scan_out_kernel(
                                hdim, s_st_p, s_st_n, s_dA_q)
 
     # the chunk's own positions: key blocks wholly in the past, then the diagonal ones with the causal select
-    if FACTORED:
-        acc0, acc1 = _add_past_key_blocks_factored(acc0, acc1, a0, a1, m_start, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m,
-                                                   offs_p, row_ok, chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p,
-                                                   s_dt_h, s_dt_q, s_dA_h, s_dA_q, HEADS, BLOCK_K)
-    else:
-        acc0, acc1 = _add_key_blocks(acc0, acc1, a0, a1, 0, m_start, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, offs_p,
-                                     chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p, s_dt_h, s_dt_q, s_dA_h,
-                                     s_dA_q, False, HEADS, BLOCK_K)
+    acc0, acc1 = _add_key_blocks(acc0, acc1, a0, a1, 0, m_start, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, offs_p,
+                                 chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p, s_dt_h, s_dt_q, s_dA_h, s_dA_q,
+                                 False, HEADS, BLOCK_K)
     acc0, acc1 = _add_key_blocks(acc0, acc1, a0, a1, m_start, min(m_start + BLOCK_M, chunk_len), cb_ptr, x_ptr,
                                  dt_ptr, dA_ptr, offs_m, offs_p, chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p,
                                  s_dt_h, s_dt_q, s_dA_h, s_dA_q, True, HEADS, BLOCK_K)
@@ -182,47 +160,6 @@ def _add_key_blocks(acc0, acc1, a0, a1, k_start, k_stop, cb_ptr, x_ptr, dt_ptr, 
             acc1 = _add_key_block(acc1, cb, x_ptr + s_x_h, dt_ptr + s_dt_h, dA_ptr + s_dA_h, offs_m, offs_k, offs_p,
                                   a1, chunk_len, hdim, s_x_l, s_x_p, s_dt_q, s_dA_q, CAUSAL)
     return acc0, acc1
-
-
-@triton.jit
-def _add_past_key_blocks_factored(acc0, acc1, a0, a1, m_start, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, offs_p, row_ok,
-                                  chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p, s_dt_h, s_dt_q, s_dA_h, s_dA_q,
-                                  HEADS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """_add_key_blocks for the key blocks left of the row block, their decay factored through ref = a[m_start]
-    (module docstring): each head's acc += r[m] * sum over the blocks of CB @ (s[k] * x[k]), each CB tile
-    loaded and cast to x's dtype once. A row block wholly past the chunk's end has ref 0 and r 0."""
-    ref0 = tl.load(dA_ptr + m_start * s_dA_q, mask=m_start < chunk_len, other=0.0).to(tl.float32) * LOG2E
-    ref1 = ref0
-    if HEADS == 2:
-        ref1 = tl.load(dA_ptr + s_dA_h + m_start * s_dA_q, mask=m_start < chunk_len, other=0.0).to(tl.float32) * LOG2E
-    past0 = tl.zeros_like(acc0)
-    past1 = past0
-    for k0 in range(0, min(m_start, chunk_len), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        cb = _load_cb(cb_ptr, offs_m, offs_k, chunk_len, s_cb_m, s_cb_k).to(x_ptr.dtype.element_ty)
-        past0 += tl.dot(cb, _scaled_keys(x_ptr, dt_ptr, dA_ptr, offs_k, offs_p, ref0, chunk_len, hdim,
-                                         s_x_l, s_x_p, s_dt_q, s_dA_q))
-        if HEADS == 2:
-            past1 += tl.dot(cb, _scaled_keys(x_ptr + s_x_h, dt_ptr + s_dt_h, dA_ptr + s_dA_h, offs_k, offs_p, ref1,
-                                             chunk_len, hdim, s_x_l, s_x_p, s_dt_q, s_dA_q))
-    # r[m] = exp2(a[m] - ref); rows past the chunk's end read a[m] = 0 (r could overflow): select before it, r = 0
-    acc0 += tl.exp2(tl.where(row_ok, a0 - ref0, -float("inf")))[:, None] * past0
-    if HEADS == 2:
-        acc1 += tl.exp2(tl.where(row_ok, a1 - ref1, -float("inf")))[:, None] * past1
-    return acc0, acc1
-
-
-@triton.jit
-def _scaled_keys(x_ptr, dt_ptr, dA_ptr, offs_k, offs_p, ref, chunk_len, hdim, s_x_l, s_x_p, s_dt_q, s_dA_q):
-    """One head's s[k] * x[k] in x's dtype, s[k] = dt[k] * exp2(ref - a_k) in [0, dt[k]]: the exponent is at
-    most 0 for keys before ref's row, and clamped there for the rest (a row block past the chunk's end)."""
-    key_ok = offs_k < chunk_len
-    dt_k = tl.load(dt_ptr + offs_k * s_dt_q, mask=key_ok, other=0.0).to(tl.float32)
-    a_k = tl.load(dA_ptr + offs_k * s_dA_q, mask=key_ok, other=0.0).to(tl.float32) * LOG2E
-    s_k = dt_k * tl.exp2(tl.minimum(ref - a_k, 0.0))
-    x = tl.load(x_ptr + offs_k[:, None] * s_x_l + offs_p[None, :] * s_x_p,
-                mask=key_ok[:, None] & (offs_p[None, :] < hdim), other=0.0)
-    return (x.to(tl.float32) * s_k[:, None]).to(x_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -283,9 +220,8 @@ def chunk_scan_out(cb, x, dt, dA_cumsum, C, states, D=None, config: dict | None 
     states (b, chunks, h, p, n), D (h,) or (h, p). Returns y (b, l, h, p) in x's dtype.
     config: one launch config instead of the autotuner's pick, e.g. {"BLOCK_M": 64, "BLOCK_K": 32,
     "num_warps": 4, "num_stages": 3} (BLOCK_K must divide BLOCK_M); "HEADS": 2 has each program compute two
-    neighbouring heads of a group, which share each load of CB and C; "FACTORED": 1 factors the decay of the
-    key blocks left of each row block (module docstring; default 0). Without one, $DIFFUMAMBA_SCAN_OUT_CONFIG
-    (parse_config's form, e.g. 64x32:4:3:2:f) or the autotuner decides."""
+    neighbouring heads of a group, which share each load of CB and C. Without one, $DIFFUMAMBA_SCAN_OUT_CONFIG
+    (parse_config's form) or the autotuner decides."""
     return _launch(cb, x, dt, dA_cumsum, C, states, D, None, None, config)[0]
 
 
@@ -300,26 +236,20 @@ def chunk_scan_gated_out(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, con
 
 
 def parse_config(text: str) -> dict:
-    """"BLOCK_MxBLOCK_K:warps:stages[:heads[:flags]]" (e.g. "128x64:8:3", "64x32:4:3:2", "64x32:4:3:2:f") -> a
-    launch config; heads: heads per program, 1 or 2; flags (after the heads), letters of FLAGS: f factors the
-    past key blocks' decay (FACTORED 1). ValueError naming what is wrong."""
+    """"BLOCK_MxBLOCK_K:warps:stages[:heads]" (e.g. "128x64:8:3", "64x32:4:3:2") -> a launch config;
+    heads: heads per program, 1 or 2. ValueError naming what is wrong."""
     try:
-        blocks, warps, stages, *rest = text.split(":")
+        blocks, warps, stages, *heads = text.split(":")
         block_m, block_k = (int(v) for v in blocks.lower().split("x"))
         config = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": int(warps), "num_stages": int(stages),
-                  "HEADS": int(rest[0]) if rest else 1}
+                  "HEADS": int(heads[0]) if heads else 1}
     except ValueError:
         config = None
-    if config is None or len(rest) > 2 or config["HEADS"] not in (1, 2):
-        raise ValueError(f"{text!r} is not BLOCK_MxBLOCK_K:warps:stages[:heads 1 or 2[:flags]], e.g. 128x64:8:3 or "
-                         "64x32:4:3:2:f")
-    flags = rest[1] if len(rest) == 2 else ""
-    if set(flags) - set(FLAGS) or len(set(flags)) < len(flags):
-        raise ValueError(f"{text!r}: the field after the heads takes each of the letters {''.join(FLAGS)} at most "
-                         "once (f: factored decay), e.g. 64x32:4:3:2:f")
+    if config is None or len(heads) > 1 or config["HEADS"] not in (1, 2):
+        raise ValueError(f"{text!r} is not BLOCK_MxBLOCK_K:warps:stages[:heads 1 or 2], e.g. 128x64:8:3")
     if block_m % block_k:
         raise ValueError(f"{text!r}: BLOCK_K must divide BLOCK_M")
-    return config | {name: int(letter in flags) for letter, name in FLAGS.items()}
+    return config
 
 
 def chosen_config(config: dict | None) -> dict | None:
@@ -330,7 +260,7 @@ def chosen_config(config: dict | None) -> dict | None:
             config = parse_config(os.environ[CONFIG_ENV])
         except ValueError as e:
             raise ValueError(f"{CONFIG_ENV}: {e}") from None
-    return None if config is None else {"HEADS": 1, **dict.fromkeys(FLAGS.values(), 0), **config}
+    return None if config is None else {"HEADS": 1, **config}
 
 
 def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
@@ -347,7 +277,6 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     if config is not None:
         assert config["HEADS"] in (1, 2) and (nheads // ngroups) % config["HEADS"] == 0, \
             f"HEADS={config['HEADS']}: 1 or 2, and it must divide the {nheads // ngroups} heads of a group"
-        assert all(config[name] in (0, 1) for name in FLAGS.values()), f"{config}: a flag is 0 or 1"
     grid = lambda meta: (nheads // meta["HEADS"], triton.cdiv(chunk_size, meta["BLOCK_M"]), batch * nchunks)
     kernel = _autotuned_kernel if config is None else _chunk_scan_out_kernel
     kernel[grid](   # without a gate, z and the sums point at x and dt: never read or written (HAS_Z)

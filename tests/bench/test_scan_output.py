@@ -31,14 +31,11 @@ def test_scan_output_table_and_refusal_without_a_gpu(tmp_path, capsys):
 def test_extra_configs_are_parsed_and_bad_ones_named():
     import pytest
     assert scan_output.parse_config("128x64:8:3") == {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
-                                                      "HEADS": 1, "FACTORED": 0}
+                                                      "HEADS": 1}
     assert scan_output.parse_config("64x32:4:3:2")["HEADS"] == 2
-    assert scan_output.parse_config("64x32:4:3:2:f")["FACTORED"] == 1
     assert scan_output.config_name(scan_output.parse_config("64x32:4:3:2")) == "64x32, 4w 3s, 2 heads"
     assert scan_output.config_name(scan_output.parse_config("64x32:4:3")) == "64x32, 4w 3s"
-    assert scan_output.config_name(scan_output.parse_config("64x32:4:3:2:f")) == "64x32, 4w 3s, 2 heads, factored"
-    assert scan_output.config_name(scan_output.parse_config("64x32:4:3:1:f")) == "64x32, 4w 3s, factored"
     for bad, why in (("128x64:8", "BLOCK_MxBLOCK_K:warps:stages"), ("64x128:4:2", "must divide"),
-                     ("64x32:4:3:4", "heads 1 or 2"), ("64x32:4:3:f", "heads 1 or 2"), ("64x32:4:3:2:x", "letters f ")):
+                     ("64x32:4:3:4", "heads 1 or 2")):
         with pytest.raises(SystemExit, match=why):
             scan_output.parse_config(bad)
