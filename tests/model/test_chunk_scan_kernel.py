@@ -10,9 +10,10 @@ import inspect
 import pytest
 import torch
 
+from bench.kernel_resources import SHARED_MEMORY_H100, compile_scan_out
 from tests.model.chunk_scan_kernel_cases import CASES, GATED_CASES
 from tests.model.triton_on_cpu import INTERPRETER_TOLERANCE as TOLERANCE
-from tests.model.triton_on_cpu import SHARED_MEMORY_H100, compile_for_h100, interpreted
+from tests.model.triton_on_cpu import interpreted
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +49,11 @@ EXTRA_CONFIGS = [({"BLOCK_M": 128, "BLOCK_K": 32, "HEADS": 2}, 8, 3)]
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_every_autotune_config_compiles_for_an_h100(dtype, gated):
-    from model.chunk_scan_kernel import _autotuned_kernel, _chunk_scan_out_kernel
+    from model.chunk_scan_kernel import _autotuned_kernel
 
-    pointers = {name: "*fp32" for name in ("cb_ptr", "dt_ptr", "dA_ptr", "D_ptr", "norm_weight_ptr", "sumsq_ptr")}
-    pointers |= {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "C_ptr", "states_ptr", "z_ptr")}
     configs = [(c.kwargs, c.num_warps, c.num_stages) for c in _autotuned_kernel.configs] + EXTRA_CONFIGS
     for kwargs, warps, stages in configs:
-        constants = dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=gated, BLOCK_P=64, BLOCK_N=128, **kwargs)
-        compiled = compile_for_h100(_chunk_scan_out_kernel, pointers, constants, warps, stages,
-                                    unit_strides=("s_cb_k", "s_x_p", "s_o_p", "s_dt_q", "s_dA_q", "s_C_n", "s_st_n",
-                                                  "s_D_h", "s_z_p", "s_ss_h"),
-                                    not_multiples_of_16=("batch", "tuning_size"))
+        compiled = compile_scan_out(kwargs, warps, stages, dtype, gated)
         assert compiled.metadata.shared <= SHARED_MEMORY_H100, f"{kwargs}: more shared memory than an H100 has"
 
 

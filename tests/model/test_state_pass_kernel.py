@@ -9,9 +9,10 @@ import re
 
 import pytest
 
+from bench.kernel_resources import SHARED_MEMORY_H100, compile_state_pass
 from tests.model.state_pass_kernel_cases import CASES
 from tests.model.triton_on_cpu import INTERPRETER_TOLERANCE as TOLERANCE
-from tests.model.triton_on_cpu import SHARED_MEMORY_H100, compile_for_h100, interpreted
+from tests.model.triton_on_cpu import interpreted
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +51,7 @@ def test_mixer_function_hands_the_scan_output_the_kernels_states(interpreted_err
 
 
 def compiled_shared_memory(dtype, kwargs, warps, stages):
-    from model.state_pass_kernel import _states_entering_kernel
-
-    pointers = {"x_ptr": f"*{dtype}", "B_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
-                "dA_ptr": "*fp32"}
-    compiled = compile_for_h100(_states_entering_kernel, pointers, dict(BLOCK_Q=256, **kwargs), warps, stages,
-                                unit_strides=("s_x_p", "s_B_n", "s_o_n", "s_dt_q", "s_dA_q"),
-                                not_multiples_of_16=("nchunks", "heads_per_group", "tuning_size"))
+    compiled = compile_state_pass(kwargs, warps, stages, dtype)
     buffered = set(re.findall(r"memdesc<\d+x(\d+x\d+)x(?:bf16|f32)", compiled.asm["ttgir"]))
     tiles = {f"{kwargs['BLOCK_P']}x256", f"256x{kwargs['BLOCK_N']}"}     # x and B of a whole chunk
     assert tiles <= buffered, f"{kwargs}: the loop does not load x and B ahead ({buffered})"

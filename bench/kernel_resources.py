@@ -1,0 +1,185 @@
+"""What each launch config of our Triton kernels asks of an H100 / H200 SM, without a GPU: registers per
+thread, bytes spilled to the stack, shared memory per program, and from those how many programs (and warps)
+fit on one SM at a time.
+
+Both kernels are latency-bound at the 1.3B shapes (docs/benchmarks.md): a program's loop waits on its loads,
+and only the other programs resident on the SM can hide that wait. The table says how many there are room
+for. Each config is compiled for sm_90 down to the binary as a launch at the 1.3B shapes specialises it
+(`compile_for_h100`); the registers come from the binary (cuobjdump, bundled with Triton).
+
+    python -m bench.kernel_resources --out bench_results          # kernel_resources.md / .json / .png
+    python -m bench.kernel_resources --extra-configs 64x32:4:2 64x64:4:2:2 --out x
+                                                                  # also configs outside the autotune lists
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench import common
+
+# one SM of an H100 / H200 (sm_90): CUDA C programming guide, compute capability 9.0
+REGISTERS_PER_SM = 65536
+REGISTER_UNIT = 256            # registers are given to a warp in units of 256 (8 per thread)
+SHARED_MEMORY_PER_SM = 228 * 1024
+SHARED_MEMORY_H100 = 227 * 1024   # the most one program may have
+SHARED_RESERVED = 1024         # the system's share of shared memory, per resident program
+WARPS_PER_SM = 64
+PROGRAMS_PER_SM = 32
+
+
+def compile_for_h100(kernel, pointers: dict[str, str], constants: dict, warps: int, stages: int,
+                     unit_strides=(), not_multiples_of_16=()):
+    """kernel (a triton.jit function) compiled for sm_90 as a launch at the 1.3B shapes specialises it:
+    pointers (name -> "*bf16" etc.), constants (its constexprs), unit_strides (arguments that are 1 there,
+    fixed as constants), and every other argument an i32 that the launch sees divisible by 16 (pointers,
+    strides, sizes such as headdim 64, state 128, chunk 256), but for not_multiples_of_16. Without that
+    the loads do not vectorise, the loop does not pipeline them, and the shared memory counted is a third
+    to a half of a real launch's."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constants = {**constants, **dict.fromkeys(unit_strides, 1)}
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature = {p: "constexpr" if p in constants else pointers.get(p, "i32") for p in params}
+    multiples_of_16 = [p for p in params if p not in constants and p not in not_multiples_of_16]
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(params.index(n),): v for n, v in constants.items()},
+                       attrs={(params.index(p),): [["tt.divisibility", 16]] for p in multiples_of_16})
+    compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    assert compiled.asm["cubin"], constants
+    return compiled
+
+
+def compile_scan_out(kwargs: dict, warps: int, stages: int, dtype: str = "bf16", gated: bool = False):
+    """model/chunk_scan_kernel.py's kernel at the 1.3B shapes (headdim 64, state 128), one launch config."""
+    from model.chunk_scan_kernel import _chunk_scan_out_kernel
+
+    pointers = {name: "*fp32" for name in ("cb_ptr", "dt_ptr", "dA_ptr", "D_ptr", "norm_weight_ptr", "sumsq_ptr")}
+    pointers |= {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "C_ptr", "states_ptr", "z_ptr")}
+    constants = dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=gated, BLOCK_P=64, BLOCK_N=128, **kwargs)
+    return compile_for_h100(_chunk_scan_out_kernel, pointers, constants, warps, stages,
+                            unit_strides=("s_cb_k", "s_x_p", "s_o_p", "s_dt_q", "s_dA_q", "s_C_n", "s_st_n", "s_D_h",
+                                          "s_z_p", "s_ss_h"),
+                            not_multiples_of_16=("batch", "tuning_size"))
+
+
+def compile_state_pass(kwargs: dict, warps: int, stages: int, dtype: str = "bf16"):
+    """model/state_pass_kernel.py's kernel at the 1.3B shapes (chunk 256), one launch config."""
+    from model.state_pass_kernel import _states_entering_kernel
+
+    pointers = {"x_ptr": f"*{dtype}", "B_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
+                "dA_ptr": "*fp32"}
+    return compile_for_h100(_states_entering_kernel, pointers, dict(BLOCK_Q=256, **kwargs), warps, stages,
+                            unit_strides=("s_x_p", "s_B_n", "s_o_n", "s_dt_q", "s_dA_q"),
+                            not_multiples_of_16=("nchunks", "heads_per_group", "tuning_size"))
+
+
+def registers_and_spills(compiled) -> tuple[int, int]:
+    """(registers per thread, bytes of stack per thread) of a compiled kernel, from its binary."""
+    import triton
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        out = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
+                             check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if found is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {out[-300:]}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def resident_programs(registers: int, shared: int, warps: int) -> dict:
+    """How many programs of `warps` warps, each thread with `registers` registers and the program with
+    `shared` bytes of shared memory, fit on one SM at a time, and what limits that."""
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    limits = {"registers": REGISTERS_PER_SM // (per_warp * warps),
+              "shared memory": SHARED_MEMORY_PER_SM // (shared + SHARED_RESERVED),
+              "warps": WARPS_PER_SM // warps, "programs": PROGRAMS_PER_SM}
+    programs = min(limits.values())
+    return {"programs_per_sm": programs, "warps_per_sm": programs * warps,
+            "limited_by": " and ".join(k for k, v in limits.items() if v == programs)}
+
+
+def config_rows(extra_scan_out_configs=()) -> list[dict]:
+    """One row per kernel, launch config and gate: the autotune lists' configs and the extra ones, bf16."""
+    from bench.scan_output import as_launch_config, config_name
+    from model import chunk_scan_kernel, state_pass_kernel
+
+    rows = []
+    scan_out = [(c, "list") for c in map(as_launch_config, chunk_scan_kernel._autotuned_kernel.configs)]
+    for config, source in scan_out + [(c, "extra") for c in extra_scan_out_configs]:
+        kwargs = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+        for gated in (False, True):
+            compiled = compile_scan_out({"HEADS": 1, **kwargs}, config["num_warps"], config["num_stages"], gated=gated)
+            rows.append(usage_row("scan_out, gated" if gated else "scan_out", config_name(config), source, compiled,
+                                  config["num_warps"]))
+    for config in state_pass_kernel._autotuned_kernel.configs:
+        name = (f"{config.kwargs['BLOCK_P']}x{config.kwargs['BLOCK_N']}, "
+                f"{config.num_warps}w {config.num_stages}s")
+        rows.append(usage_row("state_pass", name, "list", compile_state_pass(config.kwargs, config.num_warps,
+                                                                             config.num_stages), config.num_warps))
+    return rows
+
+
+def usage_row(kernel: str, config: str, source: str, compiled, warps: int) -> dict:
+    registers, spilled = registers_and_spills(compiled)
+    shared = compiled.metadata.shared
+    return {"kernel": kernel, "config": config, "source": source, "registers": registers, "stack_bytes": spilled,
+            "shared_KiB": shared / 1024, **resident_programs(registers, shared, warps)}
+
+
+COLUMNS = [("kernel", "kernel", ""), ("config", "config", ""), ("in", "source", ""), ("registers", "registers", "d"),
+           ("stack (bytes)", "stack_bytes", "d"), ("shared (KiB)", "shared_KiB", ".1f"),
+           ("programs / SM", "programs_per_sm", "d"), ("warps / SM", "warps_per_sm", "d"),
+           ("limited by", "limited_by", "")]
+NOTES = [("bf16, the 1.3B shapes (64 heads x 64, state 128, chunk 256); sm_90: 65,536 registers, 228 KiB of shared "
+          "memory (1 KiB of it reserved per program), 64 warps and 32 programs per SM"),
+         "stack: bytes per thread the compiler spilled from registers (0: none)",
+         "in: list = the autotuner's list, extra = --extra-configs"]
+
+
+def plot(rows: list[dict], head: dict, path: Path) -> None:
+    plt = common.pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.bar(range(len(rows)), [r["warps_per_sm"] for r in rows],
+           color=["C1" if r["stack_bytes"] else "C0" for r in rows])
+    ax.set_xticks(range(len(rows)), [f"{r['kernel']} {r['config']}" for r in rows], rotation=75, fontsize=7)
+    ax.set_ylabel("resident warps per SM (of 64)")
+    ax.set_title("orange: spills registers", fontsize=8)
+    common.save_figure(fig, head, "resident warps per SM", path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.scan_output import parse_config
+
+    ap = argparse.ArgumentParser(prog="python -m bench.kernel_resources", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
+                    help="more launch configs of the scan's output kernel, BLOCK_MxBLOCK_K:warps:stages[:heads]")
+    ap.add_argument("--out", type=Path, default=Path("bench_results"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw OUT/kernel_resources.png from its JSON")
+    args = ap.parse_args(argv)
+    if args.plot_only:
+        return common.replot(args.out, "kernel_resources", plot)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # the default the kernels are launched with
+    head = common.header(torch.device("cpu"), "bench.kernel_resources", target="sm_90 (H100 / H200), compiled here")
+    rows = config_rows(args.extra_configs)
+    text = [f"## Resources per launch config, sm_90 — compiled on {head['card']}", "",
+            *[f"- {line}" for line in common.header_lines(head)], "", common.markdown_table(COLUMNS, rows), "",
+            *[f"- {n}" for n in NOTES]]
+    common.save_and_print(args.out, "kernel_resources", head, rows, "\n".join(text) + "\n", plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""bench.kernel_resources on the CPU: the occupancy arithmetic against hand-worked SMs, and a real sm_90 compile
+read back from its binary."""
+import json
+
+import pytest
+
+from bench import kernel_resources
+
+
+@pytest.mark.parametrize("registers, shared, warps, want", [
+    # 128 x 32 = 4,096 registers a warp: 4 programs of 4 warps; 233,472 / (66,048 + 1,024) = 3.48: shared memory
+    (128, 66048, 4, (3, 12, "shared memory")),
+    # 255 rounds up to 256 a thread, 8,192 a warp: 65,536 / 16,384 = 4 programs; shared memory would allow 5
+    (255, 40448, 2, (4, 8, "registers")),
+    # 1 warp of 32 registers, no shared memory: 32 programs (the SM's limit) before registers (64) or warps (64)
+    (32, 0, 1, (32, 32, "programs")),
+    # 16 warps: 4 programs by warps; 64 x 32 x 16 = 32,768 registers: 2 programs; 100 KiB: 2 programs
+    (64, 100 * 1024, 16, (2, 32, "registers and shared memory")),
+])
+def test_resident_programs_per_sm(registers, shared, warps, want):
+    got = kernel_resources.resident_programs(registers, shared, warps)
+    assert (got["programs_per_sm"], got["warps_per_sm"], got["limited_by"]) == want
+
+
+def test_a_compiled_config_reports_its_registers_and_shared_memory():
+    compiled = kernel_resources.compile_scan_out({"BLOCK_M": 64, "BLOCK_K": 32, "HEADS": 1}, 4, 3)
+    registers, stack = kernel_resources.registers_and_spills(compiled)
+    assert 32 <= registers <= 255 and stack >= 0
+    row = kernel_resources.usage_row("scan_out", "64x32, 4w 3s", "list", compiled, 4)
+    assert row["shared_KiB"] * 1024 == compiled.metadata.shared > 0
+    assert 1 <= row["programs_per_sm"] <= 16 and row["warps_per_sm"] == 4 * row["programs_per_sm"]
+
+
+def test_main_tables_every_row(tmp_path, monkeypatch):
+    rows = [{"kernel": "scan_out", "config": "64x32, 4w 3s", "source": "list", "registers": 128, "stack_bytes": 0,
+             "shared_KiB": 64.5, **kernel_resources.resident_programs(128, 66048, 4)}]
+    seen = []
+    monkeypatch.setattr(kernel_resources, "config_rows", lambda extra: seen.append(extra) or rows)
+    assert kernel_resources.main(["--extra-configs", "64x32:4:2:2", "--out", str(tmp_path)]) == 0
+    assert seen == [[{"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "HEADS": 2}]]
+    assert json.loads((tmp_path / "kernel_resources.json").read_text())["rows"] == rows
+    md = (tmp_path / "kernel_resources.md").read_text()
+    assert "| scan_out | 64x32, 4w 3s | list | 128 | 0 | 64.5 | 3 | 12 | shared memory |" in md
