@@ -36,13 +36,13 @@ PROGRAMS_PER_SM = 32
 
 
 def compile_for_h100(kernel, pointers: dict[str, str], constants: dict, warps: int, stages: int,
-                     unit_strides=(), not_multiples_of_16=()):
+                     unit_strides=(), not_multiples_of_16=(), maxnreg: int | None = None):
     """kernel (a triton.jit function) compiled for sm_90 as a launch at the 1.3B shapes specialises it:
     pointers (name -> "*bf16" etc.), constants (its constexprs), unit_strides (arguments that are 1 there,
     fixed as constants), and every other argument an i32 that the launch sees divisible by 16 (pointers,
     strides, sizes such as headdim 64, state 128, chunk 256), but for not_multiples_of_16. Without that
     the loads do not vectorise, the loop does not pipeline them, and the shared memory counted is a third
-    to a half of a real launch's."""
+    to a half of a real launch's. maxnreg: the most registers a thread may have (None: the compiler's choice)."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -53,12 +53,14 @@ def compile_for_h100(kernel, pointers: dict[str, str], constants: dict, warps: i
     multiples_of_16 = [p for p in params if p not in constants and p not in not_multiples_of_16]
     source = ASTSource(fn=kernel, signature=signature, constexprs={(params.index(n),): v for n, v in constants.items()},
                        attrs={(params.index(p),): [["tt.divisibility", 16]] for p in multiples_of_16})
-    compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     assert compiled.asm["cubin"], constants
     return compiled
 
 
-def compile_scan_out(kwargs: dict, warps: int, stages: int, dtype: str = "bf16", gated: bool = False):
+def compile_scan_out(kwargs: dict, warps: int, stages: int, dtype: str = "bf16", gated: bool = False,
+                     maxnreg: int | None = None):
     """model/chunk_scan_kernel.py's kernel at the 1.3B shapes (headdim 64, state 128), one launch config."""
     from model.chunk_scan_kernel import _chunk_scan_out_kernel
 
@@ -68,7 +70,7 @@ def compile_scan_out(kwargs: dict, warps: int, stages: int, dtype: str = "bf16",
     return compile_for_h100(_chunk_scan_out_kernel, pointers, constants, warps, stages,
                             unit_strides=("s_cb_k", "s_x_p", "s_o_p", "s_dt_q", "s_dA_q", "s_C_n", "s_st_n", "s_D_h",
                                           "s_z_p", "s_ss_h"),
-                            not_multiples_of_16=("batch", "tuning_size"))
+                            not_multiples_of_16=("batch", "tuning_size"), maxnreg=maxnreg)
 
 
 def compile_state_pass(kwargs: dict, warps: int, stages: int, dtype: str = "bf16"):
@@ -117,9 +119,10 @@ def config_rows(extra_scan_out_configs=()) -> list[dict]:
     rows = []
     scan_out = [(c, "list") for c in map(as_launch_config, chunk_scan_kernel._autotuned_kernel.configs)]
     for config, source in scan_out + [(c, "extra") for c in extra_scan_out_configs]:
-        kwargs = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+        kwargs = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages", "maxnreg")}
         for gated in (False, True):
-            compiled = compile_scan_out({"HEADS": 1, **kwargs}, config["num_warps"], config["num_stages"], gated=gated)
+            compiled = compile_scan_out({"HEADS": 1, **kwargs}, config["num_warps"], config["num_stages"], gated=gated,
+                                        maxnreg=config.get("maxnreg"))
             rows.append(usage_row("scan_out, gated" if gated else "scan_out", config_name(config), source, compiled,
                                   config["num_warps"]))
     for config in state_pass_kernel._autotuned_kernel.configs:
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m bench.kernel_resources", description=__doc__.split("\n\n")[0])
     ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
-                    help="more launch configs of the scan's output kernel, BLOCK_MxBLOCK_K:warps:stages[:heads]")
+                    help="more launch configs of the scan's output kernel, "
+                         "BLOCK_MxBLOCK_K:warps:stages[:heads[:registers per thread]]")
     ap.add_argument("--out", type=Path, default=Path("bench_results"))
     ap.add_argument("--plot-only", action="store_true", help="redraw OUT/kernel_resources.png from its JSON")
     args = ap.parse_args(argv)

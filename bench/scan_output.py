@@ -12,9 +12,10 @@ C B^T rounded to bf16 (half the bytes of the input every head reads; with a floa
 The calls of a row are queued back to back, so its time is the GPU's, without the host's launch.
 
     python -m bench.scan_output --out bench_results      # scan_output.md / .json / .png (needs a GPU)
-    python -m bench.scan_output --shapes 1x32768 --extra-configs 128x64:8:3 64x32:4:3:2 --out x
+    python -m bench.scan_output --shapes 1x32768 --extra-configs 128x64:8:3 64x32:4:3:2 64x32:4:2:1:128 --out x
                                                          # also launch configs outside the autotune list
-                                                         # (the last field: heads per program)
+                                                         # (then heads per program, then the most registers
+                                                         # per thread)
 """
 from __future__ import annotations
 
@@ -89,14 +90,17 @@ def ours_gated_norm(args, z, weight, config=None, eps=1e-5):
 
 
 def config_name(config: dict) -> str:
-    """A launch config as chunk_scan_out takes it, e.g. "64x32, 4w 3s" or "64x32, 4w 3s, 2 heads"."""
+    """A launch config as chunk_scan_out takes it, e.g. "64x32, 4w 3s", "64x32, 4w 3s, 2 heads" or
+    "64x32, 4w 2s, <= 128 registers"."""
     heads = f", {config['HEADS']} heads" if config.get("HEADS", 1) > 1 else ""
-    return f"{config['BLOCK_M']}x{config['BLOCK_K']}, {config['num_warps']}w {config['num_stages']}s{heads}"
+    registers = f", <= {config['maxnreg']} registers" if config.get("maxnreg") else ""
+    return f"{config['BLOCK_M']}x{config['BLOCK_K']}, {config['num_warps']}w {config['num_stages']}s{heads}{registers}"
 
 
 def as_launch_config(config) -> dict:
     """A triton.Config of the autotune list as chunk_scan_out's `config`."""
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
+            **({"maxnreg": config.maxnreg} if config.maxnreg else {})}
 
 
 def parse_config(text: str) -> dict:
@@ -115,9 +119,17 @@ def timed_row(shape, launch, config, fn, want, iters, device, check=None) -> dic
     return {"shape": shape, "launch": launch, "config": config, "ms": ms, "rel_diff": rel_max(got, want)}
 
 
-def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
+def timed_or_refused(shape, launch, config, fn, want, iters, device, check=None) -> dict:
+    """timed_row, or a row without a time that names why a config cannot run on this card (too much shared
+    memory or too many registers for it)."""
     from triton.runtime.errors import OutOfResources
+    try:
+        return timed_row(shape, launch, config, fn, want, iters, device, check)
+    except OutOfResources as e:
+        return {"shape": shape, "launch": launch, "config": f"{config}: {e}"[:120], "ms": None, "rel_diff": float("nan")}
 
+
+def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
     from model.chunk_scan_kernel import _autotuned_kernel, chunk_scan_gated_out, chunk_scan_out
     launchers = kernels.import_skipping_package_init("mamba_ssm.ops.triton.ssd_combined")
     norm_module = kernels.import_skipping_package_init("mamba_ssm.ops.triton.layernorm_gated")
@@ -141,20 +153,16 @@ def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
             ("ours, CB in bf16", "autotuned", functools.partial(chunk_scan_out, *with_bf16_cb(args)))]
         want, first = launches[0][2](), len(rows)
         for who, name, fn in launches:
-            try:
-                rows.append(timed_row(shape, who, name, fn, want, iters, device))
-            except OutOfResources as e:   # an extra config too big for the card
-                rows.append({"shape": shape, "launch": who, "config": f"{name}: {e}"[:120], "ms": None,
-                             "rel_diff": float("nan")})
+            rows.append(timed_or_refused(shape, who, name, fn, want, iters, device))
         rows[first + 1]["config"] = f"autotuned ({config_name(as_launch_config(_autotuned_kernel.best_config))})"
         z, weight = gate_inputs(args[1], device, 20 + seed)
         want = mamba_gated_norm(launchers, norm_module, args, z, weight)
         rows.append(timed_row(shape, "mamba_ssm + gated norm", "", functools.partial(
             mamba_gated_norm, launchers, norm_module, args, z, weight), want, iters, device))
         for name, config in configs:
-            rows.append(timed_row(shape, "ours, gated", name, functools.partial(chunk_scan_gated_out, *args, z, weight,
-                                                                                 config=config),
-                                  want, iters, device, check=functools.partial(ours_gated_norm, args, z, weight, config)))
+            rows.append(timed_or_refused(shape, "ours, gated", name,
+                                         functools.partial(chunk_scan_gated_out, *args, z, weight, config=config), want,
+                                         iters, device, check=functools.partial(ours_gated_norm, args, z, weight, config)))
     return rows
 
 
@@ -215,8 +223,8 @@ def kernel_bench_main(name: str, doc: str, argv, measure_rows, markdown, plot, a
 def main(argv: list[str] | None = None) -> int:
     def add_args(ap):
         ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
-                        help="more launch configs to time, BLOCK_MxBLOCK_K:warps:stages[:heads per program] "
-                             "(e.g. 128x64:8:3, 64x32:4:3:2)")
+                        help="more launch configs to time, BLOCK_MxBLOCK_K:warps:stages[:heads per program"
+                             "[:registers per thread]] (e.g. 128x64:8:3, 64x32:4:3:2, 64x32:4:2:1:128)")
     return kernel_bench_main("scan_output", __doc__, argv,
                              lambda args, shapes, dtype, device: measure(shapes, dtype, device, args.iters,
                                                                          args.extra_configs),

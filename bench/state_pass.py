@@ -16,7 +16,7 @@ import functools
 import torch
 
 from bench import scan_output
-from bench.scan_output import rel_max, scan_inputs, timed_row
+from bench.scan_output import rel_max, scan_inputs, timed_or_refused, timed_row
 from model import kernels, mixer_function
 
 CHUNK = 256
@@ -36,8 +36,6 @@ def config_name(config) -> str:
 
 
 def measure(shapes, dtype, device, iters) -> list[dict]:
-    from triton.runtime.errors import OutOfResources
-
     from model.state_pass_kernel import (
         _autotuned_kernel,
         states_entering_chunks,
@@ -65,13 +63,9 @@ def measure(shapes, dtype, device, iters) -> list[dict]:
         rows.append(timed_row(shape, "mamba_ssm", "chunk states, then passing", functools.partial(mamba, *args),
                               want, iters, device))
         first = len(rows)
-        for name, config in configs:
-            try:
-                rows.append(timed_row(shape, "ours", name, functools.partial(
-                    states_entering_chunks, *args, dtype, config=config), want, iters, device))
-            except OutOfResources as e:   # a config too big for the card (fp32 inputs)
-                rows.append({"shape": shape, "launch": "ours", "config": f"{name}: {e}"[:120], "ms": None,
-                             "rel_diff": float("nan")})
+        for name, config in configs:   # a config may be too big for the card (fp32 inputs)
+            rows.append(timed_or_refused(shape, "ours", name, functools.partial(
+                states_entering_chunks, *args, dtype, config=config), want, iters, device))
         rows[first]["config"] = f"autotuned ({config_name(_autotuned_kernel.best_config)})"
     return rows
 

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-CONFIG_ENV = "DIFFUMAMBA_SCAN_OUT_CONFIG"   # one launch config for every call, e.g. 64x32:4:3 or 64x32:4:3:2
+CONFIG_ENV = "DIFFUMAMBA_SCAN_OUT_CONFIG"   # one launch config for every call, e.g. 64x32:4:3 or 64x32:4:2:1:128
 
 LOG2E = tl.constexpr(1.4426950408889634)   # a global a kernel may read
 
@@ -236,17 +236,24 @@ def chunk_scan_gated_out(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, con
 
 
 def parse_config(text: str) -> dict:
-    """"BLOCK_MxBLOCK_K:warps:stages[:heads]" (e.g. "128x64:8:3", "64x32:4:3:2") -> a launch config;
-    heads: heads per program, 1 or 2. ValueError naming what is wrong."""
+    """"BLOCK_MxBLOCK_K:warps:stages[:heads[:registers]]" (e.g. "128x64:8:3", "64x32:4:3:2", "64x32:4:2:1:128")
+    -> a launch config; heads: heads per program, 1 or 2; registers: the most each thread may have
+    (`maxnreg`: fewer registers let more programs share an SM, at the risk of spills). ValueError naming
+    what is wrong."""
     try:
-        blocks, warps, stages, *heads = text.split(":")
+        blocks, warps, stages, *rest = text.split(":")
         block_m, block_k = (int(v) for v in blocks.lower().split("x"))
         config = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": int(warps), "num_stages": int(stages),
-                  "HEADS": int(heads[0]) if heads else 1}
+                  "HEADS": int(rest[0]) if rest else 1}
+        if len(rest) == 2:
+            config["maxnreg"] = int(rest[1])
     except ValueError:
         config = None
-    if config is None or len(heads) > 1 or config["HEADS"] not in (1, 2):
-        raise ValueError(f"{text!r} is not BLOCK_MxBLOCK_K:warps:stages[:heads 1 or 2], e.g. 128x64:8:3")
+    if config is None or len(rest) > 2 or config["HEADS"] not in (1, 2):
+        raise ValueError(f"{text!r} is not BLOCK_MxBLOCK_K:warps:stages[:heads 1 or 2[:registers]], e.g. 128x64:8:3 "
+                         "or 64x32:4:2:1:128")
+    if not 24 <= config.get("maxnreg", 24) <= 255:
+        raise ValueError(f"{text!r}: registers per thread lie in 24..255")
     if block_m % block_k:
         raise ValueError(f"{text!r}: BLOCK_K must divide BLOCK_M")
     return config

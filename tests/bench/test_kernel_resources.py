@@ -41,3 +41,11 @@ def test_main_tables_every_row(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "kernel_resources.json").read_text())["rows"] == rows
     md = (tmp_path / "kernel_resources.md").read_text()
     assert "| scan_out | 64x32, 4w 3s | list | 128 | 0 | 64.5 | 3 | 12 | shared memory |" in md
+
+
+def test_a_register_limit_reaches_the_binary():
+    """64x32, 4 warps, 2 stages with the gate asks for about 166 registers; capped at 112 it gets at most 112."""
+    free = kernel_resources.compile_scan_out({"BLOCK_M": 64, "BLOCK_K": 32, "HEADS": 1}, 4, 2, gated=True)
+    capped = kernel_resources.compile_scan_out({"BLOCK_M": 64, "BLOCK_K": 32, "HEADS": 1}, 4, 2, gated=True,
+                                               maxnreg=112)
+    assert kernel_resources.registers_and_spills(free)[0] > 112 >= kernel_resources.registers_and_spills(capped)[0]

@@ -35,7 +35,19 @@ def test_extra_configs_are_parsed_and_bad_ones_named():
     assert scan_output.parse_config("64x32:4:3:2")["HEADS"] == 2
     assert scan_output.config_name(scan_output.parse_config("64x32:4:3:2")) == "64x32, 4w 3s, 2 heads"
     assert scan_output.config_name(scan_output.parse_config("64x32:4:3")) == "64x32, 4w 3s"
+    assert scan_output.parse_config("64x32:4:2:1:128") == {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4,
+                                                           "num_stages": 2, "HEADS": 1, "maxnreg": 128}
+    assert scan_output.config_name(scan_output.parse_config("64x32:4:2:1:128")) == "64x32, 4w 2s, <= 128 registers"
     for bad, why in (("128x64:8", "BLOCK_MxBLOCK_K:warps:stages"), ("64x128:4:2", "must divide"),
-                     ("64x32:4:3:4", "heads 1 or 2")):
+                     ("64x32:4:3:4", "heads 1 or 2"), ("64x32:4:2:1:x", "registers"), ("64x32:4:2:1:300", "24..255"),
+                     ("64x32:4:2:1:128:2", "heads 1 or 2")):
         with pytest.raises(SystemExit, match=why):
             scan_output.parse_config(bad)
+
+
+def test_an_autotune_config_with_a_register_limit_keeps_it():
+    import triton
+    config = triton.Config({"BLOCK_M": 64, "BLOCK_K": 32, "HEADS": 1}, num_warps=4, num_stages=2, maxnreg=128)
+    assert scan_output.as_launch_config(config) == scan_output.parse_config("64x32:4:2:1:128")
+    config = triton.Config({"BLOCK_M": 64, "BLOCK_K": 32, "HEADS": 1}, num_warps=4, num_stages=2)
+    assert scan_output.as_launch_config(config) == scan_output.parse_config("64x32:4:2")
