@@ -43,7 +43,7 @@ def test_gated_output_and_sums_of_squares_match_float64(interpreted_errors, case
 
 
 # a config outside the autotune list that bench.scan_output measures (--extra-configs)
-EXTRA_CONFIGS = [({"BLOCK_M": 128, "BLOCK_K": 32, "HEADS": 2}, 8, 3)]
+EXTRA_CONFIGS = [({"BLOCK_M": 128, "BLOCK_K": 32, "HEADS": 2}, 8, 3, None)]
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -51,10 +51,25 @@ EXTRA_CONFIGS = [({"BLOCK_M": 128, "BLOCK_K": 32, "HEADS": 2}, 8, 3)]
 def test_every_autotune_config_compiles_for_an_h100(dtype, gated):
     from model.chunk_scan_kernel import _autotuned_kernel
 
-    configs = [(c.kwargs, c.num_warps, c.num_stages) for c in _autotuned_kernel.configs] + EXTRA_CONFIGS
-    for kwargs, warps, stages in configs:
-        compiled = compile_scan_out(kwargs, warps, stages, dtype, gated)
+    configs = [(c.kwargs, c.num_warps, c.num_stages, c.maxnreg) for c in _autotuned_kernel.configs] + EXTRA_CONFIGS
+    for kwargs, warps, stages, registers in configs:
+        compiled = compile_scan_out(kwargs, warps, stages, dtype, gated, maxnreg=registers)
         assert compiled.metadata.shared <= SHARED_MEMORY_H100, f"{kwargs}: more shared memory than an H100 has"
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_register_cap_in_the_autotune_list_holds_without_spills(gated):
+    """The cap is there to fit one more program on an SM: the binary must keep to it, and a spill to the
+    stack would cost more than the program gains (bench.kernel_resources reads both from the binary)."""
+    from bench.kernel_resources import registers_and_spills
+    from model.chunk_scan_kernel import _autotuned_kernel
+
+    capped = [c for c in _autotuned_kernel.configs if c.maxnreg]
+    assert capped
+    for c in capped:
+        compiled = compile_scan_out(c.kwargs, c.num_warps, c.num_stages, "bf16", gated, maxnreg=c.maxnreg)
+        registers, spilled = registers_and_spills(compiled)
+        assert registers <= c.maxnreg and spilled == 0, (c, registers, spilled)
 
 
 def test_the_autotuner_tries_two_heads_per_program_only_where_a_group_pairs_them():
