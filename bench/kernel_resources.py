@@ -113,6 +113,7 @@ def resident_programs(registers: int, shared: int, warps: int) -> dict:
 
 def config_rows(extra_scan_out_configs=()) -> list[dict]:
     """One row per kernel, launch config and gate: the autotune lists' configs and the extra ones, bf16."""
+    from bench import state_pass
     from bench.scan_output import as_launch_config, config_name
     from model import chunk_scan_kernel, state_pass_kernel
 
@@ -121,15 +122,13 @@ def config_rows(extra_scan_out_configs=()) -> list[dict]:
     for config, source in scan_out + [(c, "extra") for c in extra_scan_out_configs]:
         kwargs = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages", "maxnreg")}
         for gated in (False, True):
-            compiled = compile_scan_out({"HEADS": 1, **kwargs}, config["num_warps"], config["num_stages"], gated=gated,
+            compiled = compile_scan_out(kwargs, config["num_warps"], config["num_stages"], gated=gated,
                                         maxnreg=config.get("maxnreg"))
             rows.append(usage_row("scan_out, gated" if gated else "scan_out", config_name(config), source, compiled,
                                   config["num_warps"]))
     for config in state_pass_kernel._autotuned_kernel.configs:
-        name = (f"{config.kwargs['BLOCK_P']}x{config.kwargs['BLOCK_N']}, "
-                f"{config.num_warps}w {config.num_stages}s")
-        rows.append(usage_row("state_pass", name, "list", compile_state_pass(config.kwargs, config.num_warps,
-                                                                             config.num_stages), config.num_warps))
+        rows.append(usage_row("state_pass", state_pass.config_name(config), "list",
+                              compile_state_pass(config.kwargs, config.num_warps, config.num_stages), config.num_warps))
     return rows
 
 

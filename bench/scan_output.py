@@ -7,8 +7,9 @@ its configs, and each result compared with mamba_ssm's. A float64 row per dtype 
 model.ssd.ssd_chunked on a short sequence. More rows per shape time what a forward without autograd
 runs in their place with the gated norm: mamba_ssm's kernel followed by mamba_ssm's gated RMSNorm kernel,
 against `chunk_scan_gated_out` (the gate, the sums of squares and the norm weight in our kernel; its
-result times the row scale compared with the norm's output) under the autotuner and each config. A row "ours, CB in bf16" times our kernel on
-C B^T rounded to bf16 (half the bytes of the input every head reads; with a float64 check row too).
+result times the row scale compared with the norm's output) under the autotuner and each config. A row
+"ours, CB in bf16" times our kernel on C B^T rounded to bf16 (half the bytes of the input every head
+reads; with a float64 check row too).
 The calls of a row are queued back to back, so its time is the GPU's, without the host's launch.
 
     python -m bench.scan_output --out bench_results      # scan_output.md / .json / .png (needs a GPU)
