@@ -17,9 +17,6 @@ The calls of a row are queued back to back, so its time is the GPU's, without th
                                                          # also launch configs outside the autotune list
                                                          # (then heads per program, then the most registers
                                                          # per thread)
-    python -m bench.scan_output --shapes 1x32768 --extra-configs loop64x16:8:2 --out x
-                                                         # model/chunk_scan_loop_kernel.py's kernel: 64 rows,
-                                                         # 16 heads a program, 8 warps, 2 stages
 """
 from __future__ import annotations
 
@@ -94,13 +91,11 @@ def ours_gated_norm(args, z, weight, config=None, eps=1e-5):
 
 
 def config_name(config: dict) -> str:
-    """A launch config as chunk_scan_out takes it, e.g. "64x32, 4w 3s", "64x32, 4w 3s, 2 heads",
-    "64x32, 4w 2s, <= 128 registers" or "loop 64 rows x 16 heads, 8w 2s"."""
+    """A launch config as chunk_scan_out takes it, e.g. "64x32, 4w 3s", "64x32, 4w 3s, 2 heads" or
+    "64x32, 4w 2s, <= 128 registers"."""
     heads = f", {config['HEADS']} heads" if config.get("HEADS", 1) > 1 else ""
     registers = f", <= {config['maxnreg']} registers" if config.get("maxnreg") else ""
-    blocks = (f"loop {config['BLOCK_M']} rows x {config['HEAD_LOOP']} heads" if "HEAD_LOOP" in config
-              else f"{config['BLOCK_M']}x{config['BLOCK_K']}")
-    return f"{blocks}, {config['num_warps']}w {config['num_stages']}s{heads}{registers}"
+    return f"{config['BLOCK_M']}x{config['BLOCK_K']}, {config['num_warps']}w {config['num_stages']}s{heads}{registers}"
 
 
 def as_launch_config(config) -> dict:
@@ -230,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     def add_args(ap):
         ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
                         help="more launch configs to time, BLOCK_MxBLOCK_K:warps:stages[:heads per program"
-                             "[:registers per thread]] (e.g. 128x64:8:3, 64x32:4:3:2, 64x32:4:2:1:128), or the loop "
-                             "kernel's loopBLOCK_MxHEADS:warps:stages[:registers] (e.g. loop64x16:8:2)")
+                             "[:registers per thread]] (e.g. 128x64:8:3, 64x32:4:3:2, 64x32:4:2:1:128)")
     return kernel_bench_main("scan_output", __doc__, argv,
                              lambda args, shapes, dtype, device: measure(shapes, dtype, device, args.iters,
                                                                          args.extra_configs),

@@ -242,30 +242,23 @@ def chunk_scan_gated_out(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, con
 def parse_config(text: str) -> dict:
     """"BLOCK_MxBLOCK_K:warps:stages[:heads[:registers]]" (e.g. "128x64:8:3", "64x32:4:3:2", "64x32:4:2:1:128")
     -> a launch config; heads: heads per program, 1 or 2; registers: the most each thread may have
-    (`maxnreg`: fewer registers let more programs share an SM, at the risk of spills).
-    "loopBLOCK_MxHEADS:warps:stages[:registers]" (e.g. "loop64x16:8:2"): model/chunk_scan_loop_kernel.py's
-    kernel, each program a row block looping over HEADS heads of a group. ValueError naming what is wrong."""
-    loop = text.startswith("loop")
+    (`maxnreg`: fewer registers let more programs share an SM, at the risk of spills). ValueError naming
+    what is wrong."""
     try:
-        blocks, warps, stages, *rest = text.removeprefix("loop").split(":")
-        block_m, second = (int(v) for v in blocks.lower().split("x"))
-        config = {"BLOCK_M": block_m, "num_warps": int(warps), "num_stages": int(stages)}
-        if loop:
-            config["HEAD_LOOP"] = second
-            registers = rest
-        else:
-            config |= {"BLOCK_K": second, "HEADS": int(rest[0]) if rest else 1}
-            registers = rest[1:]
-        if len(registers) == 1:
-            config["maxnreg"] = int(registers[0])
+        blocks, warps, stages, *rest = text.split(":")
+        block_m, block_k = (int(v) for v in blocks.lower().split("x"))
+        config = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": int(warps), "num_stages": int(stages),
+                  "HEADS": int(rest[0]) if rest else 1}
+        if len(rest) == 2:
+            config["maxnreg"] = int(rest[1])
     except ValueError:
         config = None
-    if config is None or len(registers) > 1 or config.get("HEADS", 1) not in (1, 2):
+    if config is None or len(rest) > 2 or config["HEADS"] not in (1, 2):
         raise ValueError(f"{text!r} is not BLOCK_MxBLOCK_K:warps:stages[:heads 1 or 2[:registers]], e.g. 128x64:8:3 "
-                         "or 64x32:4:2:1:128, nor loopBLOCK_MxHEADS:warps:stages[:registers], e.g. loop64x16:8:2")
+                         "or 64x32:4:2:1:128")
     if not 24 <= config.get("maxnreg", 24) <= 255:
         raise ValueError(f"{text!r}: registers per thread lie in 24..255")
-    if not loop and block_m % config["BLOCK_K"]:
+    if block_m % block_k:
         raise ValueError(f"{text!r}: BLOCK_K must divide BLOCK_M")
     return config
 
@@ -278,9 +271,7 @@ def chosen_config(config: dict | None) -> dict | None:
             config = parse_config(os.environ[CONFIG_ENV])
         except ValueError as e:
             raise ValueError(f"{CONFIG_ENV}: {e}") from None
-    if config is None or "HEAD_LOOP" in config:
-        return config
-    return {"HEADS": 1, **config}
+    return None if config is None else {"HEADS": 1, **config}
 
 
 def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
@@ -294,19 +285,11 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     out = torch.empty_like(x)
     sumsq = None if z is None else torch.empty(batch, seqlen, nheads, device=x.device, dtype=torch.float32)
     config = chosen_config(config)
-    loop = config is not None and "HEAD_LOOP" in config
-    key = "HEAD_LOOP" if loop else "HEADS"
-    heads_per_program = 1 if config is None else config[key]
-    assert (nheads // ngroups) % heads_per_program == 0, \
-        f"{key}={heads_per_program} must divide the {nheads // ngroups} heads of a group"
-    if loop:
-        from model.chunk_scan_loop_kernel import _chunk_scan_loop_kernel as kernel
-        grid, extra = (nheads // config["HEAD_LOOP"], triton.cdiv(chunk_size, config["BLOCK_M"]), batch * nchunks), \
-            {"KEYS": max(triton.next_power_of_2(chunk_size), 16)}
-    else:
-        assert config is None or config["HEADS"] in (1, 2), f"HEADS={config['HEADS']}: 1 or 2"
-        grid = lambda meta: (nheads // meta["HEADS"], triton.cdiv(chunk_size, meta["BLOCK_M"]), batch * nchunks)
-        kernel, extra = (_autotuned_kernel if config is None else _chunk_scan_out_kernel), {}
+    if config is not None:
+        assert config["HEADS"] in (1, 2) and (nheads // ngroups) % config["HEADS"] == 0, \
+            f"HEADS={config['HEADS']}: 1 or 2, and it must divide the {nheads // ngroups} heads of a group"
+    grid = lambda meta: (nheads // meta["HEADS"], triton.cdiv(chunk_size, meta["BLOCK_M"]), batch * nchunks)
+    kernel = _autotuned_kernel if config is None else _chunk_scan_out_kernel
     kernel[grid](   # without a gate, z and the sums point at x and dt: never read or written (HAS_Z)
         cb, x, out, dt, dA_cumsum, C, states, D, x if z is None else z, norm_weight, dt if z is None else sumsq,
         chunk_size, hdim, dstate, batch, seqlen, nheads // ngroups, size_class(batch, nchunks),
@@ -319,6 +302,6 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
         *(sumsq.stride() if z is not None else (0, 0, 0)),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         BLOCK_P=max(triton.next_power_of_2(hdim), 16), BLOCK_N=max(triton.next_power_of_2(dstate), 16),
-        **extra, **(config or {}),
+        **(config or {}),
     )
     return out, sumsq

@@ -26,13 +26,6 @@ CASES = {
     "fp32, two heads per program, 2 groups, a part chunk": (2, 150, 4, 16, 2, 16, 64, torch.float32, False, 1.0,
                                                             (32, 16, 2)),
     "fp16, two heads per program, D per channel": (1, 128, 4, 16, 1, 16, 64, torch.float16, True, 1.0, (64, 32, 2)),
-    # model/chunk_scan_loop_kernel.py: a program per row block looping over heads, all keys in one tile
-    "loop, fp32, 3 chunks, 2 groups, a part chunk": (2, 150, 4, 16, 2, 16, 64, torch.float32, False, 1.0,
-                                                     {"BLOCK_M": 32, "HEAD_LOOP": 2}),
-    "loop, fp32, steep decay, a chunk below the key tile": (1, 100, 4, 16, 1, 16, 48, torch.float32, False, 60.0,
-                                                            {"BLOCK_M": 16, "HEAD_LOOP": 4}),
-    "loop, fp16, D per channel, one head a program": (2, 128, 2, 16, 1, 16, 64, torch.float16, True, 1.0,
-                                                      {"BLOCK_M": 64, "HEAD_LOOP": 1}),
 }
 # the same with the gate, the norm's sums of squares and its weight (chunk_scan_gated_out)
 GATED_CASES = {
@@ -40,8 +33,6 @@ GATED_CASES = {
     "gated, fp16, D per channel, headdim below the block": (1, 160, 2, 24, 1, 16, 64, torch.float16, True, 1.0,
                                                             (32, 32)),
     "gated, fp32, two heads per program": (1, 133, 4, 16, 1, 16, 64, torch.float32, False, 1.0, (32, 16, 2)),
-    "gated, loop, fp16, D per channel, headdim below the block": (1, 133, 4, 24, 1, 16, 64, torch.float16, True, 1.0,
-                                                                  {"BLOCK_M": 32, "HEAD_LOOP": 2}),
 }
 
 
@@ -79,8 +70,7 @@ def gate_inputs(x, seed):
 
 
 def launch_config(blocks):
-    """(BLOCK_M, BLOCK_K[, HEADS]), or a config as given (the loop kernel's)."""
-    return blocks if isinstance(blocks, dict) else dict(zip(("BLOCK_M", "BLOCK_K", "HEADS"), blocks))
+    return dict(zip(("BLOCK_M", "BLOCK_K", "HEADS"), blocks))
 
 
 def rel_err(got, want):
