@@ -120,6 +120,19 @@ def test_two_heads_per_program_need_an_even_group():
                        config={"BLOCK_M": 16, "BLOCK_K": 16, "HEADS": 2})
 
 
+def test_a_heads_channels_split_in_at_most_two_blocks():
+    """Each block adds its part of a row's sum of squares: two parts add up the same in either order, more
+    would make the sums depend on the order the programs ran in."""
+    from model.chunk_scan_kernel import chunk_scan_out
+
+    b, c, q, h, p = 1, 1, 16, 1, 64
+    x = torch.empty(b, q, h, p)
+    dt = torch.empty(b, h, c, q)
+    with pytest.raises(AssertionError, match="at most two blocks"):
+        chunk_scan_out(torch.empty(b, c, 1, q, q), x, dt, dt, torch.empty(b, q, 1, 16), torch.empty(b, c, h, p, 16),
+                       config={"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_P": 16})
+
+
 def test_a_launch_config_from_the_environment(monkeypatch):
     """chunk_scan_out's config: the one given, else $DIFFUMAMBA_SCAN_OUT_CONFIG's, else the autotuner's (None);
     a bad value names the variable."""
