@@ -65,12 +65,12 @@ def compile_scan_out(kwargs: dict, warps: int, stages: int, dtype: str = "bf16",
     (BLOCK_P in kwargs: a block of a head's channels, all 64 without it)."""
     from model.chunk_scan_kernel import _chunk_scan_out_kernel
 
-    pointers = {name: "*fp32" for name in ("cb_ptr", "dt_ptr", "dA_ptr", "D_ptr", "norm_weight_ptr", "sumsq_ptr")}
+    pointers = {name: "*fp32" for name in ("cb_ptr", "b_ptr", "dA_ptr", "D_ptr", "norm_weight_ptr", "sumsq_ptr")}
     pointers |= {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "C_ptr", "states_ptr", "z_ptr")}
     constants = {"HAS_D": True, "D_HAS_HDIM": False, "HAS_Z": gated, "BLOCK_P": 64, "BLOCK_N": 128} | kwargs
-    constants["SPLIT_P"] = constants["BLOCK_P"] < 64
+    constants |= {"SPLIT_P": constants["BLOCK_P"] < 64, "WHOLE": True}   # whole chunks, as at 32K tokens
     return compile_for_h100(_chunk_scan_out_kernel, pointers, constants, warps, stages,
-                            unit_strides=("s_cb_k", "s_x_p", "s_o_p", "s_dt_q", "s_dA_q", "s_C_n", "s_st_n", "s_D_h",
+                            unit_strides=("s_cb_k", "s_x_p", "s_o_p", "s_b_q", "s_dA_q", "s_C_n", "s_st_n", "s_D_h",
                                           "s_z_p", "s_ss_h"),
                             not_multiples_of_16=("batch", "tuning_size"), maxnreg=maxnreg)
 

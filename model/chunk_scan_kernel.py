@@ -16,7 +16,9 @@ per-position parts are folded into two vectors first, in base 2:
 
 so a pair costs a subtraction, the exponential, a product and the cast; the causal select runs only on
 the diagonal blocks, since every key block left of a row block lies wholly in its past. dt[k] = 0 gives
-b[k] = +inf and a weight of exactly 0, as the product does.
+b[k] = +inf and a weight of exactly 0, as the product does. b is computed once per key before the launch:
+the kernel is bound by the instructions it issues, and a logarithm in fp32 is some 25 of them, which each
+row block's threads would take again for every key (docs/benchmarks.md, twenty-first run).
 
 The launch order is what makes it faster (docs/benchmarks.md, sixteenth run): the heads of one chunk are
 neighbours in the grid, so CB and C, which all heads of a group share, are read from memory once and then
@@ -37,6 +39,7 @@ and write its output, is then not needed in a forward without autograd (model/mi
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -74,12 +77,12 @@ def size_class(batch: int, nchunks: int) -> int:
 
 @triton.jit(do_not_specialize=["tuning_size"])
 def _chunk_scan_out_kernel(
-    cb_ptr, x_ptr, out_ptr, dt_ptr, dA_ptr, C_ptr, states_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr,
+    cb_ptr, x_ptr, out_ptr, b_ptr, dA_ptr, C_ptr, states_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr,
     chunk_size, hdim, dstate, batch, seqlen, heads_per_group, tuning_size,
     s_cb_b, s_cb_c, s_cb_g, s_cb_m, s_cb_k,
     s_x_b, s_x_l, s_x_h, s_x_p,
     s_o_b, s_o_l, s_o_h, s_o_p,
-    s_dt_b, s_dt_c, s_dt_h, s_dt_q,
+    s_b_b, s_b_c, s_b_h, s_b_q,
     s_dA_b, s_dA_c, s_dA_h, s_dA_q,
     s_C_b, s_C_l, s_C_g, s_C_n,
     s_st_b, s_st_c, s_st_h, s_st_p, s_st_n,
@@ -88,7 +91,7 @@ def _chunk_scan_out_kernel(
     s_ss_b, s_ss_l, s_ss_h,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_P: tl.constexpr,
+    SPLIT_P: tl.constexpr, WHOLE: tl.constexpr,
 ):
     # heads first: the heads of a chunk run together (module docstring); HEADS (1 or 2) neighbouring heads
     # of one group per program share each load of CB and C
@@ -106,7 +109,7 @@ def _chunk_scan_out_kernel(
     cb_ptr += pid_b * s_cb_b + pid_c * s_cb_c + pid_g * s_cb_g
     x_ptr += pid_b * s_x_b + pid_c * chunk_size * s_x_l + head * s_x_h
     out_ptr += pid_b * s_o_b + pid_c * chunk_size * s_o_l + head * s_o_h
-    dt_ptr += pid_b * s_dt_b + pid_c * s_dt_c + head * s_dt_h
+    b_ptr += pid_b * s_b_b + pid_c * s_b_c + head * s_b_h
     dA_ptr += pid_b * s_dA_b + pid_c * s_dA_c + head * s_dA_h
     C_ptr += pid_b * s_C_b + pid_c * chunk_size * s_C_l + pid_g * s_C_g
     states_ptr += pid_b * s_st_b + pid_c * s_st_c + head * s_st_h
@@ -129,12 +132,12 @@ def _chunk_scan_out_kernel(
                                hdim, s_st_p, s_st_n, s_dA_q)
 
     # the chunk's own positions: key blocks wholly in the past, then the diagonal ones with the causal select
-    acc0, acc1 = _add_key_blocks(acc0, acc1, a0, a1, 0, m_start, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, offs_p,
-                                 chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p, s_dt_h, s_dt_q, s_dA_h, s_dA_q,
-                                 False, HEADS, BLOCK_K)
+    acc0, acc1 = _add_key_blocks(acc0, acc1, a0, a1, 0, m_start, cb_ptr, x_ptr, b_ptr, offs_m, offs_p,
+                                 chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p, s_b_h, s_b_q,
+                                 False, HEADS, BLOCK_K, WHOLE)
     acc0, acc1 = _add_key_blocks(acc0, acc1, a0, a1, m_start, min(m_start + BLOCK_M, chunk_len), cb_ptr, x_ptr,
-                                 dt_ptr, dA_ptr, offs_m, offs_p, chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p,
-                                 s_dt_h, s_dt_q, s_dA_h, s_dA_q, True, HEADS, BLOCK_K)
+                                 b_ptr, offs_m, offs_p, chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p,
+                                 s_b_h, s_b_q, True, HEADS, BLOCK_K, WHOLE)
 
     _finish(acc0, head, x_ptr, out_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim,
             s_x_l, s_x_p, s_o_l, s_o_p, s_D_h, s_z_l, s_z_p, s_ss_l, HAS_D, D_HAS_HDIM, HAS_Z, SPLIT_P)
@@ -154,40 +157,43 @@ def _state_part(C, states_ptr, dA_ptr, offs_m, offs_n, offs_p, row_ok, dstate, h
 
 
 @triton.jit
-def _add_key_blocks(acc0, acc1, a0, a1, k_start, k_stop, cb_ptr, x_ptr, dt_ptr, dA_ptr, offs_m, offs_p, chunk_len,
-                    hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p, s_dt_h, s_dt_q, s_dA_h, s_dA_q,
-                    CAUSAL: tl.constexpr, HEADS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Each of the program's heads' sums over the key blocks from k_start to k_stop, each CB tile loaded once."""
+def _add_key_blocks(acc0, acc1, a0, a1, k_start, k_stop, cb_ptr, x_ptr, b_ptr, offs_m, offs_p, chunk_len,
+                    hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p, s_b_h, s_b_q,
+                    CAUSAL: tl.constexpr, HEADS: tl.constexpr, BLOCK_K: tl.constexpr, WHOLE: tl.constexpr):
+    """Each of the program's heads' sums over the key blocks from k_start to k_stop, each CB tile loaded once.
+    WHOLE: every row and key of every block lies in the chunk, and every channel in the head: no masks."""
     for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        cb = _load_cb(cb_ptr, offs_m, offs_k, chunk_len, s_cb_m, s_cb_k)
-        acc0 = _add_key_block(acc0, cb, x_ptr, dt_ptr, dA_ptr, offs_m, offs_k, offs_p, a0, chunk_len, hdim,
-                              s_x_l, s_x_p, s_dt_q, s_dA_q, CAUSAL)
+        cb_ptrs = cb_ptr + offs_m[:, None] * s_cb_m + offs_k[None, :] * s_cb_k
+        if WHOLE:
+            cb = tl.load(cb_ptrs).to(tl.float32)
+        else:
+            cb = tl.load(cb_ptrs, mask=(offs_m[:, None] < chunk_len) & (offs_k[None, :] < chunk_len),
+                         other=0.0).to(tl.float32)
+        acc0 = _add_key_block(acc0, cb, x_ptr, b_ptr, offs_m, offs_k, offs_p, a0, chunk_len, hdim,
+                              s_x_l, s_x_p, s_b_q, CAUSAL, WHOLE)
         if HEADS == 2:
-            acc1 = _add_key_block(acc1, cb, x_ptr + s_x_h, dt_ptr + s_dt_h, dA_ptr + s_dA_h, offs_m, offs_k, offs_p,
-                                  a1, chunk_len, hdim, s_x_l, s_x_p, s_dt_q, s_dA_q, CAUSAL)
+            acc1 = _add_key_block(acc1, cb, x_ptr + s_x_h, b_ptr + s_b_h, offs_m, offs_k, offs_p,
+                                  a1, chunk_len, hdim, s_x_l, s_x_p, s_b_q, CAUSAL, WHOLE)
     return acc0, acc1
 
 
 @triton.jit
-def _load_cb(cb_ptr, offs_m, offs_k, chunk_len, s_cb_m, s_cb_k):
-    return tl.load(cb_ptr + offs_m[:, None] * s_cb_m + offs_k[None, :] * s_cb_k,
-                   mask=(offs_m[:, None] < chunk_len) & (offs_k[None, :] < chunk_len), other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _add_key_block(acc, cb, x_ptr, dt_ptr, dA_ptr, offs_m, offs_k, offs_p, a_m, chunk_len, hdim,
-                   s_x_l, s_x_p, s_dt_q, s_dA_q, CAUSAL: tl.constexpr):
+def _add_key_block(acc, cb, x_ptr, b_ptr, offs_m, offs_k, offs_p, a_m, chunk_len, hdim,
+                   s_x_l, s_x_p, s_b_q, CAUSAL: tl.constexpr, WHOLE: tl.constexpr):
     """One head's sum over one block of keys: acc += (CB * exp2(a[m] - b[k])) @ x[k]."""
-    key_ok = offs_k < chunk_len
-    dt_k = tl.load(dt_ptr + offs_k * s_dt_q, mask=key_ok, other=0.0).to(tl.float32)
-    b_k = tl.load(dA_ptr + offs_k * s_dA_q, mask=key_ok, other=0.0).to(tl.float32) * LOG2E - tl.log2(dt_k)
+    x_ptrs = x_ptr + offs_k[:, None] * s_x_l + offs_p[None, :] * s_x_p
+    if WHOLE:   # the masks' compares and selects were a third of the loop's instructions
+        b_k = tl.load(b_ptr + offs_k * s_b_q)
+        x = tl.load(x_ptrs)
+    else:
+        key_ok = offs_k < chunk_len
+        b_k = tl.load(b_ptr + offs_k * s_b_q, mask=key_ok, other=float("inf"))   # past the chunk: weight 0
+        x = tl.load(x_ptrs, mask=key_ok[:, None] & (offs_p[None, :] < hdim), other=0.0)
     exponent = a_m[:, None] - b_k[None, :]
     if CAUSAL:   # above the diagonal the exponent may be large and positive: select before the exponential
         exponent = tl.where(offs_m[:, None] >= offs_k[None, :], exponent, -float("inf"))
     weight = (cb * tl.exp2(exponent)).to(x_ptr.dtype.element_ty)
-    x = tl.load(x_ptr + offs_k[:, None] * s_x_l + offs_p[None, :] * s_x_p,
-                mask=key_ok[:, None] & (offs_p[None, :] < hdim), other=0.0)
     return acc + tl.dot(weight, x)
 
 
@@ -283,6 +289,14 @@ def chosen_config(config: dict | None) -> dict | None:
     return None if config is None else {"HEADS": 1, **config}   # a copy: the launcher takes BLOCK_P out
 
 
+def whole_blocks(seqlen: int, chunk_size: int, hdim: int, block_p: int, config: dict | None) -> bool:
+    """Whether every block a program reads lies wholly in its chunk and head: whole chunks, row blocks that
+    divide a chunk (the autotune list's largest, 128, without a config), and channel blocks that divide
+    the head's. Then the kernel's loop runs without masks."""
+    block_m = 128 if config is None else config["BLOCK_M"]
+    return seqlen % chunk_size == 0 and chunk_size % block_m == 0 and hdim % block_p == 0
+
+
 def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     batch, seqlen, nheads, hdim = x.shape
     _, _, nchunks, chunk_size = dt.shape
@@ -307,11 +321,15 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     grid = lambda meta: (nheads // meta["HEADS"], triton.cdiv(chunk_size, meta["BLOCK_M"]) * triton.cdiv(hdim, block_p),
                          batch * nchunks)
     kernel = _autotuned_kernel if config is None else _chunk_scan_out_kernel
+    # each key's part of the decay exponent, once per key: in the kernel every row block's threads took the
+    # logarithm again, a slow sequence of instructions, and it held up the loop (docs/benchmarks.md)
+    # (log2(e) * dA rounded to fp32 as the kernel rounds a[m]: on the diagonal the two then cancel exactly)
+    key_offset = dA_cumsum * math.log2(math.e) - torch.log2(dt)
     kernel[grid](   # without a gate, z and the sums point at x and dt: never read or written (HAS_Z)
-        cb, x, out, dt, dA_cumsum, C, states, D, x if z is None else z, norm_weight, dt if z is None else sumsq,
+        cb, x, out, key_offset, dA_cumsum, C, states, D, x if z is None else z, norm_weight, dt if z is None else sumsq,
         chunk_size, hdim, dstate, batch, seqlen, nheads // ngroups, size_class(batch, nchunks),
         *cb.stride(), *x.stride(), *out.stride(),
-        dt.stride(0), dt.stride(2), dt.stride(1), dt.stride(3),
+        key_offset.stride(0), key_offset.stride(2), key_offset.stride(1), key_offset.stride(3),
         dA_cumsum.stride(0), dA_cumsum.stride(2), dA_cumsum.stride(1), dA_cumsum.stride(3),
         *C.stride(), *states.stride(),
         D.stride(0) if D is not None else 0,
@@ -319,6 +337,7 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
         *(sumsq.stride() if z is not None else (0, 0, 0)),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         BLOCK_P=block_p, SPLIT_P=split_p, BLOCK_N=max(triton.next_power_of_2(dstate), 16),
+        WHOLE=whole_blocks(seqlen, chunk_size, hdim, block_p, config),
         **(config or {}),
     )
     return out, sumsq

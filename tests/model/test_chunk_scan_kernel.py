@@ -42,6 +42,24 @@ def test_gated_output_and_sums_of_squares_match_float64(interpreted_errors, case
     assert got["sumsq_rel_err"] <= TOLERANCE[got["dtype"]], got
 
 
+def test_the_cases_run_the_loop_with_and_without_masks():
+    """The loop drops its masks where every block lies in its chunk and head (whole_blocks): the cases above
+    must check both forms, and a part chunk, a row block that does not divide the chunk or a channel block
+    that does not divide the head must keep the masks."""
+    from model.chunk_scan_kernel import whole_blocks
+    from tests.model.chunk_scan_kernel_cases import launch_config
+
+    forms = set()
+    for b, l, h, p, g, n, q, *_, blocks in list(CASES.values()) + list(GATED_CASES.values()):
+        config = launch_config(blocks)
+        forms.add(whole_blocks(l, q, p, config.get("BLOCK_P", max(16, 1 << (p - 1).bit_length())), config))
+    assert forms == {True, False}
+    assert whole_blocks(32768, 256, 64, 64, None) and whole_blocks(4096, 256, 64, 32, {"BLOCK_M": 64})
+    assert not whole_blocks(1000, 256, 64, 64, None), "a part chunk"
+    assert not whole_blocks(192, 64, 64, 64, None), "the list's 128-row blocks do not divide a chunk of 64"
+    assert not whole_blocks(4096, 256, 24, 32, {"BLOCK_M": 64}), "headdim 24 in a block of 32 channels"
+
+
 # a config outside the autotune list that bench.scan_output measures (--extra-configs)
 EXTRA_CONFIGS = [({"BLOCK_M": 128, "BLOCK_K": 32, "HEADS": 2}, 8, 3, None)]
 
