@@ -2,10 +2,12 @@
 thread, bytes spilled to the stack, shared memory per program, and from those how many programs (and warps)
 fit on one SM at a time.
 
-Both kernels are latency-bound at the 1.3B shapes (docs/benchmarks.md): a program's loop waits on its loads,
-and only the other programs resident on the SM can hide that wait. The table says how many there are room
-for. Each config is compiled for sm_90 down to the binary as a launch at the 1.3B shapes specialises it
-(`compile_for_h100`); the registers come from the binary (cuobjdump, bundled with Triton).
+A kernel is held up by its loads' latency (only the other programs resident on the SM hide a program's
+waits: the table says how many there are room for) or by the instructions it issues: ncu found the scan's
+output kernel issue-bound until its loop lost a fp32 logarithm per key and its masks (docs/benchmarks.md,
+twenty-first run). The last column counts each loop's instructions. Each config is compiled for sm_90 down
+to the binary as a launch at the 1.3B shapes specialises it (`compile_for_h100`); registers, spills and
+instructions come from the binary (cuobjdump, bundled with Triton).
 
     python -m bench.kernel_resources --out bench_results          # kernel_resources.md / .json / .png
     python -m bench.kernel_resources --extra-configs 64x32:4:2 64x64:4:2:2 --out x
@@ -14,6 +16,7 @@ for. Each config is compiled for sm_90 down to the binary as a launch at the 1.3
 from __future__ import annotations
 
 import argparse
+import collections
 import inspect
 import os
 import re
@@ -86,19 +89,40 @@ def compile_state_pass(kwargs: dict, warps: int, stages: int, dtype: str = "bf16
                             not_multiples_of_16=("nchunks", "heads_per_group", "tuning_size"))
 
 
-def registers_and_spills(compiled) -> tuple[int, int]:
-    """(registers per thread, bytes of stack per thread) of a compiled kernel, from its binary."""
+def _cuobjdump(compiled, flag: str) -> str:
+    """cuobjdump (bundled with Triton) run on a compiled kernel's binary with `flag`: its output."""
     import triton
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        out = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([str(cuobjdump), flag, str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
+def registers_and_spills(compiled) -> tuple[int, int]:
+    """(registers per thread, bytes of stack per thread) of a compiled kernel, from its binary."""
+    out = _cuobjdump(compiled, "-res-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+)", out)
     if found is None:
         raise RuntimeError(f"no resource usage in cuobjdump's output: {out[-300:]}")
     return int(found.group(1)), int(found.group(2))
+
+
+def loop_opcodes(compiled) -> list[collections.Counter]:
+    """The opcodes of each loop body in a compiled kernel's SASS (cuobjdump -sass), in program order: a loop
+    is a branch back to an earlier address, its body the instructions from there to the branch. An
+    iteration issues these once per warp, so their count is the loop's cost in issue slots."""
+    sass = _cuobjdump(compiled, "-sass")
+    instructions = [(int(m.group(1), 16), m.group(2).strip())
+                    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+    index = {address: i for i, (address, _) in enumerate(instructions)}
+    loops = []
+    for i, (address, text) in enumerate(instructions):
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            body = instructions[index[int(target.group(1), 16)]:i + 1]
+            loops.append(collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", t).group(1) for _, t in body))
+    return loops
 
 
 def resident_programs(registers: int, shared: int, warps: int) -> dict:
@@ -137,17 +161,20 @@ def config_rows(extra_scan_out_configs=()) -> list[dict]:
 def usage_row(kernel: str, config: str, source: str, compiled, warps: int) -> dict:
     registers, spilled = registers_and_spills(compiled)
     shared = compiled.metadata.shared
+    loops = " / ".join(str(sum(opcodes.values())) for opcodes in loop_opcodes(compiled))
     return {"kernel": kernel, "config": config, "source": source, "registers": registers, "stack_bytes": spilled,
-            "shared_KiB": shared / 1024, **resident_programs(registers, shared, warps)}
+            "shared_KiB": shared / 1024, **resident_programs(registers, shared, warps), "loop_instructions": loops}
 
 
 COLUMNS = [("kernel", "kernel", ""), ("config", "config", ""), ("in", "source", ""), ("registers", "registers", "d"),
            ("stack (bytes)", "stack_bytes", "d"), ("shared (KiB)", "shared_KiB", ".1f"),
            ("programs / SM", "programs_per_sm", "d"), ("warps / SM", "warps_per_sm", "d"),
-           ("limited by", "limited_by", "")]
+           ("limited by", "limited_by", ""), ("loop instructions", "loop_instructions", "")]
 NOTES = [("bf16, the 1.3B shapes (64 heads x 64, state 128, chunk 256); sm_90: 65,536 registers, 228 KiB of shared "
           "memory (1 KiB of it reserved per program), 64 warps and 32 programs per SM"),
          "stack: bytes per thread the compiler spilled from registers (0: none)",
+         ("loop instructions: SASS instructions of each loop's body, what one iteration issues per warp (scan_out: "
+          "the key blocks before the row block, then the diagonal ones; whole chunks, as at 32K tokens)"),
          "in: list = the autotuner's list, extra = --extra-configs"]
 
 

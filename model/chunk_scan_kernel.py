@@ -213,7 +213,7 @@ def _finish(acc, head, x_ptr, out_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr,
     if HAS_Z:   # the gate, the norm's sum of squares per head, and its weight (the row scale is the caller's)
         z = tl.load(z_ptr + offs_m[:, None] * s_z_l + offs_p[None, :] * s_z_p, mask=out_mask, other=0.0)
         z = z.to(tl.float32)
-        acc = acc * z * tl.sigmoid(z)
+        acc = acc * z / (1.0 + tl.exp2(-(z * LOG2E)))
         if SPLIT_P:   # two programs share a head's channels: each adds its half to the zeroed sums
             tl.atomic_add(sumsq_ptr + offs_m * s_ss_l, tl.sum(acc * acc, axis=1), mask=row_ok, sem="relaxed")
         else:

@@ -29,11 +29,19 @@ def test_a_compiled_config_reports_its_registers_and_shared_memory():
     row = kernel_resources.usage_row("scan_out", "64x32, 4w 3s", "list", compiled, 4)
     assert row["shared_KiB"] * 1024 == compiled.metadata.shared > 0
     assert 1 <= row["programs_per_sm"] <= 16 and row["warps_per_sm"] == 4 * row["programs_per_sm"]
+    past_keys, diagonal = (int(n) for n in row["loop_instructions"].split(" / "))   # the output kernel's 2 loops
+    assert 50 < past_keys < diagonal, "the diagonal blocks add the causal select"
+
+
+def test_the_state_kernel_has_one_loop_over_the_chunks():
+    compiled = kernel_resources.compile_state_pass({"BLOCK_P": 64, "BLOCK_N": 64}, 4, 3)
+    (opcodes,) = kernel_resources.loop_opcodes(compiled)
+    assert opcodes["HGMMA"] > 0 and opcodes["BRA"] >= 1, "the chunk's product, and the branch back"
 
 
 def test_main_tables_every_row(tmp_path, monkeypatch):
     rows = [{"kernel": "scan_out", "config": "64x32, 4w 3s", "source": "list", "registers": 128, "stack_bytes": 0,
-             "shared_KiB": 64.5, **kernel_resources.resident_programs(128, 66048, 4)}]
+             "shared_KiB": 64.5, **kernel_resources.resident_programs(128, 66048, 4), "loop_instructions": "149 / 228"}]
     seen = []
     monkeypatch.setattr(kernel_resources, "config_rows", lambda extra: seen.append(extra) or rows)
     assert kernel_resources.main(["--extra-configs", "64x32:4:2:2", "--out", str(tmp_path)]) == 0

@@ -90,6 +90,24 @@ def test_a_register_cap_in_the_autotune_list_holds_without_spills(gated):
         assert registers <= c.maxnreg and spilled == 0, (c, registers, spilled)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_loop_over_past_keys_issues_one_exponential_a_weight_and_no_compare(gated):
+    """The loop's cost is the instructions it issues (bench.kernel_resources, ncu): over whole chunks it has
+    no masks, and each key's offset comes in computed, so its only MUFU work is one exp2 per weight and it
+    compares nothing per weight (a fp32 logarithm per key, as before, added 45 compares and a polynomial)."""
+    from bench.kernel_resources import loop_opcodes
+    from model.chunk_scan_kernel import _autotuned_kernel
+
+    config = next(c for c in _autotuned_kernel.configs if c.maxnreg)
+    compiled = compile_scan_out(config.kwargs, config.num_warps, config.num_stages, "bf16", gated,
+                                maxnreg=config.maxnreg)
+    past_keys, diagonal = loop_opcodes(compiled)
+    weights_per_thread = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"] // (32 * config.num_warps)
+    assert past_keys["MUFU"] == diagonal["MUFU"] == weights_per_thread, (past_keys, diagonal)
+    assert past_keys["ISETP"] + past_keys["FSETP"] <= 2, past_keys   # the loop's own test, not one a weight
+    assert diagonal["ISETP"] > 0, "the diagonal blocks select the causal part"
+
+
 def test_the_autotuner_tries_two_heads_per_program_only_where_a_group_pairs_them():
     from model.chunk_scan_kernel import _autotuned_kernel, _configs_for_the_group
 
