@@ -64,14 +64,13 @@ def compile_for_h100(kernel, pointers: dict[str, str], constants: dict, warps: i
 
 def compile_scan_out(kwargs: dict, warps: int, stages: int, dtype: str = "bf16", gated: bool = False,
                      maxnreg: int | None = None):
-    """model/chunk_scan_kernel.py's kernel at the 1.3B shapes (headdim 64, state 128), one launch config
-    (BLOCK_P in kwargs: a block of a head's channels, all 64 without it)."""
+    """model/chunk_scan_kernel.py's kernel at the 1.3B shapes (headdim 64, state 128), one launch config."""
     from model.chunk_scan_kernel import _chunk_scan_out_kernel
 
     pointers = {name: "*fp32" for name in ("cb_ptr", "b_ptr", "dA_ptr", "D_ptr", "norm_weight_ptr", "sumsq_ptr")}
     pointers |= {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "C_ptr", "states_ptr", "z_ptr")}
-    constants = {"HAS_D": True, "D_HAS_HDIM": False, "HAS_Z": gated, "BLOCK_P": 64, "BLOCK_N": 128} | kwargs
-    constants |= {"SPLIT_P": constants["BLOCK_P"] < 64, "WHOLE": True}   # whole chunks, as at 32K tokens
+    # WHOLE: whole chunks, as at 32K tokens
+    constants = dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=gated, BLOCK_P=64, BLOCK_N=128, WHOLE=True, **kwargs)
     return compile_for_h100(_chunk_scan_out_kernel, pointers, constants, warps, stages,
                             unit_strides=("s_cb_k", "s_x_p", "s_o_p", "s_b_q", "s_dA_q", "s_C_n", "s_st_n", "s_D_h",
                                           "s_z_p", "s_ss_h"),
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.kernel_resources", description=__doc__.split("\n\n")[0])
     ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
                     help="more launch configs of the scan's output kernel, "
-                         "BLOCK_MxBLOCK_K[xBLOCK_P]:warps:stages[:heads[:registers per thread]]")
+                         "BLOCK_MxBLOCK_K:warps:stages[:heads[:registers per thread]]")
     ap.add_argument("--out", type=Path, default=Path("bench_results"))
     ap.add_argument("--plot-only", action="store_true", help="redraw OUT/kernel_resources.png from its JSON")
     args = ap.parse_args(argv)

@@ -91,13 +91,11 @@ def ours_gated_norm(args, z, weight, config=None, eps=1e-5):
 
 
 def config_name(config: dict) -> str:
-    """A launch config as chunk_scan_out takes it, e.g. "64x32, 4w 3s", "64x32, 4w 3s, 2 heads",
-    "64x32, 4w 2s, <= 128 registers" or "64x32x32, 4w 2s" (32 of a head's channels a program)."""
+    """A launch config as chunk_scan_out takes it, e.g. "64x32, 4w 3s", "64x32, 4w 3s, 2 heads" or
+    "64x32, 4w 2s, <= 128 registers"."""
     heads = f", {config['HEADS']} heads" if config.get("HEADS", 1) > 1 else ""
     registers = f", <= {config['maxnreg']} registers" if config.get("maxnreg") else ""
-    channels = f"x{config['BLOCK_P']}" if "BLOCK_P" in config else ""
-    return (f"{config['BLOCK_M']}x{config['BLOCK_K']}{channels}, {config['num_warps']}w {config['num_stages']}s{heads}"
-            f"{registers}")
+    return f"{config['BLOCK_M']}x{config['BLOCK_K']}, {config['num_warps']}w {config['num_stages']}s{heads}{registers}"
 
 
 def as_launch_config(config) -> dict:
@@ -226,8 +224,8 @@ def kernel_bench_main(name: str, doc: str, argv, measure_rows, markdown, plot, a
 def main(argv: list[str] | None = None) -> int:
     def add_args(ap):
         ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
-                        help="more launch configs to time, BLOCK_MxBLOCK_K[xBLOCK_P]:warps:stages[:heads per program"
-                             "[:registers per thread]] (e.g. 128x64:8:3, 64x32:4:3:2, 64x32:4:2:1:128, 64x32x32:4:2)")
+                        help="more launch configs to time, BLOCK_MxBLOCK_K:warps:stages[:heads per program"
+                             "[:registers per thread]] (e.g. 128x64:8:3, 64x32:4:3:2, 64x32:4:2:1:128)")
     return kernel_bench_main("scan_output", __doc__, argv,
                              lambda args, shapes, dtype, device: measure(shapes, dtype, device, args.iters,
                                                                          args.extra_configs),

@@ -91,14 +91,12 @@ def _chunk_scan_out_kernel(
     s_ss_b, s_ss_l, s_ss_h,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_P: tl.constexpr, WHOLE: tl.constexpr,
+    WHOLE: tl.constexpr,
 ):
     # heads first: the heads of a chunk run together (module docstring); HEADS (1 or 2) neighbouring heads
     # of one group per program share each load of CB and C
     head = tl.program_id(0) * HEADS
-    channel_blocks = tl.cdiv(hdim, BLOCK_P)
-    pid_m = tl.program_id(1) // channel_blocks
-    pid_p = tl.program_id(1) - pid_m * channel_blocks
+    pid_m = tl.program_id(1)
     pid_bc = tl.program_id(2)
     pid_c = pid_bc // batch
     pid_b = pid_bc - pid_c * batch
@@ -117,7 +115,7 @@ def _chunk_scan_out_kernel(
     sumsq_ptr += pid_b * s_ss_b + pid_c * chunk_size * s_ss_l + head * s_ss_h
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < chunk_len
 
@@ -140,11 +138,11 @@ def _chunk_scan_out_kernel(
                                  s_b_h, s_b_q, True, HEADS, BLOCK_K, WHOLE)
 
     _finish(acc0, head, x_ptr, out_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim,
-            s_x_l, s_x_p, s_o_l, s_o_p, s_D_h, s_z_l, s_z_p, s_ss_l, HAS_D, D_HAS_HDIM, HAS_Z, SPLIT_P)
+            s_x_l, s_x_p, s_o_l, s_o_p, s_D_h, s_z_l, s_z_p, s_ss_l, HAS_D, D_HAS_HDIM, HAS_Z)
     if HEADS == 2:
         _finish(acc1, head + 1, x_ptr + s_x_h, out_ptr + s_o_h, D_ptr, z_ptr + s_z_h, norm_weight_ptr,
                 sumsq_ptr + s_ss_h, offs_m, offs_p, row_ok, hdim, s_x_l, s_x_p, s_o_l, s_o_p, s_D_h, s_z_l, s_z_p,
-                s_ss_l, HAS_D, D_HAS_HDIM, HAS_Z, SPLIT_P)
+                s_ss_l, HAS_D, D_HAS_HDIM, HAS_Z)
 
 
 @triton.jit
@@ -161,7 +159,7 @@ def _add_key_blocks(acc0, acc1, a0, a1, k_start, k_stop, cb_ptr, x_ptr, b_ptr, o
                     hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p, s_b_h, s_b_q,
                     CAUSAL: tl.constexpr, HEADS: tl.constexpr, BLOCK_K: tl.constexpr, WHOLE: tl.constexpr):
     """Each of the program's heads' sums over the key blocks from k_start to k_stop, each CB tile loaded once.
-    WHOLE: every row and key of every block lies in the chunk, and every channel in the head: no masks."""
+    WHOLE: every row and key of every block lies in the chunk: no masks."""
     for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         cb_ptrs = cb_ptr + offs_m[:, None] * s_cb_m + offs_k[None, :] * s_cb_k
@@ -200,7 +198,7 @@ def _add_key_block(acc, cb, x_ptr, b_ptr, offs_m, offs_k, offs_p, a_m, chunk_len
 @triton.jit
 def _finish(acc, head, x_ptr, out_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim,
             s_x_l, s_x_p, s_o_l, s_o_p, s_D_h, s_z_l, s_z_p, s_ss_l,
-            HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, SPLIT_P: tl.constexpr):
+            HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr):
     """One head's D * x term, the gate (chunk_scan_gated_out) and the store."""
     out_mask = row_ok[:, None] & (offs_p[None, :] < hdim)
     if HAS_D:
@@ -214,10 +212,7 @@ def _finish(acc, head, x_ptr, out_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr,
         z = tl.load(z_ptr + offs_m[:, None] * s_z_l + offs_p[None, :] * s_z_p, mask=out_mask, other=0.0)
         z = z.to(tl.float32)
         acc = acc * z / (1.0 + tl.exp2(-(z * LOG2E)))
-        if SPLIT_P:   # two programs share a head's channels: each adds its half to the zeroed sums
-            tl.atomic_add(sumsq_ptr + offs_m * s_ss_l, tl.sum(acc * acc, axis=1), mask=row_ok, sem="relaxed")
-        else:
-            tl.store(sumsq_ptr + offs_m * s_ss_l, tl.sum(acc * acc, axis=1), mask=row_ok)
+        tl.store(sumsq_ptr + offs_m * s_ss_l, tl.sum(acc * acc, axis=1), mask=row_ok)
         weight = tl.load(norm_weight_ptr + head * hdim + offs_p, mask=offs_p < hdim, other=0.0)
         acc = acc * weight.to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * s_o_l + offs_p[None, :] * s_o_p, acc.to(out_ptr.dtype.element_ty),
@@ -252,29 +247,26 @@ def chunk_scan_gated_out(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, con
 
 
 def parse_config(text: str) -> dict:
-    """"BLOCK_MxBLOCK_K[xBLOCK_P]:warps:stages[:heads[:registers]]" (e.g. "128x64:8:3", "64x32:4:3:2",
-    "64x32:4:2:1:128", "64x32x32:4:2") -> a launch config; BLOCK_P: a block of a head's channels (the default
-    is all of them; half of them gives each program half the accumulator, and twice the programs); heads:
-    heads per program, 1 or 2; registers: the most each thread may have (`maxnreg`: fewer registers let more
-    programs share an SM, at the risk of spills). ValueError naming what is wrong."""
+    """"BLOCK_MxBLOCK_K:warps:stages[:heads[:registers]]" (e.g. "128x64:8:3", "64x32:4:3:2", "64x32:4:2:1:128")
+    -> a launch config; heads: heads per program, 1 or 2; registers: the most each thread may have
+    (`maxnreg`: fewer registers let more programs share an SM, at the risk of spills). ValueError naming
+    what is wrong."""
     try:
         blocks, warps, stages, *rest = text.split(":")
-        block_m, block_k, *block_p = (int(v) for v in blocks.lower().split("x"))
+        block_m, block_k = (int(v) for v in blocks.lower().split("x"))
         config = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": int(warps), "num_stages": int(stages),
-                  "HEADS": int(rest[0]) if rest else 1, **({"BLOCK_P": block_p[0]} if block_p else {})}
+                  "HEADS": int(rest[0]) if rest else 1}
         if len(rest) == 2:
             config["maxnreg"] = int(rest[1])
     except ValueError:
         config = None
-    if config is None or len(rest) > 2 or len(block_p) > 1 or config["HEADS"] not in (1, 2):
-        raise ValueError(f"{text!r} is not BLOCK_MxBLOCK_K[xBLOCK_P]:warps:stages[:heads 1 or 2[:registers]], "
-                         "e.g. 128x64:8:3, 64x32:4:2:1:128 or 64x32x32:4:2")
+    if config is None or len(rest) > 2 or config["HEADS"] not in (1, 2):
+        raise ValueError(f"{text!r} is not BLOCK_MxBLOCK_K:warps:stages[:heads 1 or 2[:registers]], e.g. 128x64:8:3 "
+                         "or 64x32:4:2:1:128")
     if not 24 <= config.get("maxnreg", 24) <= 255:
         raise ValueError(f"{text!r}: registers per thread lie in 24..255")
     if block_m % block_k:
         raise ValueError(f"{text!r}: BLOCK_K must divide BLOCK_M")
-    if block_p and (block_p[0] < 16 or block_p[0] & (block_p[0] - 1)):
-        raise ValueError(f"{text!r}: BLOCK_P is a power of two, at least 16")
     return config
 
 
@@ -286,15 +278,16 @@ def chosen_config(config: dict | None) -> dict | None:
             config = parse_config(os.environ[CONFIG_ENV])
         except ValueError as e:
             raise ValueError(f"{CONFIG_ENV}: {e}") from None
-    return None if config is None else {"HEADS": 1, **config}   # a copy: the launcher takes BLOCK_P out
+    return None if config is None else {"HEADS": 1, **config}
 
 
-def whole_blocks(seqlen: int, chunk_size: int, hdim: int, block_p: int, config: dict | None) -> bool:
+def whole_blocks(seqlen: int, chunk_size: int, hdim: int, config: dict | None) -> bool:
     """Whether every block a program reads lies wholly in its chunk and head: whole chunks, row blocks that
-    divide a chunk (the autotune list's largest, 128, without a config), and channel blocks that divide
-    the head's. Then the kernel's loop runs without masks."""
-    block_m = 128 if config is None else config["BLOCK_M"]
-    return seqlen % chunk_size == 0 and chunk_size % block_m == 0 and hdim % block_p == 0
+    divide a chunk (without a config, every row block of the autotune list), and a head's channels filling
+    their block (a power of two, at least 16). Then the kernel's loop runs without masks."""
+    block_ms = [c.kwargs["BLOCK_M"] for c in _autotuned_kernel.configs] if config is None else [config["BLOCK_M"]]
+    return (seqlen % chunk_size == 0 and all(chunk_size % block_m == 0 for block_m in block_ms)
+            and hdim == max(triton.next_power_of_2(hdim), 16))
 
 
 def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
@@ -310,16 +303,8 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     if config is not None:
         assert config["HEADS"] in (1, 2) and (nheads // ngroups) % config["HEADS"] == 0, \
             f"HEADS={config['HEADS']}: 1 or 2, and it must divide the {nheads // ngroups} heads of a group"
-    block_p = max(triton.next_power_of_2(hdim), 16)
-    if config is not None and "BLOCK_P" in config:
-        block_p = config.pop("BLOCK_P")
-        # two halves of a head's sums add up the same in either order; more parts would not
-        assert triton.cdiv(hdim, block_p) <= 2, f"BLOCK_P={block_p}: at most two blocks of the {hdim} channels"
-    split_p = block_p < hdim
-    sumsq = None if z is None else (torch.zeros if split_p else torch.empty)(batch, seqlen, nheads, device=x.device,
-                                                                               dtype=torch.float32)
-    grid = lambda meta: (nheads // meta["HEADS"], triton.cdiv(chunk_size, meta["BLOCK_M"]) * triton.cdiv(hdim, block_p),
-                         batch * nchunks)
+    sumsq = None if z is None else torch.empty(batch, seqlen, nheads, device=x.device, dtype=torch.float32)
+    grid = lambda meta: (nheads // meta["HEADS"], triton.cdiv(chunk_size, meta["BLOCK_M"]), batch * nchunks)
     kernel = _autotuned_kernel if config is None else _chunk_scan_out_kernel
     # each key's part of the decay exponent, once per key: in the kernel every row block's threads took the
     # logarithm again, a slow sequence of instructions, and it held up the loop (docs/benchmarks.md)
@@ -336,8 +321,8 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
         *(z.stride() if z is not None else (0, 0, 0, 0)),
         *(sumsq.stride() if z is not None else (0, 0, 0)),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        BLOCK_P=block_p, SPLIT_P=split_p, BLOCK_N=max(triton.next_power_of_2(dstate), 16),
-        WHOLE=whole_blocks(seqlen, chunk_size, hdim, block_p, config),
+        BLOCK_P=max(triton.next_power_of_2(hdim), 16), BLOCK_N=max(triton.next_power_of_2(dstate), 16),
+        WHOLE=whole_blocks(seqlen, chunk_size, hdim, config),
         **(config or {}),
     )
     return out, sumsq

@@ -38,12 +38,9 @@ def test_extra_configs_are_parsed_and_bad_ones_named():
     assert scan_output.parse_config("64x32:4:2:1:128") == {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4,
                                                            "num_stages": 2, "HEADS": 1, "maxnreg": 128}
     assert scan_output.config_name(scan_output.parse_config("64x32:4:2:1:128")) == "64x32, 4w 2s, <= 128 registers"
-    assert scan_output.parse_config("64x32x32:4:2")["BLOCK_P"] == 32
-    assert scan_output.config_name(scan_output.parse_config("64x32x32:4:2")) == "64x32x32, 4w 2s"
-    for bad, why in (("128x64:8", r"BLOCK_MxBLOCK_K\[xBLOCK_P\]:warps:stages"), ("64x128:4:2", "must divide"),
+    for bad, why in (("128x64:8", "BLOCK_MxBLOCK_K:warps:stages"), ("64x128:4:2", "must divide"),
                      ("64x32:4:3:4", "heads 1 or 2"), ("64x32:4:2:1:x", "registers"), ("64x32:4:2:1:300", "24..255"),
-                     ("64x32:4:2:1:128:2", "heads 1 or 2"), ("64x32x32x32:4:2", "BLOCK_P"),
-                     ("64x32x24:4:2", "power of two")):
+                     ("64x32:4:2:1:128:2", "heads 1 or 2"), ("64x32x32:4:2", "BLOCK_MxBLOCK_K:warps:stages")):
         with pytest.raises(SystemExit, match=why):
             scan_output.parse_config(bad)
 

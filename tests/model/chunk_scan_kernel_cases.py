@@ -26,9 +26,6 @@ CASES = {
     "fp32, two heads per program, 2 groups, a part chunk": (2, 150, 4, 16, 2, 16, 64, torch.float32, False, 1.0,
                                                             (32, 16, 2)),
     "fp16, two heads per program, D per channel": (1, 128, 4, 16, 1, 16, 64, torch.float16, True, 1.0, (64, 32, 2)),
-    # half of a head's channels per program (BLOCK_P): each half's own x, state, D and output columns
-    "fp32, half the channels a program, D per channel": (2, 150, 4, 32, 2, 16, 64, torch.float32, True, 1.0,
-                                                         {"BLOCK_M": 32, "BLOCK_K": 16, "BLOCK_P": 16}),
 }
 # the same with the gate, the norm's sums of squares and its weight (chunk_scan_gated_out)
 GATED_CASES = {
@@ -36,11 +33,6 @@ GATED_CASES = {
     "gated, fp16, D per channel, headdim below the block": (1, 160, 2, 24, 1, 16, 64, torch.float16, True, 1.0,
                                                             (32, 32)),
     "gated, fp32, two heads per program": (1, 133, 4, 16, 1, 16, 64, torch.float32, False, 1.0, (32, 16, 2)),
-    # the two halves of each row's sum of squares added by two programs
-    "gated, fp16, half the channels a program, headdim 24": (1, 133, 4, 24, 1, 16, 64, torch.float16, True, 1.0,
-                                                             {"BLOCK_M": 32, "BLOCK_K": 16, "BLOCK_P": 16}),
-    "gated, fp32, half the channels a program, two heads": (2, 100, 4, 32, 1, 16, 64, torch.float32, False, 1.0,
-                                                            {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_P": 16, "HEADS": 2}),
 }
 
 
@@ -78,8 +70,7 @@ def gate_inputs(x, seed):
 
 
 def launch_config(blocks):
-    """(BLOCK_M, BLOCK_K[, HEADS]), or a config as given."""
-    return dict(blocks) if isinstance(blocks, dict) else dict(zip(("BLOCK_M", "BLOCK_K", "HEADS"), blocks))
+    return dict(zip(("BLOCK_M", "BLOCK_K", "HEADS"), blocks))
 
 
 def rel_err(got, want):
