@@ -10,7 +10,7 @@ to the binary as a launch at the 1.3B shapes specialises it (`compile_for_h100`)
 instructions come from the binary (cuobjdump, bundled with Triton).
 
     python -m bench.kernel_resources --out bench_results          # kernel_resources.md / .json / .png
-    python -m bench.kernel_resources --extra-configs 64x32:4:2 64x64:4:2:2 --out x
+    python -m bench.kernel_resources --extra-configs 64x32:4:2 64x64:4:2:2 --extra-state-configs 64x32:8:2 --out x
                                                                   # also configs outside the autotune lists
 """
 from __future__ import annotations
@@ -136,7 +136,7 @@ def resident_programs(registers: int, shared: int, warps: int) -> dict:
             "limited_by": " and ".join(k for k, v in limits.items() if v == programs)}
 
 
-def config_rows(extra_scan_out_configs=()) -> list[dict]:
+def config_rows(extra_scan_out_configs=(), extra_state_configs=()) -> list[dict]:
     """One row per kernel, launch config and gate: the autotune lists' configs and the extra ones, bf16."""
     from bench import state_pass
     from bench.scan_output import as_launch_config, config_name
@@ -151,9 +151,13 @@ def config_rows(extra_scan_out_configs=()) -> list[dict]:
                                         maxnreg=config.get("maxnreg"))
             rows.append(usage_row("scan_out, gated" if gated else "scan_out", config_name(config), source, compiled,
                                   config["num_warps"]))
-    for config in state_pass_kernel._autotuned_kernel.configs:
-        rows.append(usage_row("state_pass", state_pass.config_name(config), "list",
-                              compile_state_pass(config.kwargs, config.num_warps, config.num_stages), config.num_warps))
+    listed = [({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}, "list")
+              for c in state_pass_kernel._autotuned_kernel.configs]
+    for config, source in listed + [(c, "extra") for c in extra_state_configs]:
+        kwargs = {k: config[k] for k in ("BLOCK_P", "BLOCK_N")}
+        rows.append(usage_row("state_pass", state_pass.config_name(config), source,
+                              compile_state_pass(kwargs, config["num_warps"], config["num_stages"]),
+                              config["num_warps"]))
     return rows
 
 
@@ -192,11 +196,14 @@ def plot(rows: list[dict], head: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from bench.scan_output import parse_config
+    from bench.state_pass import parse_config as parse_state_config
 
     ap = argparse.ArgumentParser(prog="python -m bench.kernel_resources", description=__doc__.split("\n\n")[0])
     ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
                     help="more launch configs of the scan's output kernel, "
                          "BLOCK_MxBLOCK_K:warps:stages[:heads[:registers per thread]]")
+    ap.add_argument("--extra-state-configs", nargs="+", type=parse_state_config, default=[],
+                    help="more launch configs of state_pass, BLOCK_PxBLOCK_N:warps:stages")
     ap.add_argument("--out", type=Path, default=Path("bench_results"))
     ap.add_argument("--plot-only", action="store_true", help="redraw OUT/kernel_resources.png from its JSON")
     args = ap.parse_args(argv)
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return common.replot(args.out, "kernel_resources", plot)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # the default the kernels are launched with
     head = common.header(torch.device("cpu"), "bench.kernel_resources", target="sm_90 (H100 / H200), compiled here")
-    rows = config_rows(args.extra_configs)
+    rows = config_rows(args.extra_configs, args.extra_state_configs)
     text = [f"## Resources per launch config, sm_90 — compiled on {head['card']}", "",
             *[f"- {line}" for line in common.header_lines(head)], "", common.markdown_table(COLUMNS, rows), "",
             *[f"- {n}" for n in NOTES]]

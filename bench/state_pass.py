@@ -8,6 +8,8 @@ and each result compared with mamba_ssm's. Float64 rows check both against the p
 (`states_entering_chunks_reference`) on short sequences.
 
     python -m bench.state_pass --out bench_results      # state_pass.md / .json / .png (needs a GPU)
+    python -m bench.state_pass --shapes 1x32768 --extra-configs 64x32:8:2 64x64:8:2 --out x
+                                                        # also launch configs outside the autotune list
 """
 from __future__ import annotations
 
@@ -32,10 +34,24 @@ def state_inputs(launchers, batch, seqlen, dtype, device, seed):
 
 
 def config_name(config) -> str:
-    return f"{config.kwargs['BLOCK_P']}x{config.kwargs['BLOCK_N']}, {config.num_warps}w {config.num_stages}s"
+    """A config of the autotune list (a triton.Config) or one as the launcher takes it (a dict), e.g.
+    "64x64, 4w 3s"."""
+    if not isinstance(config, dict):
+        config = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return f"{config['BLOCK_P']}x{config['BLOCK_N']}, {config['num_warps']}w {config['num_stages']}s"
 
 
-def measure(shapes, dtype, device, iters) -> list[dict]:
+def parse_config(text: str) -> dict:
+    """--extra-configs' form, BLOCK_PxBLOCK_N:warps:stages (e.g. 64x32:8:2) -> the launcher's config."""
+    try:
+        blocks, warps, stages = text.split(":")
+        block_p, block_n = (int(v) for v in blocks.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--extra-configs: {text!r} is not BLOCK_PxBLOCK_N:warps:stages, e.g. 64x32:8:2") from None
+    return {"BLOCK_P": block_p, "BLOCK_N": block_n, "num_warps": int(warps), "num_stages": int(stages)}
+
+
+def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
     from model.state_pass_kernel import (
         _autotuned_kernel,
         states_entering_chunks,
@@ -56,6 +72,7 @@ def measure(shapes, dtype, device, iters) -> list[dict]:
     configs = [("autotuned", None)] + [
         (config_name(c), {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
         for c in _autotuned_kernel.configs]
+    configs += [(f"{config_name(c)} (not in the list)", c) for c in extra_configs]
     for seed, (batch, seqlen) in enumerate(shapes):
         shape = f"{batch}x{seqlen}"
         args = state_inputs(launchers, batch, seqlen, dtype, device, 10 + seed)
@@ -77,9 +94,13 @@ plot = functools.partial(scan_output.plot, what="states entering the chunks")
 
 
 def main(argv: list[str] | None = None) -> int:
+    def add_args(ap):
+        ap.add_argument("--extra-configs", nargs="+", type=parse_config, default=[],
+                        help="more launch configs to time, BLOCK_PxBLOCK_N:warps:stages (e.g. 64x32:8:2)")
     return scan_output.kernel_bench_main("state_pass", __doc__, argv,
-                                         lambda args, shapes, dtype, device: measure(shapes, dtype, device, args.iters),
-                                         markdown, plot)
+                                         lambda args, shapes, dtype, device: measure(shapes, dtype, device, args.iters,
+                                                                                     args.extra_configs),
+                                         markdown, plot, add_args)
 
 
 if __name__ == "__main__":

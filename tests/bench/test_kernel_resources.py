@@ -43,9 +43,11 @@ def test_main_tables_every_row(tmp_path, monkeypatch):
     rows = [{"kernel": "scan_out", "config": "64x32, 4w 3s", "source": "list", "registers": 128, "stack_bytes": 0,
              "shared_KiB": 64.5, **kernel_resources.resident_programs(128, 66048, 4), "loop_instructions": "149 / 228"}]
     seen = []
-    monkeypatch.setattr(kernel_resources, "config_rows", lambda extra: seen.append(extra) or rows)
-    assert kernel_resources.main(["--extra-configs", "64x32:4:2:2", "--out", str(tmp_path)]) == 0
-    assert seen == [[{"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "HEADS": 2}]]
+    monkeypatch.setattr(kernel_resources, "config_rows", lambda extra, state: seen.append((extra, state)) or rows)
+    assert kernel_resources.main(["--extra-configs", "64x32:4:2:2", "--extra-state-configs", "64x32:8:2",
+                                  "--out", str(tmp_path)]) == 0
+    assert seen == [([{"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "HEADS": 2}],
+                     [{"BLOCK_P": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}])]
     assert json.loads((tmp_path / "kernel_resources.json").read_text())["rows"] == rows
     md = (tmp_path / "kernel_resources.md").read_text()
     assert "| scan_out | 64x32, 4w 3s | list | 128 | 0 | 64.5 | 3 | 12 | shared memory |" in md

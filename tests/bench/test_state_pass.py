@@ -20,6 +20,16 @@ def test_state_pass_inputs_are_the_scans_own():
     torch.testing.assert_close(got, states_entering_chunks_reference(*args, torch.float64), rtol=1e-9, atol=1e-10)
 
 
+def test_extra_configs_are_parsed_and_bad_ones_named():
+    import pytest
+    config = state_pass.parse_config("64x32:8:2")
+    assert config == {"BLOCK_P": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    assert state_pass.config_name(config) == "64x32, 8w 2s"
+    for bad in ("64x32:8", "64:8:2", "64x32:8:2:1", "64xN:8:2"):
+        with pytest.raises(SystemExit, match="BLOCK_PxBLOCK_N:warps:stages"):
+            state_pass.parse_config(bad)
+
+
 def test_state_pass_table_and_refusal_without_a_gpu(tmp_path, capsys):
     rows = [{"shape": "1x4096", "launch": "ours", "config": "float64 check", "ms": None, "rel_diff": 4e-3},
             {"shape": "1x32768", "launch": "mamba_ssm", "config": "chunk states, then passing", "ms": 0.42,
