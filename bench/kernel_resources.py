@@ -107,21 +107,42 @@ def registers_and_spills(compiled) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def loop_opcodes(compiled) -> list[collections.Counter]:
-    """The opcodes of each loop body in a compiled kernel's SASS (cuobjdump -sass), in program order: a loop
-    is a branch back to an earlier address, its body the instructions from there to the branch. An
-    iteration issues these once per warp, so their count is the loop's cost in issue slots."""
-    sass = _cuobjdump(compiled, "-sass")
-    instructions = [(int(m.group(1), 16), m.group(2).strip())
-                    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+def sass_instructions(compiled) -> list[tuple[int, str]]:
+    """(address, text) of every instruction in a compiled kernel's SASS (cuobjdump -sass), in order."""
+    return [(int(m.group(1), 16), m.group(2).strip())
+            for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", _cuobjdump(compiled, "-sass"))]
+
+
+def _opcode(text: str) -> str:
+    return re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", text).group(1)
+
+
+def loop_bodies(instructions) -> list[range]:
+    """The index ranges of each loop body, in program order: a loop is a branch back to an earlier address,
+    its body the instructions from there to the branch."""
     index = {address: i for i, (address, _) in enumerate(instructions)}
-    loops = []
+    bodies = []
     for i, (address, text) in enumerate(instructions):
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address:
-            body = instructions[index[int(target.group(1), 16)]:i + 1]
-            loops.append(collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", t).group(1) for _, t in body))
-    return loops
+            bodies.append(range(index[int(target.group(1), 16)], i + 1))
+    return bodies
+
+
+def loop_opcodes(compiled) -> list[collections.Counter]:
+    """The opcodes of each loop body, in program order. An iteration issues these once per warp, so their
+    count is the loop's cost in issue slots."""
+    instructions = sass_instructions(compiled)
+    return [collections.Counter(_opcode(instructions[i][1]) for i in body) for body in loop_bodies(instructions)]
+
+
+def instructions_outside_loops(compiled) -> int:
+    """The instructions a warp issues once per program: all but the loops' bodies, the padding (NOP) and
+    the closing branch to itself."""
+    instructions = sass_instructions(compiled)
+    in_loops = {i for body in loop_bodies(instructions) for i in body}
+    return sum(1 for i, (address, text) in enumerate(instructions)
+               if i not in in_loops and _opcode(text) != "NOP" and not text.startswith(f"BRA {hex(address)}"))
 
 
 def resident_programs(registers: int, shared: int, warps: int) -> dict:
@@ -166,18 +187,21 @@ def usage_row(kernel: str, config: str, source: str, compiled, warps: int) -> di
     shared = compiled.metadata.shared
     loops = " / ".join(str(sum(opcodes.values())) for opcodes in loop_opcodes(compiled))
     return {"kernel": kernel, "config": config, "source": source, "registers": registers, "stack_bytes": spilled,
-            "shared_KiB": shared / 1024, **resident_programs(registers, shared, warps), "loop_instructions": loops}
+            "shared_KiB": shared / 1024, **resident_programs(registers, shared, warps), "loop_instructions": loops,
+            "other_instructions": instructions_outside_loops(compiled)}
 
 
 COLUMNS = [("kernel", "kernel", ""), ("config", "config", ""), ("in", "source", ""), ("registers", "registers", "d"),
            ("stack (bytes)", "stack_bytes", "d"), ("shared (KiB)", "shared_KiB", ".1f"),
            ("programs / SM", "programs_per_sm", "d"), ("warps / SM", "warps_per_sm", "d"),
-           ("limited by", "limited_by", ""), ("loop instructions", "loop_instructions", "")]
+           ("limited by", "limited_by", ""), ("loop instructions", "loop_instructions", ""),
+           ("other instructions", "other_instructions", "d")]
 NOTES = [("bf16, the 1.3B shapes (64 heads x 64, state 128, chunk 256); sm_90: 65,536 registers, 228 KiB of shared "
           "memory (1 KiB of it reserved per program), 64 warps and 32 programs per SM"),
          "stack: bytes per thread the compiler spilled from registers (0: none)",
          ("loop instructions: SASS instructions of each loop's body, what one iteration issues per warp (scan_out: "
-          "the key blocks before the row block, then the diagonal ones; whole chunks, as at 32K tokens)"),
+          "the key blocks before the row block, then the diagonal ones; whole chunks, as at 32K tokens); other "
+          "instructions: those outside the loops, which each warp issues once per program"),
          "in: list = the autotuner's list, extra = --extra-configs"]
 
 

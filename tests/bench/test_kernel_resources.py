@@ -31,6 +31,9 @@ def test_a_compiled_config_reports_its_registers_and_shared_memory():
     assert 1 <= row["programs_per_sm"] <= 16 and row["warps_per_sm"] == 4 * row["programs_per_sm"]
     past_keys, diagonal = (int(n) for n in row["loop_instructions"].split(" / "))   # the output kernel's 2 loops
     assert 50 < past_keys < diagonal, "the diagonal blocks add the causal select"
+    gated = kernel_resources.usage_row("scan_out, gated", "64x32, 4w 3s", "list", kernel_resources.compile_scan_out(
+        {"BLOCK_M": 64, "BLOCK_K": 32, "HEADS": 1}, 4, 3, gated=True), 4)
+    assert 200 < row["other_instructions"] < gated["other_instructions"], "the gate runs once per program, after the loops"
 
 
 def test_the_state_kernel_has_one_loop_over_the_chunks():
@@ -41,7 +44,8 @@ def test_the_state_kernel_has_one_loop_over_the_chunks():
 
 def test_main_tables_every_row(tmp_path, monkeypatch):
     rows = [{"kernel": "scan_out", "config": "64x32, 4w 3s", "source": "list", "registers": 128, "stack_bytes": 0,
-             "shared_KiB": 64.5, **kernel_resources.resident_programs(128, 66048, 4), "loop_instructions": "149 / 228"}]
+             "shared_KiB": 64.5, **kernel_resources.resident_programs(128, 66048, 4), "loop_instructions": "149 / 228",
+             "other_instructions": 1480}]
     seen = []
     monkeypatch.setattr(kernel_resources, "config_rows", lambda extra, state: seen.append((extra, state)) or rows)
     assert kernel_resources.main(["--extra-configs", "64x32:4:2:2", "--extra-state-configs", "64x32:8:2",
