@@ -33,14 +33,9 @@ def _configs():
     """Tile shapes (P x N), warps, stages. On an H200 (bench.state_pass, docs/benchmarks.md) 64 x 64 with 4
     warps and 3 stages was the fastest at 32K and 128K tokens and 64 x 128 (the whole state, x read by one
     program) at 8 x 2048; 64 x 32 and 32 x 32 give more programs where there are few heads. A stage holds the
-    x and B tiles of a whole chunk (64 KB at 64 x 64 in bf16, chunk 256): fp32 inputs fit only 32 x 32.
-    The last two, with 8 warps, are for the autotuner to try (not measured on their own yet): ncu found the
-    loop held up by a single warp per scheduler issuing a long chain of dependent instructions (0.32 of a
-    warp eligible a cycle, docs/benchmarks.md twenty-first run). With 8 warps each warp has half the tile:
-    542 and 396 instructions an iteration against 919 (bench.kernel_resources)."""
+    x and B tiles of a whole chunk (64 KB at 64 x 64 in bf16, chunk 256): fp32 inputs fit only 32 x 32."""
     return [triton.Config({"BLOCK_P": p, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for p, n, w, s in ((64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2),
-                               (64, 64, 8, 2), (64, 32, 8, 2))]
+            for p, n, w, s in ((64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2))]
 
 
 @triton.jit(do_not_specialize=["tuning_size"])
