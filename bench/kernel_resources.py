@@ -132,14 +132,16 @@ def loop_bodies(instructions) -> list[range]:
 def loop_opcodes(compiled) -> list[collections.Counter]:
     """The opcodes of each loop body, in program order. An iteration issues these once per warp, so their
     count is the loop's cost in issue slots."""
-    instructions = sass_instructions(compiled)
+    return _loop_opcodes(sass_instructions(compiled))
+
+
+def _loop_opcodes(instructions) -> list[collections.Counter]:
     return [collections.Counter(_opcode(instructions[i][1]) for i in body) for body in loop_bodies(instructions)]
 
 
-def instructions_outside_loops(compiled) -> int:
+def _outside_loops(instructions) -> int:
     """The instructions a warp issues once per program: all but the loops' bodies, the padding (NOP) and
     the closing branch to itself."""
-    instructions = sass_instructions(compiled)
     in_loops = {i for body in loop_bodies(instructions) for i in body}
     return sum(1 for i, (address, text) in enumerate(instructions)
                if i not in in_loops and _opcode(text) != "NOP" and not text.startswith(f"BRA {hex(address)}"))
@@ -172,8 +174,7 @@ def config_rows(extra_scan_out_configs=(), extra_state_configs=()) -> list[dict]
                                         maxnreg=config.get("maxnreg"))
             rows.append(usage_row("scan_out, gated" if gated else "scan_out", config_name(config), source, compiled,
                                   config["num_warps"]))
-    listed = [({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}, "list")
-              for c in state_pass_kernel._autotuned_kernel.configs]
+    listed = [(c, "list") for c in map(as_launch_config, state_pass_kernel._autotuned_kernel.configs)]
     for config, source in listed + [(c, "extra") for c in extra_state_configs]:
         kwargs = {k: config[k] for k in ("BLOCK_P", "BLOCK_N")}
         rows.append(usage_row("state_pass", state_pass.config_name(config), source,
@@ -185,10 +186,11 @@ def config_rows(extra_scan_out_configs=(), extra_state_configs=()) -> list[dict]
 def usage_row(kernel: str, config: str, source: str, compiled, warps: int) -> dict:
     registers, spilled = registers_and_spills(compiled)
     shared = compiled.metadata.shared
-    loops = " / ".join(str(sum(opcodes.values())) for opcodes in loop_opcodes(compiled))
+    instructions = sass_instructions(compiled)   # disassembled once for both counts
+    loops = " / ".join(str(sum(opcodes.values())) for opcodes in _loop_opcodes(instructions))
     return {"kernel": kernel, "config": config, "source": source, "registers": registers, "stack_bytes": spilled,
             "shared_KiB": shared / 1024, **resident_programs(registers, shared, warps), "loop_instructions": loops,
-            "other_instructions": instructions_outside_loops(compiled)}
+            "other_instructions": _outside_loops(instructions)}
 
 
 COLUMNS = [("kernel", "kernel", ""), ("config", "config", ""), ("in", "source", ""), ("registers", "registers", "d"),
@@ -202,7 +204,7 @@ NOTES = [("bf16, the 1.3B shapes (64 heads x 64, state 128, chunk 256); sm_90: 6
          ("loop instructions: SASS instructions of each loop's body, what one iteration issues per warp (scan_out: "
           "the key blocks before the row block, then the diagonal ones; whole chunks, as at 32K tokens); other "
           "instructions: those outside the loops, which each warp issues once per program"),
-         "in: list = the autotuner's list, extra = --extra-configs"]
+         "in: list = the autotuner's list, extra = --extra-configs or --extra-state-configs"]
 
 
 def plot(rows: list[dict], head: dict, path: Path) -> None:

@@ -99,7 +99,7 @@ def config_name(config: dict) -> str:
 
 
 def as_launch_config(config) -> dict:
-    """A triton.Config of the autotune list as chunk_scan_out's `config`."""
+    """A triton.Config of an autotune list as its launcher's `config` (chunk_scan_out's, states_entering_chunks')."""
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
             **({"maxnreg": config.maxnreg} if config.maxnreg else {})}
 

@@ -18,7 +18,7 @@ import functools
 import torch
 
 from bench import scan_output
-from bench.scan_output import rel_max, scan_inputs, timed_or_refused, timed_row
+from bench.scan_output import as_launch_config, rel_max, scan_inputs, timed_or_refused, timed_row
 from model import kernels, mixer_function
 
 CHUNK = 256
@@ -37,7 +37,7 @@ def config_name(config) -> str:
     """A config of the autotune list (a triton.Config) or one as the launcher takes it (a dict), e.g.
     "64x64, 4w 3s"."""
     if not isinstance(config, dict):
-        config = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        config = as_launch_config(config)
     return f"{config['BLOCK_P']}x{config['BLOCK_N']}, {config['num_warps']}w {config['num_stages']}s"
 
 
@@ -69,9 +69,7 @@ def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
         for who, got in (("mamba_ssm", mamba(*args)), ("ours", states_entering_chunks(*args, dtype))):
             rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": "float64 check", "ms": None,
                          "rel_diff": rel_max(got, exact)})
-    configs = [("autotuned", None)] + [
-        (config_name(c), {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
-        for c in _autotuned_kernel.configs]
+    configs = [("autotuned", None)] + [(config_name(c), c) for c in map(as_launch_config, _autotuned_kernel.configs)]
     configs += [(f"{config_name(c)} (not in the list)", c) for c in extra_configs]
     for seed, (batch, seqlen) in enumerate(shapes):
         shape = f"{batch}x{seqlen}"
