@@ -48,16 +48,16 @@ import triton.language as tl
 
 CONFIG_ENV = "DIFFUMAMBA_SCAN_OUT_CONFIG"   # one launch config for every call, e.g. 64x32:4:3 or 64x32:4:2:1:128
 
-LOG2E = tl.constexpr(1.4426950408889634)   # a global a kernel may read
+LOG2E = tl.constexpr(math.log2(math.e))   # a global a kernel may read; the launcher's key offsets use the same
 
 
 def _configs():
     """The launch configs the autotuner tries: each the fastest, or within 2% of it, at one of 1 x 32K,
     2 x 32K and 8 x 2K tokens on an H100 (bench.scan_output, eighteenth run), and 64x32 with 2 stages: on an
     H200 the fastest without the gate at 1 x 32K and 8 x 2K, and, capped at 128 registers a thread, with the
-    gate at 1 x 32K too (-9%; twentieth run). The cap lets four programs share an SM instead of three: the
-    kernel is latency-bound, and more programs in flight hide more of each one's waits
-    (bench.kernel_resources)."""
+    gate at 1 x 32K too (-9%; twentieth run). The cap lets four programs share an SM instead of three
+    (bench.kernel_resources). ncu later found the kernel bound by the instructions it issued rather than by
+    its loads' latency, and configs with still more programs an SM were slower (twenty-first run)."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "HEADS": heads}, num_warps=w, num_stages=s, maxnreg=registers)
             for bm, bk, w, s, heads, registers in ((64, 32, 4, 3, 2, None), (64, 32, 4, 3, 1, None),
                                                    (128, 32, 4, 3, 1, None), (32, 32, 2, 4, 2, None),
@@ -309,7 +309,7 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     # each key's part of the decay exponent, once per key: in the kernel every row block's threads took the
     # logarithm again, a slow sequence of instructions, and it held up the loop (docs/benchmarks.md)
     # (log2(e) * dA rounded to fp32 as the kernel rounds a[m]: on the diagonal the two then cancel exactly)
-    key_offset = dA_cumsum * math.log2(math.e) - torch.log2(dt)
+    key_offset = dA_cumsum * LOG2E.value - torch.log2(dt)
     kernel[grid](   # without a gate, z and the sums point at x and dt: never read or written (HAS_Z)
         cb, x, out, key_offset, dA_cumsum, C, states, D, x if z is None else z, norm_weight, dt if z is None else sumsq,
         chunk_size, hdim, dstate, batch, seqlen, nheads // ngroups, size_class(batch, nchunks),
