@@ -56,7 +56,9 @@ def compile_for_h100(kernel, pointers: dict[str, str], constants: dict, warps: i
     multiples_of_16 = [p for p in params if p not in constants and p not in not_multiples_of_16]
     source = ASTSource(fn=kernel, signature=signature, constexprs={(params.index(n),): v for n, v in constants.items()},
                        attrs={(params.index(p),): [["tt.divisibility", 16]] for p in multiples_of_16})
-    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    from model.chunk_scan_kernel import FP_FUSION
+    options = {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": FP_FUSION,
+               **({"maxnreg": maxnreg} if maxnreg else {})}
     compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     assert compiled.asm["cubin"], constants
     return compiled

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
-from model.chunk_scan_kernel import size_class  # the same size key as the output kernel's autotuner
+from model.chunk_scan_kernel import FP_FUSION, size_class  # as the output kernel's launches
 
 
 def _configs():
@@ -113,7 +113,7 @@ def states_entering_chunks(B, x, dt, dA_cumsum, out_dtype, config: dict | None =
         dt.stride(0), dt.stride(2), dt.stride(1), dt.stride(3),
         dA_cumsum.stride(0), dA_cumsum.stride(2), dA_cumsum.stride(1), dA_cumsum.stride(3),
         *out.stride(),
-        BLOCK_Q=max(triton.next_power_of_2(chunk_size), 16),
+        BLOCK_Q=max(triton.next_power_of_2(chunk_size), 16), enable_fp_fusion=FP_FUSION,
         **(config or {}),
     )
     return out

@@ -168,3 +168,28 @@ def test_a_launch_config_from_the_environment(monkeypatch):
     monkeypatch.setenv(CONFIG_ENV, "64x32")
     with pytest.raises(ValueError, match=CONFIG_ENV):
         chosen_config(None)
+
+
+def test_both_kernels_launch_with_fused_multiply_adds_stated(monkeypatch):
+    """What every measurement and GPU check had, Triton's default until 3.10 (which turns it off): each launch
+    asks for it, so a newer Triton compiles the same kernels."""
+    import torch
+
+    from model import chunk_scan_kernel, state_pass_kernel
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(chunk_scan_kernel, "_chunk_scan_out_kernel", Recorder())
+    monkeypatch.setattr(state_pass_kernel, "_states_entering_kernel", Recorder())
+    b, c, q, h, p, n = 1, 2, 16, 2, 16, 16
+    dt = torch.ones(b, h, c, q)
+    chunk_scan_kernel.chunk_scan_out(torch.empty(b, c, 1, q, q), torch.empty(b, c * q, h, p), dt, dt,
+                                     torch.empty(b, c * q, 1, n), torch.empty(b, c, h, p, n),
+                                     config={"BLOCK_M": 16, "BLOCK_K": 16})
+    state_pass_kernel.states_entering_chunks(torch.empty(b, c * q, 1, n), torch.empty(b, c * q, h, p), dt, dt,
+                                             torch.float32, config={"BLOCK_P": 16, "BLOCK_N": 16})
+    assert [kwargs.get("enable_fp_fusion") for kwargs in launches] == [True, True]
