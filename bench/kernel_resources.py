@@ -79,17 +79,13 @@ def compile_scan_out(kwargs: dict, warps: int, stages: int, dtype: str = "bf16",
                             not_multiples_of_16=("batch", "tuning_size"), maxnreg=maxnreg)
 
 
-def compile_state_pass(kwargs: dict, warps: int, stages: int, dtype: str = "bf16", tma: bool = True):
-    """model/state_pass_kernel.py's kernel at the 1.3B shapes (chunk 256), one launch config; tma: x and B
-    through TMA descriptors, as on an H100 (else through pointers, as on older cards)."""
+def compile_state_pass(kwargs: dict, warps: int, stages: int, dtype: str = "bf16"):
+    """model/state_pass_kernel.py's kernel at the 1.3B shapes (chunk 256), one launch config."""
     from model.state_pass_kernel import _states_entering_kernel
 
     pointers = {"x_ptr": f"*{dtype}", "B_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
                 "dA_ptr": "*fp32"}
-    if tma:
-        pointers |= {"x_ptr": f"tensordesc<{dtype}[1, 256, 1, {kwargs['BLOCK_P']}]>",
-                     "B_ptr": f"tensordesc<{dtype}[1, 256, 1, {kwargs['BLOCK_N']}]>"}
-    return compile_for_h100(_states_entering_kernel, pointers, dict(BLOCK_Q=256, TMA=tma, **kwargs), warps, stages,
+    return compile_for_h100(_states_entering_kernel, pointers, dict(BLOCK_Q=256, **kwargs), warps, stages,
                             unit_strides=("s_x_p", "s_B_n", "s_o_n", "s_dt_q", "s_dA_q"),
                             not_multiples_of_16=("nchunks", "heads_per_group", "tuning_size"))
 
@@ -125,18 +121,14 @@ def _opcode(text: str) -> str:
 
 def loop_bodies(instructions) -> list[range]:
     """The index ranges of each loop body, in program order: a loop is a branch back to an earlier address,
-    its body the instructions from there to the branch. Not loops: a branch back into the middle of a loop
-    from past its end (the retry path of a barrier wait, placed after the kernel's exit), and the retry
-    itself, a wait on a barrier and the branch back to it, which issues only while a TMA copy is in flight."""
+    its body the instructions from there to the branch."""
     index = {address: i for i, (address, _) in enumerate(instructions)}
-    branches = []
+    bodies = []
     for i, (address, text) in enumerate(instructions):
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address:
-            branches.append(range(index[int(target.group(1), 16)], i + 1))
-    return [body for body in branches
-            if not any(other.start < body.start < other.stop < body.stop for other in branches)
-            and not (len(body) <= 3 and any("PHASECHK" in instructions[i][1] for i in body))]
+            bodies.append(range(index[int(target.group(1), 16)], i + 1))
+    return bodies
 
 
 def loop_opcodes(compiled) -> list[collections.Counter]:

@@ -17,11 +17,6 @@ over every chunk; the loads of the next chunk overlap the current chunk's produc
 
 The arithmetic is mamba_ssm's: B times its scale rounded to the inputs' dtype before the product, fp32
 accumulation and fp32 passing, the passed states rounded to `out_dtype` as they are stored.
-
-Where the card has one (sm_90 and up) and the strides allow, x and B come in through the tensor memory
-accelerator (TMA): one copy per tile, where a load through pointers has every thread compute the address
-of each of its 16-byte pieces. The kernel is bound by the latency of the instructions it issues, one warp
-per scheduler (ncu, docs/benchmarks.md, twenty-second run), and the addresses were a quarter of its loop.
 """
 from __future__ import annotations
 
@@ -30,7 +25,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from einops import rearrange
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from model.chunk_scan_kernel import FP_FUSION, size_class  # as the output kernel's launches
 
@@ -40,15 +34,8 @@ def _configs():
     warps and 3 stages was the fastest at 32K and 128K tokens and 64 x 128 (the whole state, x read by one
     program) at 8 x 2048; 64 x 32 and 32 x 32 give more programs where there are few heads. A stage holds the
     x and B tiles of a whole chunk (64 KB at 64 x 64 in bf16, chunk 256): fp32 inputs fit only 32 x 32."""
-    return [triton.Config({"BLOCK_P": p, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
+    return [triton.Config({"BLOCK_P": p, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for p, n, w, s in ((64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2))]
-
-
-def _set_block_shapes(args: dict) -> None:
-    """The TMA descriptors' tiles for the launch config about to run (the autotuner calls it before each)."""
-    if args["TMA"]:
-        args["x_ptr"].block_shape = [1, args["BLOCK_Q"], 1, args["BLOCK_P"]]
-        args["B_ptr"].block_shape = [1, args["BLOCK_Q"], 1, args["BLOCK_N"]]
 
 
 @triton.jit(do_not_specialize=["tuning_size"])
@@ -60,20 +47,16 @@ def _states_entering_kernel(
     s_dt_b, s_dt_c, s_dt_h, s_dt_q,
     s_dA_b, s_dA_c, s_dA_h, s_dA_q,
     s_o_b, s_o_c, s_o_h, s_o_p, s_o_n,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    # TMA: x_ptr and B_ptr are descriptors of x (b, l, h, p) and B (b, l, g, n), tiles (1, BLOCK_Q, 1, BLOCK_P)
-    # and (1, BLOCK_Q, 1, BLOCK_N), zeros outside
     num_n = tl.cdiv(dstate, BLOCK_N)
     pid_p = tl.program_id(0) // num_n
     pid_n = tl.program_id(0) % num_n
     pid_b = tl.program_id(1)
     head = tl.program_id(2)
 
-    group = head // heads_per_group
-    if not TMA:
-        x_ptr += pid_b * s_x_b + head * s_x_h
-        B_ptr += pid_b * s_B_b + group * s_B_g
+    x_ptr += pid_b * s_x_b + head * s_x_h
+    B_ptr += pid_b * s_B_b + (head // heads_per_group) * s_B_g
     dt_ptr += pid_b * s_dt_b + head * s_dt_h
     dA_ptr += pid_b * s_dA_b + head * s_dA_h
     out_ptr += pid_b * s_o_b + head * s_o_h
@@ -89,21 +72,16 @@ def _states_entering_kernel(
     tl.store(out_ptrs, state.to(out_ptr.dtype.element_ty), mask=out_mask)      # nothing enters chunk 0
     # every chunk but the last is whole: only the last may be a part chunk, and no state leaves it
     for c in range(nchunks - 1):
-        if TMA:      # rows past the chunk (BLOCK_Q > chunk_size) meet a zero scale below
-            x = tl.trans(x_ptr.load([pid_b, c * chunk_size, head, pid_p * BLOCK_P]).reshape(BLOCK_Q, BLOCK_P))
-            b = B_ptr.load([pid_b, c * chunk_size, group, pid_n * BLOCK_N]).reshape(BLOCK_Q, BLOCK_N)
-        else:
-            rows = c * chunk_size + offs_q
-            x = tl.load(x_ptr + rows[None, :] * s_x_l + offs_p[:, None] * s_x_p,
-                        mask=p_ok[:, None] & q_ok[None, :], other=0.0)
-            b = tl.load(B_ptr + rows[:, None] * s_B_l + offs_n[None, :] * s_B_n,
-                        mask=q_ok[:, None] & n_ok[None, :], other=0.0)
-        b = b.to(tl.float32)                                                     # x (P, Q), b (Q, N)
+        rows = c * chunk_size + offs_q
+        x = tl.load(x_ptr + rows[None, :] * s_x_l + offs_p[:, None] * s_x_p, mask=p_ok[:, None] & q_ok[None, :],
+                    other=0.0)                                                   # (P, Q)
+        b = tl.load(B_ptr + rows[:, None] * s_B_l + offs_n[None, :] * s_B_n, mask=q_ok[:, None] & n_ok[None, :],
+                    other=0.0).to(tl.float32)                                    # (Q, N)
         dA_k = tl.load(dA_ptr + c * s_dA_c + offs_q * s_dA_q, mask=q_ok, other=0.0).to(tl.float32)
         dt_k = tl.load(dt_ptr + c * s_dt_c + offs_q * s_dt_q, mask=q_ok, other=0.0).to(tl.float32)
         dA_last = tl.load(dA_ptr + c * s_dA_c + (chunk_size - 1) * s_dA_q).to(tl.float32)
         scale = tl.exp(tl.minimum(dA_last - dA_k, 0.0)) * dt_k
-        b = (b * scale[:, None]).to(x.dtype)
+        b = (b * scale[:, None]).to(x_ptr.dtype.element_ty)
         state = state * tl.exp(dA_last) + tl.dot(x, b)
         tl.store(out_ptrs + (c + 1) * s_o_c, state.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -127,41 +105,18 @@ def states_entering_chunks(B, x, dt, dA_cumsum, out_dtype, config: dict | None =
     assert batch < 65536, f"batch {batch}: over the grid's limit of 65535"
     out = torch.empty(batch, nchunks, nheads, hdim, dstate, device=x.device, dtype=out_dtype)
     grid = lambda meta: (triton.cdiv(hdim, meta["BLOCK_P"]) * triton.cdiv(dstate, meta["BLOCK_N"]), batch, nheads)
-    block_q = max(triton.next_power_of_2(chunk_size), 16)
-    tma = tma_usable(x, B, block_q)
-    x_in, B_in = (_descriptor(x), _descriptor(B)) if tma else (x, B)
-    if config is None:
-        kernel = _autotuned_kernel
-    else:
-        kernel = _states_entering_kernel
-        _set_block_shapes({"TMA": tma, "x_ptr": x_in, "B_ptr": B_in, "BLOCK_Q": block_q, **config})
+    kernel = _autotuned_kernel if config is None else _states_entering_kernel
     kernel[grid](
-        x_in, B_in, dt, dA_cumsum, out,
+        x, B, dt, dA_cumsum, out,
         chunk_size, hdim, dstate, nchunks, nheads // ngroups, size_class(batch, nchunks),
         *x.stride(), *B.stride(),
         dt.stride(0), dt.stride(2), dt.stride(1), dt.stride(3),
         dA_cumsum.stride(0), dA_cumsum.stride(2), dA_cumsum.stride(1), dA_cumsum.stride(3),
         *out.stride(),
-        BLOCK_Q=block_q, TMA=tma, enable_fp_fusion=FP_FUSION,
+        BLOCK_Q=max(triton.next_power_of_2(chunk_size), 16), enable_fp_fusion=FP_FUSION,
         **(config or {}),
     )
     return out
-
-
-def tma_usable(x: torch.Tensor, B: torch.Tensor, block_q: int) -> bool:
-    """Whether x and B can come in through TMA: a card of sm_90 or later (or Triton's interpreter, on a CPU),
-    16-byte aligned storage and strides, the last dimension contiguous, and a chunk's tile of at most 256
-    rows (a TMA copy's limit per dimension)."""
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
-        return False
-    return block_q <= 256 and all(
-        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-        for t in (x, B))
-
-
-def _descriptor(t: torch.Tensor) -> TensorDescriptor:
-    """A TMA descriptor of a 4-d tensor; its tile is set per launch config (_set_block_shapes)."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 16, 1, 16])
 
 
 def states_entering_chunks_reference(B, x, dt, dA_cumsum, out_dtype):
