@@ -33,7 +33,9 @@ two up to 256) as well as the shapes: the best config differs by up to 12% betwe
 and a pick made on the first, short call was kept for every length.
 
 `chunk_scan_gated_out` also does what the mixer's gated RMSNorm does before its row scale: y * silu(z) *
-weight, and each head's sum of squares of y * silu(z). The norm kernel, which would read y and z again
+weight, and each head's sum of squares of y * silu(z). What that finish reads (z, the weight, and x[m] for
+the D term) is loaded at the program's start: loaded at the end, the program waited on it, about a tenth of
+ncu's stall samples (twenty-second run). The norm kernel, which would read y and z again
 and write its output, is then not needed in a forward without autograd (model/mixer_function.py's
 `unscaled_forward`).
 """
@@ -60,7 +62,9 @@ def _configs():
     H200 the fastest without the gate at 1 x 32K and 8 x 2K, and, capped at 128 registers a thread, with the
     gate at 1 x 32K too (-9%; twentieth run). The cap lets four programs share an SM instead of three
     (bench.kernel_resources). ncu later found the kernel bound by the instructions it issued rather than by
-    its loads' latency, and configs with still more programs an SM were slower (twenty-first run)."""
+    its loads' latency, and configs with still more programs an SM were slower (twenty-first run). Since the
+    finish's inputs are loaded first, the gated kernel under the cap spills 104 bytes a thread, and is 7%
+    faster than without the early loads and the spill (twenty-second run)."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "HEADS": heads}, num_warps=w, num_stages=s, maxnreg=registers)
             for bm, bk, w, s, heads, registers in ((64, 32, 4, 3, 2, None), (64, 32, 4, 3, 1, None),
                                                    (128, 32, 4, 3, 1, None), (32, 32, 2, 4, 2, None),
@@ -122,6 +126,9 @@ def _chunk_scan_out_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < chunk_len
 
+    # the finish's reads first: issued at the end, the program waited for them (ncu; the loops hide them)
+    fin0 = _finish_inputs(head, x_ptr, D_ptr, z_ptr, norm_weight_ptr, offs_m, offs_p, row_ok, hdim, s_x_l, s_x_p,
+                          s_D_h, s_z_l, s_z_p, HAS_D, D_HAS_HDIM, HAS_Z)
     # the state entering the chunk: exp(dA[m]) * C[m] @ state^T
     C = tl.load(C_ptr + offs_m[:, None] * s_C_l + offs_n[None, :] * s_C_n,
                 mask=row_ok[:, None] & (offs_n[None, :] < dstate), other=0.0)
@@ -140,12 +147,12 @@ def _chunk_scan_out_kernel(
                                  b_ptr, offs_m, offs_p, chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p,
                                  s_b_h, s_b_q, True, HEADS, BLOCK_K, WHOLE)
 
-    _finish(acc0, head, x_ptr, out_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim,
-            s_x_l, s_x_p, s_o_l, s_o_p, s_D_h, s_z_l, s_z_p, s_ss_l, HAS_D, D_HAS_HDIM, HAS_Z)
-    if HEADS == 2:
-        _finish(acc1, head + 1, x_ptr + s_x_h, out_ptr + s_o_h, D_ptr, z_ptr + s_z_h, norm_weight_ptr,
-                sumsq_ptr + s_ss_h, offs_m, offs_p, row_ok, hdim, s_x_l, s_x_p, s_o_l, s_o_p, s_D_h, s_z_l, s_z_p,
-                s_ss_l, HAS_D, D_HAS_HDIM, HAS_Z)
+    _finish(acc0, fin0, out_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l, HAS_D, HAS_Z)
+    if HEADS == 2:   # the second head's at its finish: early, they would add registers to 232 already
+        fin1 = _finish_inputs(head + 1, x_ptr + s_x_h, D_ptr, z_ptr + s_z_h, norm_weight_ptr, offs_m, offs_p, row_ok,
+                              hdim, s_x_l, s_x_p, s_D_h, s_z_l, s_z_p, HAS_D, D_HAS_HDIM, HAS_Z)
+        _finish(acc1, fin1, out_ptr + s_o_h, sumsq_ptr + s_ss_h, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l,
+                HAS_D, HAS_Z)
 
 
 @triton.jit
@@ -199,27 +206,37 @@ def _add_key_block(acc, cb, x_ptr, b_ptr, offs_m, offs_k, offs_p, a_m, chunk_len
 
 
 @triton.jit
-def _finish(acc, head, x_ptr, out_ptr, D_ptr, z_ptr, norm_weight_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim,
-            s_x_l, s_x_p, s_o_l, s_o_p, s_D_h, s_z_l, s_z_p, s_ss_l,
-            HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr):
-    """One head's D * x term, the gate (chunk_scan_gated_out) and the store."""
+def _finish_inputs(head, x_ptr, D_ptr, z_ptr, norm_weight_ptr, offs_m, offs_p, row_ok, hdim, s_x_l, s_x_p, s_D_h,
+                   s_z_l, s_z_p, HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr):
+    """What one head's finish reads, as loaded: (x[m], D, z, the norm's weight); zeros where unused."""
     out_mask = row_ok[:, None] & (offs_p[None, :] < hdim)
+    x_m, D, z, weight = 0.0, 0.0, 0.0, 0.0
     if HAS_D:
         if D_HAS_HDIM:
             D = tl.load(D_ptr + head * s_D_h + offs_p, mask=offs_p < hdim, other=0.0).to(tl.float32)[None, :]
         else:
             D = tl.load(D_ptr + head * s_D_h).to(tl.float32)
         x_m = tl.load(x_ptr + offs_m[:, None] * s_x_l + offs_p[None, :] * s_x_p, mask=out_mask, other=0.0)
+    if HAS_Z:
+        z = tl.load(z_ptr + offs_m[:, None] * s_z_l + offs_p[None, :] * s_z_p, mask=out_mask, other=0.0)
+        weight = tl.load(norm_weight_ptr + head * hdim + offs_p, mask=offs_p < hdim, other=0.0)
+    return x_m, D, z, weight
+
+
+@triton.jit
+def _finish(acc, inputs, out_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l,
+            HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """One head's D * x term, the gate (chunk_scan_gated_out) and the store; inputs from _finish_inputs."""
+    x_m, D, z, weight = inputs
+    if HAS_D:
         acc += x_m.to(tl.float32) * D
     if HAS_Z:   # the gate, the norm's sum of squares per head, and its weight (the row scale is the caller's)
-        z = tl.load(z_ptr + offs_m[:, None] * s_z_l + offs_p[None, :] * s_z_p, mask=out_mask, other=0.0)
         z = z.to(tl.float32)
         acc = acc * z / (1.0 + tl.exp2(-(z * LOG2E)))
         tl.store(sumsq_ptr + offs_m * s_ss_l, tl.sum(acc * acc, axis=1), mask=row_ok)
-        weight = tl.load(norm_weight_ptr + head * hdim + offs_p, mask=offs_p < hdim, other=0.0)
         acc = acc * weight.to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * s_o_l + offs_p[None, :] * s_o_p, acc.to(out_ptr.dtype.element_ty),
-             mask=out_mask)
+             mask=row_ok[:, None] & (offs_p[None, :] < hdim))
 
 
 # tuning_size: size_class(batch, chunks), read by the autotuner only

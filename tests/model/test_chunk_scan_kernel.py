@@ -6,6 +6,7 @@ when Triton is imported), and every autotune config is compiled for an H100 (sm_
 which the interpreter does not do. bench/model_checks.py compares it with mamba_ssm's launcher and float64
 on a GPU in bfloat16."""
 import inspect
+import re
 
 import pytest
 import torch
@@ -74,9 +75,11 @@ def test_every_autotune_config_compiles_for_an_h100(dtype, gated):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_a_register_cap_in_the_autotune_list_holds_without_spills(gated):
-    """The cap is there to fit one more program on an SM: the binary must keep to it, and a spill to the
-    stack would cost more than the program gains (bench.kernel_resources reads both from the binary)."""
+def test_a_register_cap_in_the_autotune_list_holds_with_at_most_a_small_spill(gated):
+    """The cap is there to fit one more program on an SM: the binary must keep to it. The gated kernel spills
+    104 bytes a thread since it loads the finish's inputs first, and measured 7% faster for it on an H200
+    (docs/benchmarks.md, twenty-second run); a larger spill is a change to measure again
+    (bench.kernel_resources reads both from the binary)."""
     from bench.kernel_resources import registers_and_spills
     from model.chunk_scan_kernel import _autotuned_kernel
 
@@ -85,7 +88,23 @@ def test_a_register_cap_in_the_autotune_list_holds_without_spills(gated):
     for c in capped:
         compiled = compile_scan_out(c.kwargs, c.num_warps, c.num_stages, "bf16", gated, maxnreg=c.maxnreg)
         registers, spilled = registers_and_spills(compiled)
-        assert registers <= c.maxnreg and spilled == 0, (c, registers, spilled)
+        assert registers <= c.maxnreg and spilled <= (128 if gated else 0), (c, registers, spilled)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_finish_reads_its_inputs_before_the_loops(gated):
+    """x[m] (for D), z and the norm's weight are loaded at the program's start, so that the loops hide their
+    latency: loaded at the end, the program waited on them (ncu's stall samples, twenty-second run). No
+    global load but the loops' own copies (LDGSTS) comes after the last loop."""
+    from bench.kernel_resources import loop_bodies, sass_instructions
+    from model.chunk_scan_kernel import _autotuned_kernel
+
+    config = next(c for c in _autotuned_kernel.configs if c.maxnreg)
+    instructions = sass_instructions(compile_scan_out(config.kwargs, config.num_warps, config.num_stages, "bf16",
+                                                      gated, maxnreg=config.maxnreg))
+    last_loop_end = loop_bodies(instructions)[-1].stop
+    late = [text for _, text in instructions[last_loop_end:] if re.search(r"\bLDG\.", text)]
+    assert not late, late
 
 
 @pytest.mark.parametrize("gated", [False, True])
