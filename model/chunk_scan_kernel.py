@@ -148,7 +148,7 @@ def _chunk_scan_out_kernel(
                                  s_b_h, s_b_q, True, HEADS, BLOCK_K, WHOLE)
 
     _finish(acc0, fin0, out_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l, HAS_D, HAS_Z)
-    if HEADS == 2:   # the second head's at its finish: early, they would add registers to 232 already
+    if HEADS == 2:   # the second head's inputs at its finish: loaded first too, they would add to 232 registers
         fin1 = _finish_inputs(head + 1, x_ptr + s_x_h, D_ptr, z_ptr + s_z_h, norm_weight_ptr, offs_m, offs_p, row_ok,
                               hdim, s_x_l, s_x_p, s_D_h, s_z_l, s_z_p, HAS_D, D_HAS_HDIM, HAS_Z)
         _finish(acc1, fin1, out_ptr + s_o_h, sumsq_ptr + s_ss_h, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l,
