@@ -121,14 +121,19 @@ def _opcode(text: str) -> str:
 
 def loop_bodies(instructions) -> list[range]:
     """The index ranges of each loop body, in program order: a loop is a branch back to an earlier address,
-    its body the instructions from there to the branch."""
+    its body the instructions from there to the branch. Not loops: a branch back into the middle of a loop
+    from past its end (a barrier wait's retry path, placed after the kernel's exit, as TMA copies have), and
+    the retry itself, a wait on the barrier and the branch back to it, which issues only while a copy is in
+    flight."""
     index = {address: i for i, (address, _) in enumerate(instructions)}
-    bodies = []
+    branches = []
     for i, (address, text) in enumerate(instructions):
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
-        if target and int(target.group(1), 16) < address:
-            bodies.append(range(index[int(target.group(1), 16)], i + 1))
-    return bodies
+        if target and int(target.group(1), 16) < address and int(target.group(1), 16) in index:
+            branches.append(range(index[int(target.group(1), 16)], i + 1))
+    return [body for body in branches
+            if not any(other.start < body.start < other.stop < body.stop for other in branches)
+            and not (len(body) <= 3 and any("PHASECHK" in instructions[i][1] for i in body))]
 
 
 def loop_opcodes(compiled) -> list[collections.Counter]:

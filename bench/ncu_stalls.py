@@ -7,7 +7,7 @@
 The page has a row per SASS instruction with its stall samples: how often a sampled warp sat at that
 instruction, and why (`stall_long_sb`: waiting on global memory, `stall_barrier`, `stall_wait`: a fixed
 latency, `stall_selected`: issuing...). The kernel is cut at its loops (a loop: a branch back to an earlier
-address, as bench/kernel_resources.py reads SASS): the part before the first loop, each loop, the parts
+address, bench.kernel_resources.loop_bodies): the part before the first loop, each loop, the parts
 between, and the part after the last. Each part's share of all samples and its first three reasons are
 printed, then the instructions with the most samples.
 """
@@ -18,9 +18,10 @@ import collections
 import csv
 import gzip
 import io
-import re
 import sys
 from pathlib import Path
+
+from bench.kernel_resources import loop_bodies
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
 
@@ -46,18 +47,10 @@ def _number(text: str) -> float:
 
 def parts(instructions: list[dict]) -> list[tuple[str, range]]:
     """(name, index range) of the kernel's parts: before the first loop, each loop, between, after the last."""
-    addresses = {int(row["Address"], 16): i for i, row in enumerate(instructions)}
-    loops = []
-    for i, row in enumerate(instructions):
-        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", row["Source"])
-        if target and int(target.group(1), 16) in addresses and addresses[int(target.group(1), 16)] < i:
-            loops.append(range(addresses[int(target.group(1), 16)], i + 1))
-    # not loops of their own: a branch back into the middle of a loop from past its end (a barrier wait's
-    # retry path), and a loop inside another (its outer loop is the part)
-    loops = sorted((loop for loop in loops
-                    if not any(other.start < loop.start < other.stop < loop.stop for other in loops)
-                    and not any(other != loop and other.start <= loop.start and loop.stop <= other.stop
-                                for other in loops)), key=lambda loop: loop.start)
+    loops = loop_bodies([(int(row["Address"], 16), row["Source"]) for row in instructions])
+    # a loop inside another is no part of its own: its outer loop is the part
+    loops = [loop for loop in loops
+             if not any(other != loop and other.start <= loop.start and loop.stop <= other.stop for other in loops)]
     named, at = [], 0
     for n, loop in enumerate(loops, 1):
         if loop.start > at:
