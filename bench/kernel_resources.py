@@ -80,12 +80,12 @@ def compile_scan_out(kwargs: dict, warps: int, stages: int, dtype: str = "bf16",
 
 
 def compile_state_pass(kwargs: dict, warps: int, stages: int, dtype: str = "bf16"):
-    """model/state_pass_kernel.py's kernel at the 1.3B shapes (chunk 256), one launch config."""
+    """model/state_pass_kernel.py's kernel at the 1.3B shapes (chunk 256: whole tiles), one launch config."""
     from model.state_pass_kernel import _states_entering_kernel
 
     pointers = {"x_ptr": f"*{dtype}", "B_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
                 "dA_ptr": "*fp32"}
-    return compile_for_h100(_states_entering_kernel, pointers, dict(BLOCK_Q=256, **kwargs), warps, stages,
+    return compile_for_h100(_states_entering_kernel, pointers, dict(BLOCK_Q=256, WHOLE=True, **kwargs), warps, stages,
                             unit_strides=("s_x_p", "s_B_n", "s_o_n", "s_dt_q", "s_dA_q"),
                             not_multiples_of_16=("nchunks", "heads_per_group", "tuning_size"))
 

@@ -43,6 +43,17 @@ def test_the_plain_torch_reference_matches_the_float64_launchers(case):
     assert got.dtype == out_dtype and ((got.double() - want).abs().max() <= 1e-3 * want.abs().max().clamp_min(1e-30))
 
 
+def test_the_cases_run_the_loop_with_and_without_masks():
+    """whole_tiles picks the loop: the cases above must run both, and the 1.3B shapes the unmasked one."""
+    from model.state_pass_kernel import whole_tiles
+    whole = {name: whole_tiles(case[6], case[3], case[5], {"BLOCK_P": case[10][0], "BLOCK_N": case[10][1]})
+             for name, case in CASES.items()}
+    assert set(whole.values()) == {True, False}, whole
+    assert whole_tiles(256, 64, 128, None)                                  # any tile of the autotune list
+    assert not whole_tiles(256, 48, 128, None) and not whole_tiles(256, 64, 96, None)   # 48 % 64, 96 % 64
+    assert not whole_tiles(100, 64, 128, None) and not whole_tiles(8, 64, 128, None)    # the chunk's tile pads
+
+
 def test_mixer_function_hands_the_scan_output_the_kernels_states(interpreted_errors):
     got = interpreted_errors["mixer_function.output_inputs"]
     assert got["shape"] == got["want_shape"] and got["finite"] and got["first_is_zero"], got
