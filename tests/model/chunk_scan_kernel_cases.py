@@ -33,6 +33,7 @@ GATED_CASES = {
     "gated, fp16, D per channel, headdim below the block": (1, 160, 2, 24, 1, 16, 64, torch.float16, True, 1.0,
                                                             (32, 32)),
     "gated, fp32, two heads per program": (1, 133, 4, 16, 1, 16, 64, torch.float32, False, 1.0, (32, 16, 2)),
+    "gated, fp16, whole chunks: no masks": (2, 128, 4, 16, 1, 32, 64, torch.float16, True, 1.0, (32, 16, 2)),
 }
 
 
