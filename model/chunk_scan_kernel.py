@@ -128,16 +128,16 @@ def _chunk_scan_out_kernel(
 
     # the finish's reads first: issued at the end, the program waited for them (ncu; the loops hide them)
     fin0 = _finish_inputs(head, x_ptr, D_ptr, z_ptr, norm_weight_ptr, offs_m, offs_p, row_ok, hdim, s_x_l, s_x_p,
-                          s_D_h, s_z_l, s_z_p, HAS_D, D_HAS_HDIM, HAS_Z, WHOLE)
+                          s_D_h, s_z_l, s_z_p, HAS_D, D_HAS_HDIM, HAS_Z)
     # the state entering the chunk: exp(dA[m]) * C[m] @ state^T
-    C = _load(C_ptr + offs_m[:, None] * s_C_l + offs_n[None, :] * s_C_n,
-              row_ok[:, None] & (offs_n[None, :] < dstate), WHOLE)
+    C = tl.load(C_ptr + offs_m[:, None] * s_C_l + offs_n[None, :] * s_C_n,
+                mask=row_ok[:, None] & (offs_n[None, :] < dstate), other=0.0)
     acc0, a0 = _state_part(C, states_ptr, dA_ptr, offs_m, offs_n, offs_p, row_ok, dstate, hdim,
-                           s_st_p, s_st_n, s_dA_q, WHOLE)
+                           s_st_p, s_st_n, s_dA_q)
     acc1, a1 = acc0, a0                 # one head: a stand-in the sums below leave alone
     if HEADS == 2:
         acc1, a1 = _state_part(C, states_ptr + s_st_h, dA_ptr + s_dA_h, offs_m, offs_n, offs_p, row_ok, dstate,
-                               hdim, s_st_p, s_st_n, s_dA_q, WHOLE)
+                               hdim, s_st_p, s_st_n, s_dA_q)
 
     # the chunk's own positions: key blocks wholly in the past, then the diagonal ones with the causal select
     acc0, acc1 = _add_key_blocks(acc0, acc1, a0, a1, 0, m_start, cb_ptr, x_ptr, b_ptr, offs_m, offs_p,
@@ -147,41 +147,20 @@ def _chunk_scan_out_kernel(
                                  b_ptr, offs_m, offs_p, chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p,
                                  s_b_h, s_b_q, True, HEADS, BLOCK_K, WHOLE)
 
-    _finish(acc0, fin0, out_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l, HAS_D, HAS_Z,
-            WHOLE)
+    _finish(acc0, fin0, out_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l, HAS_D, HAS_Z)
     if HEADS == 2:   # the second head's inputs at its finish: loaded first too, they would add to 232 registers
         fin1 = _finish_inputs(head + 1, x_ptr + s_x_h, D_ptr, z_ptr + s_z_h, norm_weight_ptr, offs_m, offs_p, row_ok,
-                              hdim, s_x_l, s_x_p, s_D_h, s_z_l, s_z_p, HAS_D, D_HAS_HDIM, HAS_Z, WHOLE)
+                              hdim, s_x_l, s_x_p, s_D_h, s_z_l, s_z_p, HAS_D, D_HAS_HDIM, HAS_Z)
         _finish(acc1, fin1, out_ptr + s_o_h, sumsq_ptr + s_ss_h, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l,
-                HAS_D, HAS_Z, WHOLE)
+                HAS_D, HAS_Z)
 
 
 @triton.jit
-def _load(ptrs, mask, WHOLE: tl.constexpr):
-    """tl.load(ptrs) with 0 outside mask; WHOLE: the mask is all true (whole_blocks), left out."""
-    if WHOLE:
-        values = tl.load(ptrs)
-    else:
-        values = tl.load(ptrs, mask=mask, other=0.0)
-    return values
-
-
-@triton.jit
-def _store(ptrs, values, mask, WHOLE: tl.constexpr):
-    """tl.store(ptrs, values) inside mask; WHOLE: the mask is all true (whole_blocks), left out."""
-    if WHOLE:
-        tl.store(ptrs, values)
-    else:
-        tl.store(ptrs, values, mask=mask)
-
-
-@triton.jit
-def _state_part(C, states_ptr, dA_ptr, offs_m, offs_n, offs_p, row_ok, dstate, hdim, s_st_p, s_st_n, s_dA_q,
-                WHOLE: tl.constexpr):
+def _state_part(C, states_ptr, dA_ptr, offs_m, offs_n, offs_p, row_ok, dstate, hdim, s_st_p, s_st_n, s_dA_q):
     """One head's exp(dA[m]) * C[m] @ state^T, and a[m] = log2(e) * dA[m]."""
-    a_m = _load(dA_ptr + offs_m * s_dA_q, row_ok, WHOLE).to(tl.float32) * LOG2E
-    state = _load(states_ptr + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p,
-                  (offs_n[:, None] < dstate) & (offs_p[None, :] < hdim), WHOLE)
+    a_m = tl.load(dA_ptr + offs_m * s_dA_q, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+    state = tl.load(states_ptr + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p,
+                    mask=(offs_n[:, None] < dstate) & (offs_p[None, :] < hdim), other=0.0)
     return tl.dot(C, state.to(C.dtype)) * tl.exp2(a_m)[:, None], a_m
 
 
@@ -228,38 +207,36 @@ def _add_key_block(acc, cb, x_ptr, b_ptr, offs_m, offs_k, offs_p, a_m, chunk_len
 
 @triton.jit
 def _finish_inputs(head, x_ptr, D_ptr, z_ptr, norm_weight_ptr, offs_m, offs_p, row_ok, hdim, s_x_l, s_x_p, s_D_h,
-                   s_z_l, s_z_p, HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr,
-                   WHOLE: tl.constexpr):
+                   s_z_l, s_z_p, HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr):
     """What one head's finish reads, as loaded: (x[m], D, z, the norm's weight); zeros where unused."""
     out_mask = row_ok[:, None] & (offs_p[None, :] < hdim)
     x_m, D, z, weight = 0.0, 0.0, 0.0, 0.0
     if HAS_D:
         if D_HAS_HDIM:
-            D = _load(D_ptr + head * s_D_h + offs_p, offs_p < hdim, WHOLE).to(tl.float32)[None, :]
+            D = tl.load(D_ptr + head * s_D_h + offs_p, mask=offs_p < hdim, other=0.0).to(tl.float32)[None, :]
         else:
             D = tl.load(D_ptr + head * s_D_h).to(tl.float32)
-        x_m = _load(x_ptr + offs_m[:, None] * s_x_l + offs_p[None, :] * s_x_p, out_mask, WHOLE)
+        x_m = tl.load(x_ptr + offs_m[:, None] * s_x_l + offs_p[None, :] * s_x_p, mask=out_mask, other=0.0)
     if HAS_Z:
-        z = _load(z_ptr + offs_m[:, None] * s_z_l + offs_p[None, :] * s_z_p, out_mask, WHOLE)
-        weight = _load(norm_weight_ptr + head * hdim + offs_p, offs_p < hdim, WHOLE)
+        z = tl.load(z_ptr + offs_m[:, None] * s_z_l + offs_p[None, :] * s_z_p, mask=out_mask, other=0.0)
+        weight = tl.load(norm_weight_ptr + head * hdim + offs_p, mask=offs_p < hdim, other=0.0)
     return x_m, D, z, weight
 
 
 @triton.jit
 def _finish(acc, inputs, out_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l,
-            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, WHOLE: tl.constexpr):
+            HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
     """One head's D * x term, the gate (chunk_scan_gated_out) and the store; inputs from _finish_inputs."""
     x_m, D, z, weight = inputs
     if HAS_D:
         acc += x_m.to(tl.float32) * D
     if HAS_Z:   # the gate, the norm's sum of squares per head, and its weight (the row scale is the caller's)
         z = z.to(tl.float32)
-        denominator = 1.0 + tl.exp2(-(z * LOG2E))
-        acc = acc * z * tl.math.rsqrt(denominator * denominator)
-        _store(sumsq_ptr + offs_m * s_ss_l, tl.sum(acc * acc, axis=1), row_ok, WHOLE)
+        acc = acc * z / (1.0 + tl.exp2(-(z * LOG2E)))
+        tl.store(sumsq_ptr + offs_m * s_ss_l, tl.sum(acc * acc, axis=1), mask=row_ok)
         acc = acc * weight.to(tl.float32)[None, :]
-    _store(out_ptr + offs_m[:, None] * s_o_l + offs_p[None, :] * s_o_p, acc.to(out_ptr.dtype.element_ty),
-           row_ok[:, None] & (offs_p[None, :] < hdim), WHOLE)
+    tl.store(out_ptr + offs_m[:, None] * s_o_l + offs_p[None, :] * s_o_p, acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_p[None, :] < hdim))
 
 
 # tuning_size: size_class(batch, chunks), read by the autotuner only
@@ -324,13 +301,13 @@ def chosen_config(config: dict | None) -> dict | None:
     return None if config is None else {"HEADS": 1, **config}
 
 
-def whole_blocks(seqlen: int, chunk_size: int, hdim: int, dstate: int, config: dict | None) -> bool:
-    """Whether every block a program reads or writes lies wholly in its chunk and head: whole chunks, row
-    blocks that divide a chunk (without a config, every row block of the autotune list), and a head's channels
-    and the state filling their blocks (powers of two, at least 16). Then the kernel runs without masks."""
+def whole_blocks(seqlen: int, chunk_size: int, hdim: int, config: dict | None) -> bool:
+    """Whether every block a program reads lies wholly in its chunk and head: whole chunks, row blocks that
+    divide a chunk (without a config, every row block of the autotune list), and a head's channels filling
+    their block (a power of two, at least 16). Then the kernel's loop runs without masks."""
     block_ms = [c.kwargs["BLOCK_M"] for c in _autotuned_kernel.configs] if config is None else [config["BLOCK_M"]]
     return (seqlen % chunk_size == 0 and all(chunk_size % block_m == 0 for block_m in block_ms)
-            and hdim == max(triton.next_power_of_2(hdim), 16) and dstate == max(triton.next_power_of_2(dstate), 16))
+            and hdim == max(triton.next_power_of_2(hdim), 16))
 
 
 def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
@@ -365,7 +342,7 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
         *(sumsq.stride() if z is not None else (0, 0, 0)),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         BLOCK_P=max(triton.next_power_of_2(hdim), 16), BLOCK_N=max(triton.next_power_of_2(dstate), 16),
-        WHOLE=whole_blocks(seqlen, chunk_size, hdim, dstate, config),
+        WHOLE=whole_blocks(seqlen, chunk_size, hdim, config),
         enable_fp_fusion=FP_FUSION, **(config or {}),
     )
     return out, sumsq

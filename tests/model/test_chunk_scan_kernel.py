@@ -44,20 +44,19 @@ def test_gated_output_and_sums_of_squares_match_float64(interpreted_errors, case
 
 
 def test_the_cases_run_the_loop_with_and_without_masks():
-    """The kernel drops its masks where every block lies in its chunk and head (whole_blocks): the cases above
+    """The loop drops its masks where every block lies in its chunk and head (whole_blocks): the cases above
     must check both forms, with and without the gate, and a part chunk, a row block that does not divide the
-    chunk, or a head or state smaller than its block must keep the masks."""
+    chunk or a head with fewer channels than its block must keep the masks."""
     from model.chunk_scan_kernel import whole_blocks
     from tests.model.chunk_scan_kernel_cases import launch_config
 
     for cases in (CASES, GATED_CASES):
-        forms = {whole_blocks(l, q, p, n, launch_config(blocks)) for b, l, h, p, g, n, q, *_, blocks in cases.values()}
+        forms = {whole_blocks(l, q, p, launch_config(blocks)) for b, l, h, p, g, n, q, *_, blocks in cases.values()}
         assert forms == {True, False}
-    assert whole_blocks(32768, 256, 64, 128, None) and whole_blocks(4096, 256, 64, 128, {"BLOCK_M": 64})
-    assert not whole_blocks(1000, 256, 64, 128, None), "a part chunk"
-    assert not whole_blocks(192, 64, 64, 128, None), "the list's 128-row blocks do not divide a chunk of 64"
-    assert not whole_blocks(4096, 256, 24, 128, {"BLOCK_M": 64}), "headdim 24 in a block of 32 channels"
-    assert not whole_blocks(4096, 256, 64, 96, {"BLOCK_M": 64}), "a state of 96 in a block of 128"
+    assert whole_blocks(32768, 256, 64, None) and whole_blocks(4096, 256, 64, {"BLOCK_M": 64})
+    assert not whole_blocks(1000, 256, 64, None), "a part chunk"
+    assert not whole_blocks(192, 64, 64, None), "the list's 128-row blocks do not divide a chunk of 64"
+    assert not whole_blocks(4096, 256, 24, {"BLOCK_M": 64}), "headdim 24 in a block of 32 channels"
 
 
 # a config outside the autotune list that bench.scan_output measures (--extra-configs)
