@@ -31,9 +31,10 @@ from model.chunk_scan_kernel import FP_FUSION, size_class  # as the output kerne
 
 def _configs():
     """Tile shapes (P x N), warps, stages. On an H200 (bench.state_pass, docs/benchmarks.md) 64 x 64 with 4
-    warps and 3 stages was the fastest at 32K and 128K tokens and 64 x 128 (the whole state, x read by one
-    program) at 8 x 2048; 64 x 32 and 32 x 32 give more programs where there are few heads. A stage holds the
-    x and B tiles of a whole chunk (64 KB at 64 x 64 in bf16, chunk 256): fp32 inputs fit only 32 x 32."""
+    warps and 3 stages is the fastest at 1 x 32K, 1 x 128K and, since the loop runs without masks, 8 x 2048;
+    64 x 128 (the whole state, x read by one program) was the fastest there with masks; 64 x 32 and 32 x 32
+    give more programs where there are few heads. A stage holds the x and B tiles of a whole chunk (64 KB at
+    64 x 64 in bf16, chunk 256): fp32 inputs fit only 32 x 32."""
     return [triton.Config({"BLOCK_P": p, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for p, n, w, s in ((64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2))]
 
