@@ -78,13 +78,11 @@ def _states_entering_kernel(
         out_offs = offs_p[:, None] * s_o_p + offs_n[None, :] * s_o_n
         for c in range(nchunks - 1):
             x = tl.load(x_ptr + x_offs)                                          # (P, Q)
-            b = tl.load(B_ptr + B_offs).to(tl.float32)                           # (Q, N)
-            dA_k = tl.load(dA_ptr + offs_q * s_dA_q).to(tl.float32)
-            dt_k = tl.load(dt_ptr + offs_q * s_dt_q).to(tl.float32)
-            dA_last = tl.load(dA_ptr + (chunk_size - 1) * s_dA_q).to(tl.float32)
-            scale = tl.exp(tl.minimum(dA_last - dA_k, 0.0)) * dt_k
-            b = (b * scale[:, None]).to(x_ptr.dtype.element_ty)
-            state = state * tl.exp(dA_last) + tl.dot(x, b)
+            b = tl.load(B_ptr + B_offs)                                          # (Q, N)
+            dA_k = tl.load(dA_ptr + offs_q * s_dA_q)
+            dt_k = tl.load(dt_ptr + offs_q * s_dt_q)
+            dA_last = tl.load(dA_ptr + (chunk_size - 1) * s_dA_q)
+            state = _pass_chunk(state, x, b, dA_k, dt_k, dA_last)
             out_ptr += s_o_c
             tl.store(out_ptr + out_offs, state.to(out_ptr.dtype.element_ty))
             x_ptr += chunk_size * s_x_l
@@ -97,14 +95,21 @@ def _states_entering_kernel(
             x = tl.load(x_ptr + rows[None, :] * s_x_l + offs_p[:, None] * s_x_p,
                         mask=p_ok[:, None] & q_ok[None, :], other=0.0)            # (P, Q)
             b = tl.load(B_ptr + rows[:, None] * s_B_l + offs_n[None, :] * s_B_n,
-                        mask=q_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)   # (Q, N)
-            dA_k = tl.load(dA_ptr + c * s_dA_c + offs_q * s_dA_q, mask=q_ok, other=0.0).to(tl.float32)
-            dt_k = tl.load(dt_ptr + c * s_dt_c + offs_q * s_dt_q, mask=q_ok, other=0.0).to(tl.float32)
-            dA_last = tl.load(dA_ptr + c * s_dA_c + (chunk_size - 1) * s_dA_q).to(tl.float32)
-            scale = tl.exp(tl.minimum(dA_last - dA_k, 0.0)) * dt_k
-            b = (b * scale[:, None]).to(x_ptr.dtype.element_ty)
-            state = state * tl.exp(dA_last) + tl.dot(x, b)
+                        mask=q_ok[:, None] & n_ok[None, :], other=0.0)            # (Q, N)
+            dA_k = tl.load(dA_ptr + c * s_dA_c + offs_q * s_dA_q, mask=q_ok, other=0.0)
+            dt_k = tl.load(dt_ptr + c * s_dt_c + offs_q * s_dt_q, mask=q_ok, other=0.0)
+            dA_last = tl.load(dA_ptr + c * s_dA_c + (chunk_size - 1) * s_dA_q)
+            state = _pass_chunk(state, x, b, dA_k, dt_k, dA_last)
             tl.store(out_ptrs + (c + 1) * s_o_c, state.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _pass_chunk(state, x, b, dA_k, dt_k, dA_last):
+    """The state leaving a chunk from the one entering it: exp(dA[e]) * state + x^T (scale * B), with
+    scale[k] = exp(dA[e] - dA[k]) * dt[k] and B times it rounded to x's dtype before the product."""
+    scale = tl.exp(tl.minimum(dA_last.to(tl.float32) - dA_k.to(tl.float32), 0.0)) * dt_k.to(tl.float32)
+    b = (b.to(tl.float32) * scale[:, None]).to(x.dtype)
+    return state * tl.exp(dA_last.to(tl.float32)) + tl.dot(x, b)
 
 
 # tuning_size: size_class(batch, chunks), read by the autotuner only
