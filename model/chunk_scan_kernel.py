@@ -76,6 +76,11 @@ def _configs_for_the_group(configs, named_args, **_):
     return [c for c in configs if named_args["heads_per_group"] % c.kwargs["HEADS"] == 0]
 
 
+def dot_block(n: int) -> int:
+    """The block a dimension of n fills in a tl.dot: the next power of two, at least 16."""
+    return max(triton.next_power_of_2(n), 16)
+
+
 def size_class(batch: int, nchunks: int) -> int:
     """The autotuner's size key: batch x chunks as a power of two, at most 256 (8 x 32K tokens and up tune
     as one)."""
@@ -307,7 +312,7 @@ def whole_blocks(seqlen: int, chunk_size: int, hdim: int, config: dict | None) -
     their block (a power of two, at least 16). Then the kernel's loop runs without masks."""
     block_ms = [c.kwargs["BLOCK_M"] for c in _autotuned_kernel.configs] if config is None else [config["BLOCK_M"]]
     return (seqlen % chunk_size == 0 and all(chunk_size % block_m == 0 for block_m in block_ms)
-            and hdim == max(triton.next_power_of_2(hdim), 16))
+            and hdim == dot_block(hdim))
 
 
 def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
@@ -341,7 +346,7 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
         *(z.stride() if z is not None else (0, 0, 0, 0)),
         *(sumsq.stride() if z is not None else (0, 0, 0)),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        BLOCK_P=max(triton.next_power_of_2(hdim), 16), BLOCK_N=max(triton.next_power_of_2(dstate), 16),
+        BLOCK_P=dot_block(hdim), BLOCK_N=dot_block(dstate),
         WHOLE=whole_blocks(seqlen, chunk_size, hdim, config),
         enable_fp_fusion=FP_FUSION, **(config or {}),
     )

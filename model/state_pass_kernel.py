@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
-from model.chunk_scan_kernel import FP_FUSION, size_class  # as the output kernel's launches
+from model.chunk_scan_kernel import FP_FUSION, dot_block, size_class  # as the output kernel's launches
 
 
 def _configs():
@@ -107,9 +107,10 @@ def _states_entering_kernel(
 def _pass_chunk(state, x, b, dA_k, dt_k, dA_last):
     """The state leaving a chunk from the one entering it: exp(dA[e]) * state + x^T (scale * B), with
     scale[k] = exp(dA[e] - dA[k]) * dt[k] and B times it rounded to x's dtype before the product."""
-    scale = tl.exp(tl.minimum(dA_last.to(tl.float32) - dA_k.to(tl.float32), 0.0)) * dt_k.to(tl.float32)
+    dA_last = dA_last.to(tl.float32)
+    scale = tl.exp(tl.minimum(dA_last - dA_k.to(tl.float32), 0.0)) * dt_k.to(tl.float32)
     b = (b.to(tl.float32) * scale[:, None]).to(x.dtype)
-    return state * tl.exp(dA_last.to(tl.float32)) + tl.dot(x, b)
+    return state * tl.exp(dA_last) + tl.dot(x, b)
 
 
 # tuning_size: size_class(batch, chunks), read by the autotuner only
@@ -124,7 +125,7 @@ def whole_tiles(chunk_size: int, hdim: int, dstate: int, config: dict | None) ->
     shapes, `bench.kernel_resources`)."""
     tiles = ([(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_N"]) for c in _autotuned_kernel.configs] if config is None
              else [(config["BLOCK_P"], config["BLOCK_N"])])
-    return (chunk_size == max(triton.next_power_of_2(chunk_size), 16)
+    return (chunk_size == dot_block(chunk_size)
             and all(hdim % p == 0 and dstate % n == 0 for p, n in tiles))
 
 
@@ -150,7 +151,7 @@ def states_entering_chunks(B, x, dt, dA_cumsum, out_dtype, config: dict | None =
         dt.stride(0), dt.stride(2), dt.stride(1), dt.stride(3),
         dA_cumsum.stride(0), dA_cumsum.stride(2), dA_cumsum.stride(1), dA_cumsum.stride(3),
         *out.stride(),
-        BLOCK_Q=max(triton.next_power_of_2(chunk_size), 16), WHOLE=whole_tiles(chunk_size, hdim, dstate, config),
+        BLOCK_Q=dot_block(chunk_size), WHOLE=whole_tiles(chunk_size, hdim, dstate, config),
         enable_fp_fusion=FP_FUSION,
         **(config or {}),
     )
