@@ -71,8 +71,9 @@ def compile_scan_out(kwargs: dict, warps: int, stages: int, dtype: str = "bf16",
 
     pointers = {name: "*fp32" for name in ("cb_ptr", "b_ptr", "dA_ptr", "D_ptr", "norm_weight_ptr", "sumsq_ptr")}
     pointers |= {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "C_ptr", "states_ptr", "z_ptr")}
-    # WHOLE: whole chunks, as at 32K tokens
-    constants = dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=gated, BLOCK_P=64, BLOCK_N=128, WHOLE=True, **kwargs)
+    # WHOLE: whole chunks, as at 32K tokens; APPROX_DIVISION: as compiled for a GPU
+    constants = dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=gated, BLOCK_P=64, BLOCK_N=128, WHOLE=True,
+                     APPROX_DIVISION=True, **kwargs)
     return compile_for_h100(_chunk_scan_out_kernel, pointers, constants, warps, stages,
                             unit_strides=("s_cb_k", "s_x_p", "s_o_p", "s_b_q", "s_dA_q", "s_C_n", "s_st_n", "s_D_h",
                                           "s_z_p", "s_ss_h"),

@@ -103,7 +103,7 @@ def _chunk_scan_out_kernel(
     s_ss_b, s_ss_l, s_ss_h,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    WHOLE: tl.constexpr,
+    WHOLE: tl.constexpr, APPROX_DIVISION: tl.constexpr,
 ):
     # heads first: the heads of a chunk run together (module docstring); HEADS (1 or 2) neighbouring heads
     # of one group per program share each load of CB and C
@@ -152,12 +152,13 @@ def _chunk_scan_out_kernel(
                                  b_ptr, offs_m, offs_p, chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p,
                                  s_b_h, s_b_q, True, HEADS, BLOCK_K, WHOLE)
 
-    _finish(acc0, fin0, out_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l, HAS_D, HAS_Z)
+    _finish(acc0, fin0, out_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l, HAS_D, HAS_Z,
+            APPROX_DIVISION)
     if HEADS == 2:   # the second head's inputs at its finish: loaded first too, they would add to 232 registers
         fin1 = _finish_inputs(head + 1, x_ptr + s_x_h, D_ptr, z_ptr + s_z_h, norm_weight_ptr, offs_m, offs_p, row_ok,
                               hdim, s_x_l, s_x_p, s_D_h, s_z_l, s_z_p, HAS_D, D_HAS_HDIM, HAS_Z)
         _finish(acc1, fin1, out_ptr + s_o_h, sumsq_ptr + s_ss_h, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l,
-                HAS_D, HAS_Z)
+                HAS_D, HAS_Z, APPROX_DIVISION)
 
 
 @triton.jit
@@ -229,15 +230,30 @@ def _finish_inputs(head, x_ptr, D_ptr, z_ptr, norm_weight_ptr, offs_m, offs_p, r
 
 
 @triton.jit
+def _divide(a, b, APPROX: tl.constexpr):
+    """a / b in fp32. Triton's division is PTX's div.full: it scales both by 1/4 where |b| > 2^126, then
+    multiplies a by the approximate reciprocal of b. APPROX takes div.approx.ftz: the same reciprocal and
+    product without the range check (three instructions fewer a value, the gated kernel 0.5-1% faster on an
+    H200, docs/benchmarks.md, twenty-fourth run). The two agree where |b| <= 2^126; past it (the gate's z below
+    -87) it gives 0 for a value under 1e-38 |a|. PTX is compiled code only: Triton's interpreter divides."""
+    if APPROX:
+        quotient = tl.inline_asm_elementwise("div.approx.ftz.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+    else:
+        quotient = a / b
+    return quotient
+
+
+@triton.jit
 def _finish(acc, inputs, out_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l,
-            HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, APPROX_DIVISION: tl.constexpr):
     """One head's D * x term, the gate (chunk_scan_gated_out) and the store; inputs from _finish_inputs."""
     x_m, D, z, weight = inputs
     if HAS_D:
         acc += x_m.to(tl.float32) * D
     if HAS_Z:   # the gate, the norm's sum of squares per head, and its weight (the row scale is the caller's)
         z = z.to(tl.float32)
-        acc = acc * z / (1.0 + tl.exp2(-(z * LOG2E)))
+        acc = _divide(acc * z, 1.0 + tl.exp2(-(z * LOG2E)), APPROX_DIVISION)
         tl.store(sumsq_ptr + offs_m * s_ss_l, tl.sum(acc * acc, axis=1), mask=row_ok)
         acc = acc * weight.to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * s_o_l + offs_p[None, :] * s_o_p, acc.to(out_ptr.dtype.element_ty),
@@ -306,6 +322,12 @@ def chosen_config(config: dict | None) -> dict | None:
     return None if config is None else {"HEADS": 1, **config}
 
 
+def interpreted() -> bool:
+    """Whether the kernel runs under Triton's interpreter (TRITON_INTERPRET=1 when Triton was imported), which
+    executes no inline PTX."""
+    return not isinstance(_chunk_scan_out_kernel, triton.runtime.JITFunction)
+
+
 def whole_blocks(seqlen: int, chunk_size: int, hdim: int, config: dict | None) -> bool:
     """Whether every block a program reads lies wholly in its chunk and head: whole chunks, row blocks that
     divide a chunk (without a config, every row block of the autotune list), and a head's channels filling
@@ -347,7 +369,7 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
         *(sumsq.stride() if z is not None else (0, 0, 0)),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         BLOCK_P=dot_block(hdim), BLOCK_N=dot_block(dstate),
-        WHOLE=whole_blocks(seqlen, chunk_size, hdim, config),
+        WHOLE=whole_blocks(seqlen, chunk_size, hdim, config), APPROX_DIVISION=not interpreted(),
         enable_fp_fusion=FP_FUSION, **(config or {}),
     )
     return out, sumsq

@@ -125,6 +125,23 @@ def test_the_loop_over_past_keys_issues_one_exponential_a_weight_and_no_compare(
     assert diagonal["ISETP"] > 0, "the diagonal blocks select the causal part"
 
 
+def test_the_gate_divides_without_a_range_check():
+    """Compiled for a GPU, the gate's division is div.approx (_divide): after the loops one reciprocal a gated
+    value, and none of div.full's compares against 2^126 (with its rescaling, three instructions a value).
+    Triton's interpreter runs no PTX and divides: the interpreted gated cases above take that path."""
+    from bench.kernel_resources import loop_bodies, sass_instructions
+    from model.chunk_scan_kernel import _autotuned_kernel, interpreted
+
+    assert not interpreted(), "this process compiles the kernels: TRITON_INTERPRET is not set"
+    config = next(c for c in _autotuned_kernel.configs if c.maxnreg)
+    instructions = sass_instructions(compile_scan_out(config.kwargs, config.num_warps, config.num_stages, "bf16",
+                                                      True, maxnreg=config.maxnreg))
+    finish = [text for _, text in instructions[loop_bodies(instructions)[-1].stop:]]
+    values_per_thread = config.kwargs["BLOCK_M"] * 64 // (32 * config.num_warps)      # headdim 64
+    assert sum("MUFU.RCP" in text for text in finish) == values_per_thread, finish
+    assert not [text for text in finish if "FSETP" in text], "a range check before the reciprocal"
+
+
 def test_the_autotuner_tries_two_heads_per_program_only_where_a_group_pairs_them():
     from model.chunk_scan_kernel import _autotuned_kernel, _configs_for_the_group
 
