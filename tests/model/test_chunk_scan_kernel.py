@@ -74,6 +74,24 @@ def test_every_autotune_config_compiles_for_an_h100(dtype, gated):
         assert compiled.metadata.shared <= SHARED_MEMORY_H100, f"{kwargs}: more shared memory than an H100 has"
 
 
+def capped_config_compiled(gated: bool):
+    """The autotune list's config capped in registers (the autotuner's pick at the 1.3B shapes on an H200) and
+    the kernel compiled under it."""
+    from model.chunk_scan_kernel import _autotuned_kernel
+
+    config = next(c for c in _autotuned_kernel.configs if c.maxnreg)
+    return config, compile_scan_out(config.kwargs, config.num_warps, config.num_stages, "bf16", gated,
+                                    maxnreg=config.maxnreg)
+
+
+def after_the_loops(compiled) -> list[str]:
+    """The SASS a compiled kernel issues after its last loop: the finish."""
+    from bench.kernel_resources import loop_bodies, sass_instructions
+
+    instructions = sass_instructions(compiled)
+    return [text for _, text in instructions[loop_bodies(instructions)[-1].stop:]]
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_a_register_cap_in_the_autotune_list_holds_with_at_most_a_small_spill(gated):
     """The cap is there to fit one more program on an SM: the binary must keep to it. The gated kernel spills
@@ -96,14 +114,8 @@ def test_the_finish_reads_its_inputs_before_the_loops(gated):
     """x[m] (for D), z and the norm's weight are loaded at the program's start, so that the loops hide their
     latency: loaded at the end, the program waited on them (ncu's stall samples, twenty-second run). No
     global load but the loops' own copies (LDGSTS) comes after the last loop."""
-    from bench.kernel_resources import loop_bodies, sass_instructions
-    from model.chunk_scan_kernel import _autotuned_kernel
-
-    config = next(c for c in _autotuned_kernel.configs if c.maxnreg)
-    instructions = sass_instructions(compile_scan_out(config.kwargs, config.num_warps, config.num_stages, "bf16",
-                                                      gated, maxnreg=config.maxnreg))
-    last_loop_end = loop_bodies(instructions)[-1].stop
-    late = [text for _, text in instructions[last_loop_end:] if re.search(r"\bLDG\.", text)]
+    _, compiled = capped_config_compiled(gated)
+    late = [text for text in after_the_loops(compiled) if re.search(r"\bLDG\.", text)]
     assert not late, late
 
 
@@ -113,11 +125,8 @@ def test_the_loop_over_past_keys_issues_one_exponential_a_weight_and_no_compare(
     no masks, and each key's offset comes in computed, so its only MUFU work is one exp2 per weight and it
     compares nothing per weight (a fp32 logarithm per key, as before, added 45 compares and a polynomial)."""
     from bench.kernel_resources import loop_opcodes
-    from model.chunk_scan_kernel import _autotuned_kernel
 
-    config = next(c for c in _autotuned_kernel.configs if c.maxnreg)
-    compiled = compile_scan_out(config.kwargs, config.num_warps, config.num_stages, "bf16", gated,
-                                maxnreg=config.maxnreg)
+    config, compiled = capped_config_compiled(gated)
     past_keys, diagonal = loop_opcodes(compiled)
     weights_per_thread = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"] // (32 * config.num_warps)
     assert past_keys["MUFU"] == diagonal["MUFU"] == weights_per_thread, (past_keys, diagonal)
@@ -129,14 +138,11 @@ def test_the_gate_divides_without_a_range_check():
     """Compiled for a GPU, the gate's division is div.approx (_divide): after the loops one reciprocal a gated
     value, and none of div.full's compares against 2^126 (with its rescaling, three instructions a value).
     Triton's interpreter runs no PTX and divides: the interpreted gated cases above take that path."""
-    from bench.kernel_resources import loop_bodies, sass_instructions
-    from model.chunk_scan_kernel import _autotuned_kernel, interpreted
+    from model.chunk_scan_kernel import interpreted
 
     assert not interpreted(), "this process compiles the kernels: TRITON_INTERPRET is not set"
-    config = next(c for c in _autotuned_kernel.configs if c.maxnreg)
-    instructions = sass_instructions(compile_scan_out(config.kwargs, config.num_warps, config.num_stages, "bf16",
-                                                      True, maxnreg=config.maxnreg))
-    finish = [text for _, text in instructions[loop_bodies(instructions)[-1].stop:]]
+    config, compiled = capped_config_compiled(gated=True)
+    finish = after_the_loops(compiled)
     values_per_thread = config.kwargs["BLOCK_M"] * 64 // (32 * config.num_warps)      # headdim 64
     assert sum("MUFU.RCP" in text for text in finish) == values_per_thread, finish
     assert not [text for text in finish if "FSETP" in text], "a range check before the reciprocal"
