@@ -210,7 +210,7 @@ NOTES = [("bf16, the 1.3B shapes (64 heads x 64, state 128, chunk 256); sm_90: 6
           "memory (1 KiB of it reserved per program), 64 warps and 32 programs per SM"),
          "stack: bytes per thread the compiler spilled from registers (0: none)",
          ("loop instructions: SASS instructions of each loop's body, what one iteration issues per warp (scan_out: "
-          "the key blocks before the row block, then the diagonal ones; whole chunks, as at 32K tokens); other "
+          "the key blocks up to the row block's diagonal, in one loop; whole chunks, as at 32K tokens); other "
           "instructions: those outside the loops, which each warp issues once per program"),
          "in: list = the autotuner's list, extra = --extra-configs or --extra-state-configs"]
 

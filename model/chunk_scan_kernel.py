@@ -14,11 +14,15 @@ per-position parts are folded into two vectors first, in base 2:
     a[m] = log2(e) * dA[m]        b[k] = log2(e) * dA[k] - log2(dt[k])
     weight[m, k] = CB[m, k] * exp2(a[m] - b[k])
 
-so a pair costs a subtraction, the exponential, a product and the cast; the causal select runs only on
-the diagonal blocks, since every key block left of a row block lies wholly in its past. dt[k] = 0 gives
-b[k] = +inf and a weight of exactly 0, as the product does. b is computed once per key before the launch:
-the kernel is bound by the instructions it issues, and a logarithm in fp32 is some 25 of them, which each
-row block's threads would take again for every key (docs/benchmarks.md, twenty-first run).
+so a pair costs a subtraction, the exponential, a product and the cast, and the causal select. dt[k] = 0
+gives b[k] = +inf and a weight of exactly 0, as the product does. b is computed once per key before the
+launch: the kernel is bound by the instructions it issues, and a logarithm in fp32 is some 25 of them, which
+each row block's threads would take again for every key (docs/benchmarks.md, twenty-first run).
+
+One loop runs over every key block up to the diagonal, the causal select on each (it keeps every weight of a
+block left of the diagonal). A loop over the past blocks without the select and a second over the diagonal
+ones issued fewer instructions, but each loop filled its own pipeline of copies over one to six blocks; in
+one pipeline the gated kernel is 2-4% faster on an H200 (docs/benchmarks.md, twenty-fifth run).
 
 The launch order is what makes it faster (docs/benchmarks.md, sixteenth run): the heads of one chunk are
 neighbours in the grid, so CB and C, which all heads of a group share, are read from memory once and then
@@ -63,8 +67,10 @@ def _configs():
     gate at 1 x 32K too (-9%; twentieth run). The cap lets four programs share an SM instead of three
     (bench.kernel_resources). ncu later found the kernel bound by the instructions it issued rather than by
     its loads' latency, and configs with still more programs an SM were slower (twenty-first run). Since the
-    finish's inputs are loaded first, the gated kernel under the cap spills 104 bytes a thread, and is 7%
-    faster than without the early loads and the spill (twenty-second run)."""
+    finish's inputs are loaded first, the gated kernel under the cap spilled 104 bytes a thread (80 with one
+    loop), and was 7% faster than without the early loads and the spill (twenty-second run). With the key
+    blocks in one loop, 64x32 with 3 stages and no cap is the fastest with the gate on an H200 (twenty-fifth
+    run)."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "HEADS": heads}, num_warps=w, num_stages=s, maxnreg=registers)
             for bm, bk, w, s, heads, registers in ((64, 32, 4, 3, 2, None), (64, 32, 4, 3, 1, None),
                                                    (128, 32, 4, 3, 1, None), (32, 32, 2, 4, 2, None),
@@ -144,13 +150,10 @@ def _chunk_scan_out_kernel(
         acc1, a1 = _state_part(C, states_ptr + s_st_h, dA_ptr + s_dA_h, offs_m, offs_n, offs_p, row_ok, dstate,
                                hdim, s_st_p, s_st_n, s_dA_q)
 
-    # the chunk's own positions: key blocks wholly in the past, then the diagonal ones with the causal select
-    acc0, acc1 = _add_key_blocks(acc0, acc1, a0, a1, 0, m_start, cb_ptr, x_ptr, b_ptr, offs_m, offs_p,
-                                 chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p, s_b_h, s_b_q,
-                                 False, HEADS, BLOCK_K, WHOLE)
-    acc0, acc1 = _add_key_blocks(acc0, acc1, a0, a1, m_start, min(m_start + BLOCK_M, chunk_len), cb_ptr, x_ptr,
-                                 b_ptr, offs_m, offs_p, chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p,
-                                 s_b_h, s_b_q, True, HEADS, BLOCK_K, WHOLE)
+    # the chunk's own positions, up to the row block's last
+    acc0, acc1 = _add_key_blocks(acc0, acc1, a0, a1, min(m_start + BLOCK_M, chunk_len), cb_ptr, x_ptr, b_ptr,
+                                 offs_m, offs_p, chunk_len, hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p, s_b_h, s_b_q,
+                                 HEADS, BLOCK_K, WHOLE)
 
     _finish(acc0, fin0, out_ptr, sumsq_ptr, offs_m, offs_p, row_ok, hdim, s_o_l, s_o_p, s_ss_l, HAS_D, HAS_Z,
             APPROX_DIVISION)
@@ -171,12 +174,13 @@ def _state_part(C, states_ptr, dA_ptr, offs_m, offs_n, offs_p, row_ok, dstate, h
 
 
 @triton.jit
-def _add_key_blocks(acc0, acc1, a0, a1, k_start, k_stop, cb_ptr, x_ptr, b_ptr, offs_m, offs_p, chunk_len,
+def _add_key_blocks(acc0, acc1, a0, a1, k_stop, cb_ptr, x_ptr, b_ptr, offs_m, offs_p, chunk_len,
                     hdim, s_cb_m, s_cb_k, s_x_l, s_x_h, s_x_p, s_b_h, s_b_q,
-                    CAUSAL: tl.constexpr, HEADS: tl.constexpr, BLOCK_K: tl.constexpr, WHOLE: tl.constexpr):
-    """Each of the program's heads' sums over the key blocks from k_start to k_stop, each CB tile loaded once.
+                    HEADS: tl.constexpr, BLOCK_K: tl.constexpr, WHOLE: tl.constexpr):
+    """Each of the program's heads' sums over the key blocks from the chunk's first to k_stop, each CB tile
+    loaded once.
     WHOLE: every row and key of every block lies in the chunk: no masks."""
-    for k0 in range(k_start, k_stop, BLOCK_K):
+    for k0 in range(0, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         cb_ptrs = cb_ptr + offs_m[:, None] * s_cb_m + offs_k[None, :] * s_cb_k
         if WHOLE:
@@ -185,17 +189,17 @@ def _add_key_blocks(acc0, acc1, a0, a1, k_start, k_stop, cb_ptr, x_ptr, b_ptr, o
             cb = tl.load(cb_ptrs, mask=(offs_m[:, None] < chunk_len) & (offs_k[None, :] < chunk_len),
                          other=0.0).to(tl.float32)
         acc0 = _add_key_block(acc0, cb, x_ptr, b_ptr, offs_m, offs_k, offs_p, a0, chunk_len, hdim,
-                              s_x_l, s_x_p, s_b_q, CAUSAL, WHOLE)
+                              s_x_l, s_x_p, s_b_q, WHOLE)
         if HEADS == 2:
             acc1 = _add_key_block(acc1, cb, x_ptr + s_x_h, b_ptr + s_b_h, offs_m, offs_k, offs_p,
-                                  a1, chunk_len, hdim, s_x_l, s_x_p, s_b_q, CAUSAL, WHOLE)
+                                  a1, chunk_len, hdim, s_x_l, s_x_p, s_b_q, WHOLE)
     return acc0, acc1
 
 
 @triton.jit
 def _add_key_block(acc, cb, x_ptr, b_ptr, offs_m, offs_k, offs_p, a_m, chunk_len, hdim,
-                   s_x_l, s_x_p, s_b_q, CAUSAL: tl.constexpr, WHOLE: tl.constexpr):
-    """One head's sum over one block of keys: acc += (CB * exp2(a[m] - b[k])) @ x[k]."""
+                   s_x_l, s_x_p, s_b_q, WHOLE: tl.constexpr):
+    """One head's sum over one block of keys: acc += (CB * exp2(a[m] - b[k])) @ x[k], for k <= m."""
     x_ptrs = x_ptr + offs_k[:, None] * s_x_l + offs_p[None, :] * s_x_p
     if WHOLE:   # the masks' compares and selects were a third of the loop's instructions
         b_k = tl.load(b_ptr + offs_k * s_b_q)
@@ -205,8 +209,8 @@ def _add_key_block(acc, cb, x_ptr, b_ptr, offs_m, offs_k, offs_p, a_m, chunk_len
         b_k = tl.load(b_ptr + offs_k * s_b_q, mask=key_ok, other=float("inf"))   # past the chunk: weight 0
         x = tl.load(x_ptrs, mask=key_ok[:, None] & (offs_p[None, :] < hdim), other=0.0)
     exponent = a_m[:, None] - b_k[None, :]
-    if CAUSAL:   # above the diagonal the exponent may be large and positive: select before the exponential
-        exponent = tl.where(offs_m[:, None] >= offs_k[None, :], exponent, -float("inf"))
+    # above the diagonal the exponent may be large and positive: select before the exponential
+    exponent = tl.where(offs_m[:, None] >= offs_k[None, :], exponent, -float("inf"))
     weight = (cb * tl.exp2(exponent)).to(x_ptr.dtype.element_ty)
     return acc + tl.dot(weight, x)
 
