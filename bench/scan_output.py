@@ -152,10 +152,11 @@ def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
         launches = [("mamba_ssm", "", functools.partial(mamba_output, launchers, args))] + [
             ("ours", name, functools.partial(chunk_scan_out, *args, config=config)) for name, config in configs] + [
             ("ours, CB in bf16", "autotuned", functools.partial(chunk_scan_out, *with_bf16_cb(args)))]
-        want, first = launches[0][2](), len(rows)
+        want = launches[0][2]()
         for who, name, fn in launches:
             rows.append(timed_or_refused(shape, who, name, fn, want, iters, device))
-        rows[first + 1]["config"] = f"autotuned ({config_name(as_launch_config(_autotuned_kernel.best_config))})"
+            if (who, name) == ("ours", "autotuned"):   # the pick for these inputs, before another call tunes
+                rows[-1]["config"] = f"autotuned ({config_name(as_launch_config(_autotuned_kernel.best_config))})"
         z, weight = gate_inputs(args[1], device, 20 + seed)
         want = mamba_gated_norm(launchers, norm_module, args, z, weight)
         rows.append(timed_row(shape, "mamba_ssm + gated norm", "", functools.partial(
