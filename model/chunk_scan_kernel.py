@@ -137,7 +137,7 @@ def _chunk_scan_out_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < chunk_len
 
-    # the finish's reads first: issued at the end, the program waited for them (ncu; the loops hide them)
+    # the finish's reads first: issued at the end, the program waited for them (ncu; the loop hides them)
     fin0 = _finish_inputs(head, x_ptr, D_ptr, z_ptr, norm_weight_ptr, offs_m, offs_p, row_ok, hdim, s_x_l, s_x_p,
                           s_D_h, s_z_l, s_z_p, HAS_D, D_HAS_HDIM, HAS_Z)
     # the state entering the chunk: exp(dA[m]) * C[m] @ state^T

@@ -84,8 +84,8 @@ def capped_config_compiled(gated: bool):
                                     maxnreg=config.maxnreg)
 
 
-def after_the_loops(compiled) -> list[str]:
-    """The SASS a compiled kernel issues after its last loop: the finish."""
+def after_the_loop(compiled) -> list[str]:
+    """The SASS a compiled kernel issues after its (last) loop: the finish."""
     from bench.kernel_resources import loop_bodies, sass_instructions
 
     instructions = sass_instructions(compiled)
@@ -110,12 +110,12 @@ def test_a_register_cap_in_the_autotune_list_holds_with_at_most_a_small_spill(ga
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_the_finish_reads_its_inputs_before_the_loops(gated):
-    """x[m] (for D), z and the norm's weight are loaded at the program's start, so that the loops hide their
+def test_the_finish_reads_its_inputs_before_the_loop(gated):
+    """x[m] (for D), z and the norm's weight are loaded at the program's start, so that the loop hides their
     latency: loaded at the end, the program waited on them (ncu's stall samples, twenty-second run). No
-    global load but the loops' own copies (LDGSTS) comes after the last loop."""
+    global load but the loop's own copies (LDGSTS) comes after the loop."""
     _, compiled = capped_config_compiled(gated)
-    late = [text for text in after_the_loops(compiled) if re.search(r"\bLDG\.", text)]
+    late = [text for text in after_the_loop(compiled) if re.search(r"\bLDG\.", text)]
     assert not late, late
 
 
@@ -144,7 +144,7 @@ def test_the_gate_divides_without_a_range_check():
 
     assert not interpreted(), "this process compiles the kernels: TRITON_INTERPRET is not set"
     config, compiled = capped_config_compiled(gated=True)
-    finish = after_the_loops(compiled)
+    finish = after_the_loop(compiled)
     values_per_thread = config.kwargs["BLOCK_M"] * 64 // (32 * config.num_warps)      # headdim 64
     assert sum("MUFU.RCP" in text for text in finish) == values_per_thread, finish
     assert not [text for text in finish if "FSETP" in text], "a range check before the reciprocal"
