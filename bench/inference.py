@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bench import common, trace_breakdown
+from bench.clocks import CLOCK_COLUMNS, CLOCK_NOTE, ClockSampler
 from dtrain.config import apply_overrides
 from model.config import ConfigError, ModelConfig
 from model.flops import forward_flops_per_token
@@ -81,10 +82,11 @@ def measure(model: DiffusionLM, batch: int, seq_len: int, device: torch.device, 
                 break
             t = common.time_calls(call, device, 0, 1)[0]
         n = max(min(iters, 3), min(iters, int(max_row_s / max(t, 1e-9))))
-        times = common.time_calls(call, device, 0, n)
+        with ClockSampler(device) as clocks:
+            times = common.time_calls(call, device, 0, n)
         sec = common.median(times)
         got = {"status": "ok", "ms": sec * 1e3, "forwards_per_s": 1 / sec, "tokens_per_s": batch * seq_len / sec,
-               "peak_mem_GiB": common.peak_mem_gib(device), "iters": n}
+               "peak_mem_GiB": common.peak_mem_gib(device), "iters": n, **clocks.summary()}
         if profile_dir is not None:
             got.update(common.profile_calls(call, profile_dir, device, 2, "forward passes"))
     return got
@@ -186,7 +188,7 @@ COLUMNS = [("preset", "preset", ""), ("batch", "batch", "d"), ("L", "seq_len", "
            ("ms / forward", "ms", ".1f"), ("forwards/s", "forwards_per_s", ".2f"),
            ("tokens/s", "tokens_per_s", ",.0f"), ("vs DiffuTran", "vs_" + BASELINE, ".2f"),
            ("matmul floor (ms)", "floor_ms", ".1f"), ("x floor", "vs_floor", ".2f"),
-           ("peak mem (GiB)", "peak_mem_GiB", ".1f"), ("calls", "iters", "d")]
+           ("peak mem (GiB)", "peak_mem_GiB", ".1f"), ("calls", "iters", "d"), *CLOCK_COLUMNS]
 OVERRIDES_COLUMN = ("--set", "overrides", "")
 # --profile: GPU time of a traced forward by kernel kind (bench/trace_breakdown.py's categories)
 PROFILE_COLUMNS = ([("preset", "preset", ""), ("batch", "batch", "d"), ("L", "seq_len", ","),
@@ -231,7 +233,7 @@ NOTES = [("tokens/s = batch x L / median time of one forward pass; vs DiffuTran 
           "DiffuTran preset's at the same batch and L"),
          ("matmul floor = model FLOPs of the forward (model/flops.py: matmuls only, logits at every position) / "
           "the bf16 matmul peak; x floor = ms / floor"),
-         "peak mem: torch.cuda.max_memory_allocated during the row"]
+         "peak mem: torch.cuda.max_memory_allocated during the row", CLOCK_NOTE]
 
 
 def rewrite_floor(out_dir: Path, peak_flops: float) -> None:

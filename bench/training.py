@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench import common, trace_breakdown
+from bench.clocks import CLOCK_COLUMNS, CLOCK_NOTE, ClockSampler
 from dtrain import engine as dengine
 from dtrain.config import load_config
 from dtrain.loop import to_device, train_step
@@ -125,11 +126,15 @@ class Trial:
         common.reset_peak(self.device)
         metrics = NoMetrics()
         ga = self.grad_accum
-        sec = common.median(common.time_calls(lambda: train_step(self.trainee, batches, ga, False, metrics),
-                                              self.device, warmup, iters, back_to_back=True))
+        for _ in range(warmup):
+            train_step(self.trainee, batches, ga, False, metrics)
+        with ClockSampler(self.device) as clocks:   # the timed steps only
+            sec = common.median(common.time_calls(lambda: train_step(self.trainee, batches, ga, False, metrics),
+                                                  self.device, 0, iters, back_to_back=True))
         got = {"step_ms": sec * 1e3, "tokens_per_s": micro_batch * ga * seq_len / sec,
                "peak_mem_GiB": common.peak_mem_gib(self.device),
-               "peak_reserved_GiB": common.peak_reserved_gib(self.device), "leftover_GiB_at_build": self.leftover_gib}
+               "peak_reserved_GiB": common.peak_reserved_gib(self.device), "leftover_GiB_at_build": self.leftover_gib,
+               **clocks.summary()}
         if profile_dir is not None:
             got.update(self.profile(profile_dir, batches, metrics))
         return got
@@ -220,7 +225,7 @@ COLUMNS = [("preset", "preset", ""), ("L", "seq_len", ","), ("status", "status",
            ("tokens/s/GPU", "tokens_per_s", ",.0f"),
            ("model TFLOP/s", "tflops", ".1f"), ("MFU (measured peak)", "mfu", ".1%"),
            ("MFU (spec peak)", "mfu_spec", ".1%"), ("peak mem (GiB)", "peak_mem_GiB", ".1f"),
-           ("peak reserved (GiB)", "peak_reserved_GiB", ".1f")]
+           ("peak reserved (GiB)", "peak_reserved_GiB", ".1f"), *CLOCK_COLUMNS]
 # --profile: GPU time of a traced step by kernel kind (bench/trace_breakdown.py's categories)
 PROFILE_COLUMNS = ([("preset", "preset", ""), ("L", "seq_len", ","), ("step (ms)", "step_ms", ".0f"),
                     ("GPU idle %", "gpu_idle_pct", ".1f")]
@@ -298,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [("MFU = tokens/s x model FLOPs/token (model/flops.py: matmuls only, fwd+bwd = 3x fwd, activation "
               "recomputation not counted) / peak"),
              ("micro-batch: the largest power of two that fits, halving from micro-batch x L <= --max-tokens; "
-              "`tried` lists the attempts"),
+              "`tried` lists the attempts"), CLOCK_NOTE,
              ("peak mem: the allocator's peak of live tensors (torch.cuda.max_memory_allocated); peak reserved: "
               "of memory held from the GPU, cached blocks and CUDA graphs' pools included (max_memory_reserved)")]
 
