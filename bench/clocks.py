@@ -71,8 +71,8 @@ def summarize(samples: list[tuple[float, float | None]]) -> dict:
 class ClockSampler:
     """nvidia-smi sampling the device's SM clock and power for the duration of a `with` block."""
 
-    def __init__(self, device: torch.device, interval_ms: int = INTERVAL_MS):
-        self.device, self.interval_ms = device, interval_ms
+    def __init__(self, device: torch.device):
+        self.device = device
         self.process, self.samples = None, []
 
     def __enter__(self) -> Self:
@@ -80,7 +80,7 @@ class ClockSampler:
         if self.device.type == "cuda" and smi:
             self.process = subprocess.Popen(
                 [smi, "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
-                 "-i", nvidia_smi_id(self.device), "-lms", str(self.interval_ms)],
+                 "-i", nvidia_smi_id(self.device), "-lms", str(INTERVAL_MS)],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         return self
 

@@ -126,11 +126,13 @@ class Trial:
         common.reset_peak(self.device)
         metrics = NoMetrics()
         ga = self.grad_accum
-        for _ in range(warmup):
+        def step():
             train_step(self.trainee, batches, ga, False, metrics)
+
+        for _ in range(warmup):
+            step()
         with ClockSampler(self.device) as clocks:   # the timed steps only
-            sec = common.median(common.time_calls(lambda: train_step(self.trainee, batches, ga, False, metrics),
-                                                  self.device, 0, iters, back_to_back=True))
+            sec = common.median(common.time_calls(step, self.device, 0, iters, back_to_back=True))
         got = {"step_ms": sec * 1e3, "tokens_per_s": micro_batch * ga * seq_len / sec,
                "peak_mem_GiB": common.peak_mem_gib(self.device),
                "peak_reserved_GiB": common.peak_reserved_gib(self.device), "leftover_GiB_at_build": self.leftover_gib,
