@@ -121,14 +121,16 @@ def test_swapping_directions_and_flipping_input_flips_output():
 
 
 def test_config_chooses_fused_directions():
-    """mamba.fuse_directions: null picks by d_model (fused below 2048), true / false force; an explicit
-    argument wins over the config."""
+    """mamba.fuse_directions: separate directions unless the config says true (null, as false), at every
+    d_model; an explicit argument wins over the config."""
     def fused(d_model, setting, argument=None):
         cfg = ModelConfig(d_model=d_model, layer_pattern="M", mamba=MambaConfig(
             d_state=4, headdim=8, chunk_size=8, fuse_directions=setting))
         return BiMamba2(cfg, fuse_directions=argument).fuse_directions
-    assert [fused(32, None), fused(2048, None)] == [True, False]
-    assert [fused(2048, True), fused(32, False), fused(2048, True, argument=False)] == [True, False, False]
+    assert [fused(32, False), fused(2048, False), fused(32, None), fused(1024, None)] == [False] * 4
+    assert [fused(32, True), fused(2048, True), fused(2048, True, argument=False), fused(32, False, argument=True)] \
+        == [True, True, False, True]
+    assert MambaConfig().fuse_directions is False
 
 
 @pytest.mark.parametrize("directions", ["independent", "tied_projections"])
