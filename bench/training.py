@@ -77,10 +77,11 @@ class Trial:
         self.grad_accum, self.extra, self.python_stacks = grad_accum, list(extra), python_stacks
         p = get_preset(preset)
         self.vocab, self.mask_id = p.vocab_size, p.mask_token_id
-        self.trainee = None
+        self.trainee, self.built_for = None, None
 
     def build(self, seq_len: int, micro_batch: int):
         self.close()
+        self.built_for = (seq_len, micro_batch)
         # memory still held from an earlier engine (should be ~0: a leak would shrink what fits)
         self.leftover_gib = torch.cuda.memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else None
         self.cfg = run_config(self.preset, seq_len, micro_batch, self.ac, self.grad_accum, self.extra)
@@ -117,9 +118,12 @@ class Trial:
 
     def measure(self, seq_len: int, micro_batch: int, warmup: int, iters: int, inject_oom_tokens: int | None,
                 profile_dir: Path | None = None):
-        common.free_memory(self.device)   # cached blocks of another shape would only fragment memory
-        if self.trainee is None:
+        # An engine per shape: one kept from the previous L holds that shape's CUDA graphs and their memory
+        # pool, and the search then halved below what fits (1.3B, L 2,048: 16 failed after L 1,024, while
+        # L 4,096 ran 8, the same tokens).
+        if self.trainee is None or self.built_for != (seq_len, micro_batch):
             self.build(seq_len, micro_batch)
+        common.free_memory(self.device)   # cached blocks of another shape would only fragment memory
         if inject_oom_tokens is not None and micro_batch * seq_len > inject_oom_tokens:
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected above {inject_oom_tokens} tokens)")
         batches = itertools.cycle(self.batches(micro_batch, seq_len))

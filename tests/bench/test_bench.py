@@ -298,10 +298,26 @@ def test_training_grad_accum_and_overrides(monkeypatch):
     seen = []
     monkeypatch.setattr(training, "train_step", lambda trainee, batches, ga, poison, metrics: seen.append(ga))
     trial = training.Trial("tiny-diffumamba", torch.device("cpu"), "config", grad_accum=4)
-    trial.trainee, trial.leftover_gib = object(), None        # no engine: train_step is replaced
+    trial.trainee, trial.leftover_gib, trial.built_for = object(), None, (64, 2)   # train_step is replaced
     got = trial.measure(64, 2, warmup=1, iters=2, inject_oom_tokens=None)
     assert seen == [4, 4, 4]
     assert got["tokens_per_s"] == pytest.approx(2 * 4 * 64 / (got["step_ms"] / 1e3))
+
+
+def test_training_builds_an_engine_for_every_shape(monkeypatch):
+    """An engine (and its CUDA graphs' memory) is never carried to another L or micro-batch, where it would
+    make the search halve below what fits; the same shape measured again keeps its engine."""
+    monkeypatch.setattr(training, "train_step", lambda *args: None)
+    trial = training.Trial("tiny-diffumamba", torch.device("cpu"), "config")
+    built = []
+
+    def fake_build(seq_len, micro_batch):
+        built.append((seq_len, micro_batch))
+        trial.trainee, trial.leftover_gib, trial.built_for = object(), None, (seq_len, micro_batch)
+    monkeypatch.setattr(trial, "build", fake_build)
+    for shape in [(64, 4), (64, 4), (128, 4), (128, 2), (64, 4)]:
+        trial.measure(*shape, warmup=0, iters=1, inject_oom_tokens=None)
+    assert built == [(64, 4), (128, 4), (128, 2), (64, 4)]
 
 
 FREES_ENGINE = r"""
