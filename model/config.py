@@ -44,8 +44,8 @@ class MambaConfig:
     directions: str = "independent"
     # Run both directions as one set of kernel launches (the same function and weights, model/mamba2.py).
     # true halves the mixer's launches, which pays only where the host cannot keep up with the GPU (small
-    # micro-batches without CUDA graphs); under CUDA graphs its copies cost more: 240M trains 14-18% faster
-    # with false (docs/benchmarks.md). null means false.
+    # micro-batches without CUDA graphs); under CUDA graphs its copies cost more: 240M trains 15-19% faster
+    # with false, 0.5B 12-16% (docs/benchmarks.md). null means false.
     fuse_directions: bool | None = False
     # GPU: the fused mixer keeps the states entering the scan's chunks for its backward instead of
     # recomputing them (model/mixer_function.py): 2% faster at 1.3B, and 2.1 GB more at micro-batch 8 x 2048.
