@@ -3,13 +3,15 @@ sampling, evaluation), each a (what, dtype, got, want, tol) check at the 1.3B pr
 
     scan_gate   BiMamba2's directions through mixer_function.unscaled_forward (gate in the scan's output
                 kernel, the norm's row scale in the sum of the directions) against the same module's
-                training path (mamba_ssm's kernels, grad enabled) and against the float64 reference path,
-                with the state_pass kernel (the states entering the chunks) and once more without it
+                training path (mamba_ssm's kernels, grad enabled) and against the float64 reference path:
+                with the walk (the whole scan in one kernel, the directions on two streams, as the 1.3B
+                model runs at batch 1), then with the three launches, with the state_pass kernel (the
+                states entering the chunks) and without it
     gelu_gemm   the MLP's first matmul with the GELU in cuBLASLt's epilogue against the float64 formula
     whole model DiffusionLM logits without autograd against float64, no further from them than its
                 logits with autograd enabled (the training path's kernels), so the pieces are checked
                 where the model calls them; sum_norm (the directions' sum in the blocks' next norm) only
-                runs there
+                runs there (240M at batch 2: the walk runs)
 
 bf16 weights (as `dtrain sample` and bench.inference run) and fp32 weights under bf16 autocast (the
 trainer's evaluation).
@@ -55,15 +57,18 @@ def mixer_checks(device, gen, seqlen: int = 3000) -> list:
     checks = []
     for label, weights, autocast, forced in (("bf16 weights", torch.bfloat16, False, ()),
                                              ("amp-bf16", torch.float32, True, ()),
-                                             ("bf16 weights", torch.bfloat16, False, ("state_pass",))):
+                                             ("bf16 weights", torch.bfloat16, False, ("scan_walk",)),
+                                             ("bf16 weights", torch.bfloat16, False, ("scan_walk", "state_pass"))):
         m = copy.deepcopy(model).to(weights)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             with torch.no_grad(), (kernels.use_reference_kernels(*forced) if forced else contextlib.nullcontext()):
                 got = m(x.to(weights))
                 states = kernels.describe(device)["state_pass"]
+                walk = "kernel" if kernels.walk_usable(x, x.shape[0], model.fwd.nheads) else "off"
             with torch.enable_grad():
                 training = m(x.to(weights)).detach()   # parameters need gradients: the training path
-        what = f"BiMamba2 without autograd (1.3B, L {seqlen}, {label}, scan_gate: {used}, state_pass: {states})"
+        what = (f"BiMamba2 without autograd (1.3B, L {seqlen}, {label}, scan_gate: {used}, scan_walk: {walk}, "
+                f"state_pass: {states})")
         checks.append((f"{what} vs the training path", torch.bfloat16, got, training, BF16_TOL))
         checks.append((f"{what} vs float64", torch.bfloat16, got, exact,
                        max(1.25 * rel_err(training.double().cpu(), exact.cpu()), 1e-6)))
@@ -103,7 +108,8 @@ def model_checks(device, gen, seqlen: int = 2048) -> list:
     with torch.enable_grad():
         training = model(ids).detach()
     used = ", ".join(f"{k}: {v}" for k, v in kernels.describe(device).items() if k in ("scan_out", "scan_gate",
-                                                                                       "gelu_gemm", "sum_norm"))
+                                                                                       "scan_walk", "gelu_gemm",
+                                                                                       "sum_norm"))
     training_err = rel_err(training.double(), exact)
     what = f"DiffusionLM 240M logits without autograd ({used}) vs float64"
     return [(f"{what} (the training path's kernels: {training_err:.2e})", torch.bfloat16, got, exact,

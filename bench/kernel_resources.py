@@ -91,6 +91,20 @@ def compile_state_pass(kwargs: dict, warps: int, stages: int, dtype: str = "bf16
                             not_multiples_of_16=("nchunks", "heads_per_group", "tuning_size"))
 
 
+def compile_walk(config: dict, dtype: str = "bf16"):
+    """model/chunk_walk_kernel.py's kernel at the 1.3B shapes (headdim 64, state 128, whole chunks), one launch
+    config as chunk_walk_kernel.default_config gives it."""
+    from model.chunk_walk_kernel import _walk_kernel
+
+    pointers = {name: "*fp32" for name in ("key_ptr", "dA_ptr", "D_ptr", "weight_ptr", "sumsq_ptr")}
+    pointers |= {name: f"*{dtype}" for name in ("x_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr")}
+    constants = {"HAS_D": True, "BLOCK_N": 128, "WHOLE": True, "APPROX_DIVISION": True, "CHUNK": config["CHUNK"],
+                 "BLOCK_P": config["BLOCK_P"]}
+    return compile_for_h100(_walk_kernel, pointers, constants, config["num_warps"], config["num_stages"],
+                            unit_strides=("s_x_p", "s_B_n", "s_C_n", "s_z_p", "s_o_p"),
+                            not_multiples_of_16=("heads_per_group", "s_ss_h", "s_ss_l"))
+
+
 def _cuobjdump(compiled, flag: str) -> str:
     """cuobjdump (bundled with Triton) run on a compiled kernel's binary with `flag`: its output."""
     import triton

@@ -195,12 +195,12 @@ def plot(rows: list[dict], head: dict, path, what: str = "scan output kernel") -
     common.save_figure(fig, head, what, path)
 
 
-def kernel_bench_main(name: str, doc: str, argv, measure_rows, markdown, plot, add_args=None) -> int:
+def kernel_bench_main(name: str, doc: str, argv, measure_rows, markdown, plot, add_args=None, shapes=SHAPES) -> int:
     """The command of a bench that times one direction's scan kernels at --shapes (this one and
     bench.state_pass): OUT/name.md / .json / .png, or exit status 2 without a GPU and mamba_ssm.
     measure_rows(args, shapes, dtype, device) -> rows; add_args(ap): the bench's own options."""
     ap = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=SHAPES, help="batch x L, e.g. 1x32768")
+    ap.add_argument("--shapes", nargs="+", default=shapes, help="batch x L, e.g. 1x32768")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--iters", type=int, default=20, help="timed calls per row (the median is kept)")
     if add_args is not None:

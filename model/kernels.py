@@ -25,6 +25,10 @@
     state_pass     where scan_out runs: the states entering each chunk by model/state_pass_kernel.py (one
                    kernel, no fp32 chunk states in memory)  else  mamba_ssm's `_chunk_state_fwd` and
                    `_state_passing_fwd`
+    scan_walk      where scan_gate runs and enough heads make it pay (walk_usable): the whole scan and its
+                   gate in one kernel per direction, each program walking its head's chunks with the state on
+                   chip (model/chunk_walk_kernel.py), the directions on two streams (model/mamba2.py)
+                   else  the scan's launchers, state_pass and scan_gate's kernel
     flash_attn_func  flash-attn's kernel, or None
 
 A kernel is used only on CUDA tensors and only when its package imports. The reference path can be
@@ -58,7 +62,7 @@ from einops import rearrange
 from model import mixer_function, norm_backward, ssd
 
 KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip", "scan_out",
-                "scan_gate", "gelu_gemm", "sum_norm", "state_pass")
+                "scan_gate", "gelu_gemm", "sum_norm", "state_pass", "scan_walk")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
 
 
@@ -183,6 +187,14 @@ if _mamba_split_conv1d_scan_combined is not None:
                                                            chunk_scan_kernel.chunk_scan_gated_out)
         except Exception as e:  # noqa: BLE001 - as above
             IMPORT_ERRORS["state_pass_kernel"] = repr(e)
+_unscaled_mixer_walk = None
+if _unscaled_mixer is not None:   # the whole scan in one kernel (model/chunk_walk_kernel.py)
+    try:
+        from model import chunk_walk_kernel
+        _unscaled_mixer_walk = functools.partial(mixer_function.unscaled_forward, _ssd_combined, None,
+                                                 walk=chunk_walk_kernel.chunk_walk_gated)
+    except Exception as e:  # noqa: BLE001 - as above
+        IMPORT_ERRORS["chunk_walk_kernel"] = repr(e)
 HAS_CAUSAL_CONV1D = _causal_conv1d_fn is not None
 HAS_FLASH_ATTN = flash_attn_func is not None
 # torch.compile generates Triton kernels on a GPU: usable where Triton imports (it ships with CUDA torch)
@@ -192,7 +204,8 @@ _AVAILABLE = {"scan": HAS_MAMBA_TRITON, "norm": HAS_MAMBA_TRITON, "conv": HAS_CA
               "add_norm": _layer_norm_fn is not None, "swiglu": HAS_TRITON, "rotary": HAS_TRITON,
               "flip": HAS_TRITON, "scan_out": _mixer_without_grad is not None,
               "scan_gate": _unscaled_mixer is not None, "gelu_gemm": hasattr(torch, "_addmm_activation"),
-              "sum_norm": HAS_TRITON, "state_pass": _mixer_without_grad_state_pass is not None}
+              "sum_norm": HAS_TRITON, "state_pass": _mixer_without_grad_state_pass is not None,
+              "scan_walk": _unscaled_mixer_walk is not None}
 
 
 # ---------------------------------------------------------------- choosing a path
@@ -230,7 +243,7 @@ def use_reference_kernels(*names: str):
 # The fused mixer runs the conv, scan and norm kernels: forcing any of them to the reference forces it too;
 # the scan's output kernel runs inside the fused mixer, and sum_norm in place of scan_gate's sum and add_norm.
 _ALSO_NEEDS = {"mixer": ("scan", "conv", "norm"), "scan_out": ("mixer",), "scan_gate": ("scan_out",),
-               "sum_norm": ("scan_gate", "add_norm"), "state_pass": ("scan_out",)}
+               "sum_norm": ("scan_gate", "add_norm"), "state_pass": ("scan_out",), "scan_walk": ("scan_gate",)}
 
 
 def _on(name: str, on_gpu: bool) -> bool:
@@ -373,10 +386,34 @@ def unscaled_mixer_usable(tensor: torch.Tensor, conv_channels: int, conv_width: 
 def fused_mixer_unscaled(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, out_weight,
                          headdim, ngroups):
     """fused_mixer's output before the norm's row scale, and the sums of squares that give it:
-    (out (b, l, d_model), sumsq (b, l, heads) fp32); fused_mixer = out * rsqrt(sumsq.sum(-1) / d_inner + eps).
+    (out (b, l, d_model), sumsq (b, l, heads or more columns) fp32);
+    fused_mixer = out * rsqrt(sumsq.sum(-1) / d_inner + eps).
     Only where unscaled_mixer_usable (model/mixer_function.py: unscaled_forward)."""
     fn = _unscaled_mixer_state_pass if _forward_only_kernel_on("state_pass", zxbcdt) else _unscaled_mixer
+    if walk_usable(zxbcdt, zxbcdt.shape[0], D.shape[0]):
+        fn = _unscaled_mixer_walk
     return fn(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, out_weight, headdim, ngroups)
+
+
+def walk_usable(tensor: torch.Tensor, batch: int, nheads: int) -> bool:
+    """Whether fused_mixer_unscaled runs the scan of `batch` sequences of `nheads` heads as one walk kernel
+    (model/chunk_walk_kernel.py), both directions at once: the kernel on, a forward without autograd, and
+    enough programs for it to pay (chunk_walk_kernel.pays)."""
+    if not _forward_only_kernel_on("scan_walk", tensor):
+        return False
+    from model import chunk_walk_kernel
+    return chunk_walk_kernel.pays(batch, nheads)
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """A second CUDA stream of `device`, the same one every call (a CUDA graph captures work on it too)."""
+    device = torch.device(device)
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def linear_gelu_usable(x: torch.Tensor) -> bool:

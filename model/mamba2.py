@@ -244,7 +244,20 @@ class BiMamba2(nn.Module):
     def _unscaled_directions(self, x):
         """(forward out, its sums of squares, backward out, its sums): each direction before its norm's row
         scale, the backward one on the reversed sequence and not yet reversed back."""
-        return (*self.fwd.forward_unscaled(x), *self.bwd.forward_unscaled(reverse_time(x)))
+        if not (x.is_cuda and kernels.walk_usable(x, x.shape[0], self.fwd.nheads)):
+            return (*self.fwd.forward_unscaled(x), *self.bwd.forward_unscaled(reverse_time(x)))
+        # the walk's programs each run their chunks one after another: the directions side by side, on two
+        # streams, give the card twice the programs (model/chunk_walk_kernel.py)
+        main, side = torch.cuda.current_stream(x.device), kernels.side_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            x.record_stream(side)          # x's memory is not reused before the side stream is done with it
+            backward = self.bwd.forward_unscaled(reverse_time(x))
+        forward = self.fwd.forward_unscaled(x)
+        main.wait_stream(side)
+        for t in backward:
+            t.record_stream(main)
+        return (*forward, *backward)
 
     def _forward(self, x):
         if self.fuse_directions:

@@ -144,19 +144,25 @@ def scan_forward(ssd, x, dt_raw, A, B, C, D, dt_bias, chunk_size):
 
 
 def unscaled_forward(ssd, gated_out, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight,
-                     out_weight, headdim, ngroups):
+                     out_weight, headdim, ngroups, walk=None):
     """MixerFunction's forward, without autograd and for one norm group, with the norm's row scale left out:
     (out_proj(g * norm_weight), sum over each head's channels of g^2 (b, l, H) fp32), g = SSD(...) * silu(z).
     The mixer's output is the first times rsqrt(the second summed over heads / d_inner + eps): a scale per
     row, which commutes with out_proj, so the caller applies it to d_model channels instead of d_inner.
     `gated_out` is model/chunk_scan_kernel.py's chunk_scan_gated_out (the gate, the sums and the weight in
-    the scan's output kernel): the norm kernel and its pass over y and z are gone."""
+    the scan's output kernel): the norm kernel and its pass over y and z are gone.
+    `walk`, when given, is model/chunk_walk_kernel.py's chunk_walk_gated: the whole scan and the gate in one
+    kernel from x, dt, B, C, in place of the scan's launchers and `gated_out` (its sums are then per block of
+    a head's channels, (b, l, H * blocks): their sum over the last dim is the same)."""
     assert ngroups == 1, "with more norm groups the scale is not one per row"
     nheads = D.shape[0]
     _, z, _, dt_raw, (x, B, C) = split_inputs(ssd, zxbcdt, conv_weight, conv_bias, nheads, headdim, ngroups)
-    CB, dt, dA_cumsum, states = output_inputs(ssd, x, dt_raw, A, B, C, dt_bias, chunk_size)
-    gated, sumsq = gated_out(CB, x, dt, dA_cumsum, C, states, D, rearrange(z, "b l (h p) -> b l h p", h=nheads),
-                             norm_weight.contiguous())
+    z = rearrange(z, "b l (h p) -> b l h p", h=nheads)
+    if walk is not None:
+        gated, sumsq = walk(ssd, x, dt_raw, dt_bias, A, B, C, D, z, norm_weight.contiguous())
+    else:
+        CB, dt, dA_cumsum, states = output_inputs(ssd, x, dt_raw, A, B, C, dt_bias, chunk_size)
+        gated, sumsq = gated_out(CB, x, dt, dA_cumsum, C, states, D, z, norm_weight.contiguous())
     return F.linear(rearrange(gated, "b l h p -> b l (h p)"), out_weight), sumsq
 
 

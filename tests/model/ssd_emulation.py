@@ -94,7 +94,8 @@ def leaves(*tensors):
 # ---------------------------------------------------------------- the launchers
 def _chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=None, dt_softplus=False, dt_limit=(0.0, INF)):
     dt = dt + dt_bias if dt_bias is not None else dt
-    dt = rearrange(F.softplus(dt) if dt_softplus else dt, "b (c l) h -> b h c l", l=chunk_size)
+    dt = F.pad(F.softplus(dt) if dt_softplus else dt, (0, 0, 0, -dt.shape[1] % chunk_size))   # no steps past the end
+    dt = rearrange(dt, "b (c l) h -> b h c l", l=chunk_size).contiguous()
     return (dt * A[:, None, None]).cumsum(dim=-1), dt
 
 

@@ -321,7 +321,7 @@ def test_the_state_pass_kernel_runs_where_the_scan_output_kernel_does(monkeypatc
     def which():
         calls.clear()
         kernels.fused_mixer(torch.zeros(1), *(None,) * 11)
-        kernels.fused_mixer_unscaled(torch.zeros(1), *(None,) * 10)
+        kernels.fused_mixer_unscaled(torch.zeros(1), *(None,) * 4, torch.zeros(32), *(None,) * 5)  # 32 heads
         return calls
     with torch.no_grad():
         assert which() == ["_mixer_without_grad_state_pass", "_unscaled_mixer_state_pass"]
@@ -333,6 +333,31 @@ def test_the_state_pass_kernel_runs_where_the_scan_output_kernel_does(monkeypatc
         with kernels.use_reference_kernels("scan_out"):
             assert which()[0] == "_mixer_keeping_states" and kernels.describe("cuda")["state_pass"] == "reference"
     assert which()[0] == "_mixer_keeping_states", "a training forward"
+
+
+def test_the_walk_runs_where_it_pays(monkeypatch):
+    """fused_mixer_unscaled hands the scan to model/chunk_walk_kernel.py's walk where enough heads make it pay
+    (64 heads at batch 1, 32 at batch 8; BiMamba2 then runs the directions on two streams), else to the three
+    launches; forcing scan_walk, or scan_gate which it replaces, to the reference keeps them."""
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.setattr(kernels, "_AVAILABLE", dict.fromkeys(kernels.KERNEL_NAMES, True))
+    monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: kernels._on(name, True))
+    calls = []
+    for name in ("_unscaled_mixer", "_unscaled_mixer_state_pass", "_unscaled_mixer_walk"):
+        monkeypatch.setattr(kernels, name, functools.partial(lambda n, *args: calls.append(n), name))
+
+    def which(batch, heads):
+        calls.clear()
+        kernels.fused_mixer_unscaled(torch.zeros(batch, 1), *(None,) * 4, torch.zeros(heads), *(None,) * 5)
+        return calls[0]
+    with torch.no_grad():
+        assert which(1, 64) == which(8, 32) == "_unscaled_mixer_walk"
+        assert kernels.walk_usable(torch.zeros(1), 1, 64) and not kernels.walk_usable(torch.zeros(1), 1, 32)
+        assert which(1, 32) == which(1, 48) == "_unscaled_mixer_state_pass"
+        for off in ("scan_walk", "scan_gate"):
+            with kernels.use_reference_kernels(off):
+                assert which(1, 64) != "_unscaled_mixer_walk" and kernels.describe("cuda")["scan_walk"] == "reference"
+    assert not kernels.walk_usable(torch.zeros(1), 1, 64), "a forward with autograd"
 
 
 def test_the_scan_output_kernel_runs_in_forwards_without_autograd_only(monkeypatch):

@@ -144,3 +144,37 @@ def test_unscaled_forward_refuses_more_than_one_norm_group():
     with pytest.raises(AssertionError, match="one per row"):
         mixer_function.unscaled_forward(ssd_emulation.namespace(), gated_out_float64, zxbcdt,
                                         *fused_args(m, zxbcdt)[1:8], m.out_proj.weight, m.headdim, m.ngroups)
+
+
+def walk_float64(ssd, x, dt_raw, dt_bias, A, B, C, D, z, norm_weight):
+    """chunk_walk_gated's result in float64 (model.ssd's step-by-step scan), its sums in two blocks a head."""
+    from model.ssd import ssd_sequential
+    y = ssd_sequential(x, dt_raw, A, B, C, D, dt_bias, dt_softplus=True)
+    gated = y * torch.nn.functional.silu(z)
+    sums = gated.square().unflatten(-1, (2, -1)).sum(dim=-1).flatten(2)
+    return gated * norm_weight.view(z.shape[2], z.shape[3]), sums
+
+
+def test_unscaled_forward_with_the_walk_times_the_row_scale_is_the_mixers_output():
+    """With `walk` (model/chunk_walk_kernel.py's one-kernel scan) the scan's raw inputs go to it and the
+    launchers' pieces are not computed; its sums, in blocks of a head's channels, give the same row scale."""
+    m = mixer(1, seed=5)
+    g = torch.Generator().manual_seed(5)
+    zxbcdt = torch.randn(2, 24, m.d_in_proj, generator=g, dtype=torch.float64)
+    calls = []
+
+    def unused(*args):
+        raise AssertionError("the scan's pieces were computed although the walk ran")
+
+    def walk(ssd, *args):
+        calls.append(ssd)
+        return walk_float64(ssd, *args)
+    launchers = ssd_emulation.namespace(_bmm_chunk_fwd=unused, _chunk_state_fwd=unused)
+    with torch.no_grad():
+        out, sumsq = mixer_function.unscaled_forward(launchers, unused, zxbcdt, *fused_args(m, zxbcdt)[1:8],
+                                                     m.out_proj.weight, m.headdim, m.ngroups, walk=walk)
+        want = m.out_proj(m.mix(zxbcdt))
+    assert calls == [launchers], "the walk gets the launchers (for the cumulative decay at its own chunk)"
+    assert sumsq.shape == (2, 24, 2 * m.nheads)
+    scale = torch.rsqrt(sumsq.sum(dim=-1, keepdim=True) / m.d_inner + m.norm.eps)
+    torch.testing.assert_close(out * scale, want, rtol=1e-10, atol=1e-10)
