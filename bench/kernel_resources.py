@@ -5,9 +5,10 @@ fit on one SM at a time.
 A kernel is held up by its loads' latency (only the other programs resident on the SM hide a program's
 waits: the table says how many there are room for) or by the instructions it issues: ncu found the scan's
 output kernel issue-bound until its loop lost a fp32 logarithm per key and its masks (docs/benchmarks.md,
-twenty-first run). The last column counts each loop's instructions. Each config is compiled for sm_90 down
-to the binary as a launch at the 1.3B shapes specialises it (`compile_for_h100`); registers, spills and
-instructions come from the binary (cuobjdump, bundled with Triton).
+twenty-first run), and the walk (model/chunk_walk_kernel.py) held to two programs an SM by its registers
+and shared memory (twenty-seventh run). The last column counts each loop's instructions. Each config is
+compiled for sm_90 down to the binary as a launch at the 1.3B shapes specialises it (`compile_for_h100`);
+registers, spills and instructions come from the binary (cuobjdump, bundled with Triton).
 
     python -m bench.kernel_resources --out bench_results          # kernel_resources.md / .json / .png
     python -m bench.kernel_resources --extra-configs 64x32:4:2 64x64:4:2:2 --extra-state-configs 64x32:8:2 --out x
@@ -202,6 +203,11 @@ def config_rows(extra_scan_out_configs=(), extra_state_configs=()) -> list[dict]
         rows.append(usage_row("state_pass", state_pass.config_name(config), source,
                               compile_state_pass(kwargs, config["num_warps"], config["num_stages"]),
                               config["num_warps"]))
+    from bench.scan_walk import config_name as walk_config_name
+    from model.chunk_walk_kernel import default_config
+    for config in {walk_config_name(c): c for c in (default_config(b, 32, 64) for b in (1, 2, 4))}.values():
+        rows.append(usage_row("scan_walk", walk_config_name(config), "model", compile_walk(config),
+                              config["num_warps"]))
     return rows
 
 
@@ -226,7 +232,9 @@ NOTES = [("bf16, the 1.3B shapes (64 heads x 64, state 128, chunk 256); sm_90: 6
          ("loop instructions: SASS instructions of each loop's body, what one iteration issues per warp (scan_out: "
           "the key blocks up to the row block's diagonal, in one loop; whole chunks, as at 32K tokens); other "
           "instructions: those outside the loops, which each warp issues once per program"),
-         "in: list = the autotuner's list, extra = --extra-configs or --extra-state-configs"]
+         ("in: list = the autotuner's list, extra = --extra-configs or --extra-state-configs, model = the walk's "
+          "configs for a head's channels in four, two and one blocks (chunk_walk_kernel.default_config); its loop is "
+          "the walk over 64-step chunks")]
 
 
 def plot(rows: list[dict], head: dict, path: Path) -> None:

@@ -169,26 +169,27 @@ def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
 
 
 def markdown(rows: list[dict], head: dict, title: str = "The scan's output kernel",
-             checked_against: str = "mamba_ssm's output") -> str:
+             checked_against: str = "mamba_ssm's output", baseline: str = "mamba_ssm") -> str:
+    """The rows as a table, each time also as a speed-up over the `baseline` launch's row of its shape."""
     lines = [f"## {title} — {head['card']}", ""] + [f"- {ln}" for ln in common.header_lines(head)]
     lines += ["- rel. diff: largest difference over the largest value of what it is checked against: "
               + f"{checked_against}, float64 in the check rows", "",
-              "| batch x L | launch | config | ms | vs mamba_ssm | rel. diff |", "| --- | --- | --- | --- | --- | --- |"]
-    base = {r["shape"]: r["ms"] for r in rows if r["launch"] == "mamba_ssm" and r["ms"]}
+              f"| batch x L | launch | config | ms | vs {baseline} | rel. diff |", "| --- | --- | --- | --- | --- | --- |"]
+    base = {r["shape"]: r["ms"] for r in rows if r["launch"] == baseline and r["ms"]}
     for r in rows:
         ms, speed = (f"{r['ms']:.3f}", f"{base[r['shape']] / r['ms']:.2f}x") if r["ms"] else ("-", "-")
         lines.append(f"| {r['shape']} | {r['launch']} | {r['config']} | {ms} | {speed} | {r['rel_diff']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], head: dict, path, what: str = "scan output kernel") -> None:
+def plot(rows: list[dict], head: dict, path, what: str = "scan output kernel", baseline: str = "mamba_ssm") -> None:
     plt = common.pyplot()
     if plt is None:
         return
     timed = [r for r in rows if r["ms"]]
     fig, ax = plt.subplots(figsize=(10, 4))
     ax.bar(range(len(timed)), [r["ms"] for r in timed],
-           color=["C1" if r["launch"] == "mamba_ssm" else "C0" for r in timed])
+           color=["C1" if r["launch"] == baseline else "C0" for r in timed])
     ax.set_xticks(range(len(timed)), [f"{r['shape']} {r['launch']} {r['config'].split(' (')[0]}" for r in timed],
                   rotation=75, fontsize=7)
     ax.set_ylabel("ms per call")

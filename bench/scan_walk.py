@@ -23,7 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from bench import common
+from bench import scan_output
 from bench.scan_output import gate_inputs, kernel_bench_main, rel_max, scan_inputs, timed_or_refused
 from model import kernels, mixer_function, ssd
 
@@ -102,21 +102,12 @@ def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
 
 
 def markdown(rows: list[dict], head: dict) -> str:
-    lines = [f"## The scan in one kernel — {head['card']}", ""] + [f"- {ln}" for ln in common.header_lines(head)]
-    lines += [("- rel. diff: largest difference over the largest value of what it is checked against, after the "
-               "norm's row scale: the three kernels' result, float64 in the check rows"), "",
-              "| batch x L | launch | config | ms | vs now | rel. diff |", "| --- | --- | --- | --- | --- | --- |"]
-    base = {r["shape"]: r["ms"] for r in rows if r["launch"] == "now" and r["ms"]}
-    for r in rows:
-        ms, speed = (f"{r['ms']:.3f}", f"{base[r['shape']] / r['ms']:.2f}x") if r["ms"] else ("-", "-")
-        lines.append(f"| {r['shape']} | {r['launch']} | {r['config']} | {ms} | {speed} | {r['rel_diff']:.1e} |")
-    return "\n".join(lines) + "\n"
+    return scan_output.markdown(rows, head, "The scan in one kernel",
+                                "after the norm's row scale, the three kernels' result", baseline="now")
 
 
 def plot(rows: list[dict], head: dict, path) -> None:
-    from bench.scan_output import plot as bar_plot
-    bar_plot([{**r, "launch": "mamba_ssm" if r["launch"] == "now" else r["launch"]} for r in rows], head, path,
-             what="scan in one kernel")
+    scan_output.plot(rows, head, path, what="scan in one kernel", baseline="now")
 
 
 def main(argv: list[str] | None = None) -> int:
