@@ -161,7 +161,8 @@ def _plus_reversed(forward_out, backward_out):
 
 def _plus_reversed_row_scaled(forward_out, forward_sumsq, backward_out, backward_sumsq, d_inner: int, eps: float):
     """_plus_reversed of two unscaled mixer outputs, each first times its gated norm's row scale
-    rsqrt(mean of g^2 over d_inner + eps), from the per-head sums of squares (b, l, heads)."""
+    rsqrt(mean of g^2 over d_inner + eps), from the sums of squares per head, or per block of a head's
+    channels (b, l, heads or more columns)."""
     def scaled(out, sumsq):   # in fp32 (fp64 for a float64 model)
         return out.to(sumsq.dtype) * torch.rsqrt(sumsq.sum(dim=-1, keepdim=True) / d_inner + eps)
     return (scaled(forward_out, forward_sumsq) + scaled(backward_out, backward_sumsq).flip(1)).to(forward_out.dtype)
