@@ -18,13 +18,14 @@ channels, g * norm_weight. Only the inputs, the output and the sums touch memory
 mamba_ssm's `_chunk_cumsum_fwd` at the kernel's chunk, with each key's part of the exponent folded into one
 number as chunk_scan_kernel.py does: exp2(a[m] - key[k]) = exp(dA[m] - dA[k]) dt[k], key = a - log2(dt).
 
-A program's chunks run one after another, so its speed is its latency per chunk (about 2 us on an H200:
-205 registers a thread and 90 KB of shared memory leave room for two programs an SM; docs/benchmarks.md,
-twenty-seventh run). The parallelism is batch x heads x (P / BLOCK_P) programs, and BiMamba2 runs its two
-directions' kernels side by side on two streams (model/mamba2.py) to double it. Splitting a head's channels
-(BLOCK_P < P) makes more programs, but each computes the chunk's C B^T and pair weights again: below two
-splits a head, at 128 programs for both directions, the walk is used (`pays`); with fewer, the three
-launches are faster.
+A program's chunks run one after another, so its speed is its latency per chunk: about 2 us on an H200, and
+200-255 registers a thread and about 90 KB of shared memory leave room for two programs an SM
+(bench.kernel_resources; docs/benchmarks.md, twenty-seventh run). The parallelism is batch x heads x
+(P / BLOCK_P) programs, and BiMamba2 runs its two directions' kernels side by side on two streams
+(model/mamba2.py) to double it. Splitting a head's channels (BLOCK_P < P) makes more programs, but each
+split computes the chunk's C B^T and pair weights again. The walk is used where batch x heads x 2 directions
+reaches 128 (`pays`; at 1.3B and batch 1 each head is then split in two); below, each head would be split in
+four, and the three launches are faster.
 
 The state is rounded to the inputs' dtype for its product with C, and each weight for its product with x,
 as mamba_ssm's kernels round the states and the weights; both accumulate in fp32.
