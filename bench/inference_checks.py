@@ -64,7 +64,7 @@ def mixer_checks(device, gen, seqlen: int = 3000) -> list:
             with torch.no_grad(), (kernels.use_reference_kernels(*forced) if forced else contextlib.nullcontext()):
                 got = m(x.to(weights))
                 states = kernels.describe(device)["state_pass"]
-                walk = "kernel" if kernels.walk_usable(x, x.shape[0], model.fwd.nheads) else "off"
+                walk = "kernel" if kernels.walk_usable(x, model.fwd.nheads) else "off"
             with torch.enable_grad():
                 training = m(x.to(weights)).detach()   # parameters need gradients: the training path
         what = (f"BiMamba2 without autograd (1.3B, L {seqlen}, {label}, scan_gate: {used}, scan_walk: {walk}, "

@@ -341,6 +341,14 @@ def whole_blocks(seqlen: int, chunk_size: int, hdim: int, config: dict | None) -
             and hdim == dot_block(hdim))
 
 
+def key_offsets(dA_cumsum, dt):
+    """Each key's part of the decay exponent, b[k] = log2(e) * dA[k] - log2(dt[k]) (module docstring), once per
+    key before the launch: in the kernel every row block's threads took the logarithm again, a slow sequence
+    of instructions, and it held up the loop (docs/benchmarks.md). log2(e) * dA is rounded to fp32 as the
+    kernels round a[m]: on the diagonal the two then cancel exactly."""
+    return dA_cumsum * LOG2E.value - torch.log2(dt)
+
+
 def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     batch, seqlen, nheads, hdim = x.shape
     _, _, nchunks, chunk_size = dt.shape
@@ -357,10 +365,7 @@ def _launch(cb, x, dt, dA_cumsum, C, states, D, z, norm_weight, config):
     sumsq = None if z is None else torch.empty(batch, seqlen, nheads, device=x.device, dtype=torch.float32)
     grid = lambda meta: (nheads // meta["HEADS"], triton.cdiv(chunk_size, meta["BLOCK_M"]), batch * nchunks)
     kernel = _autotuned_kernel if config is None else _chunk_scan_out_kernel
-    # each key's part of the decay exponent, once per key: in the kernel every row block's threads took the
-    # logarithm again, a slow sequence of instructions, and it held up the loop (docs/benchmarks.md)
-    # (log2(e) * dA rounded to fp32 as the kernel rounds a[m]: on the diagonal the two then cancel exactly)
-    key_offset = dA_cumsum * LOG2E.value - torch.log2(dt)
+    key_offset = key_offsets(dA_cumsum, dt)
     kernel[grid](   # without a gate, z and the sums point at x and dt: never read or written (HAS_Z)
         cb, x, out, key_offset, dA_cumsum, C, states, D, x if z is None else z, norm_weight, dt if z is None else sumsq,
         chunk_size, hdim, dstate, batch, seqlen, nheads // ngroups, size_class(batch, nchunks),

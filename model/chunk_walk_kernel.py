@@ -32,18 +32,16 @@ as mamba_ssm's kernels round the states and the weights; both accumulate in fp32
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from model.chunk_scan_kernel import FP_FUSION, _divide, dot_block, interpreted
+from model.chunk_scan_kernel import FP_FUSION, LOG2E, _divide, dot_block, interpreted, key_offsets
+from model.mixer_function import NO_DT_LIMIT
 
 CONFIG_ENV = "DIFFUMAMBA_SCAN_WALK_CONFIG"   # one launch config for every call: CHUNK:BLOCK_P:warps:stages
-LOG2E = tl.constexpr(math.log2(math.e))
-NO_DT_LIMIT = (0.0, float("inf"))
 MIN_PROGRAMS = 128      # batch x heads x directions at which the walk pays (bench.inference, twenty-seventh run)
 
 
@@ -208,8 +206,7 @@ def chunk_walk_gated(ssd, x, dt_raw, dt_bias, A, B, C, D, z, norm_weight, config
     dA_cumsum, dt = ssd._chunk_cumsum_fwd(dt_raw, A, config["CHUNK"], dt_bias=dt_bias, dt_softplus=True,
                                           dt_limit=NO_DT_LIMIT)
     assert dA_cumsum.is_contiguous(), "dA_cumsum (b, h, chunks, CHUNK)"
-    # log2(e) * dA rounded to fp32 as the kernel rounds a[m]: on the diagonal the two cancel exactly
-    key = dA_cumsum * LOG2E.value - torch.log2(dt)
+    key = key_offsets(dA_cumsum, dt)
     blocks = triton.cdiv(hdim, config["BLOCK_P"])
     out = torch.empty_like(x)
     sumsq = torch.empty(batch, seqlen, nheads * blocks, device=x.device, dtype=torch.float32)

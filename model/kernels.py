@@ -390,19 +390,19 @@ def fused_mixer_unscaled(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_si
     fused_mixer = out * rsqrt(sumsq.sum(-1) / d_inner + eps).
     Only where unscaled_mixer_usable (model/mixer_function.py: unscaled_forward)."""
     fn = _unscaled_mixer_state_pass if _forward_only_kernel_on("state_pass", zxbcdt) else _unscaled_mixer
-    if walk_usable(zxbcdt, zxbcdt.shape[0], D.shape[0]):
+    if walk_usable(zxbcdt, D.shape[0]):
         fn = _unscaled_mixer_walk
     return fn(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, out_weight, headdim, ngroups)
 
 
-def walk_usable(tensor: torch.Tensor, batch: int, nheads: int) -> bool:
-    """Whether fused_mixer_unscaled runs the scan of `batch` sequences of `nheads` heads as one walk kernel
-    (model/chunk_walk_kernel.py), both directions at once: the kernel on, a forward without autograd, and
-    enough programs for it to pay (chunk_walk_kernel.pays)."""
+def walk_usable(tensor: torch.Tensor, nheads: int) -> bool:
+    """Whether fused_mixer_unscaled runs the scan of `nheads` heads over the batch of `tensor` (b, l, ...) as one
+    walk kernel (model/chunk_walk_kernel.py), both directions at once: the kernel on, a forward without
+    autograd, and enough programs for it to pay (chunk_walk_kernel.pays)."""
     if not _forward_only_kernel_on("scan_walk", tensor):
         return False
     from model import chunk_walk_kernel
-    return chunk_walk_kernel.pays(batch, nheads)
+    return chunk_walk_kernel.pays(tensor.shape[0], nheads)
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}

@@ -245,7 +245,7 @@ class BiMamba2(nn.Module):
     def _unscaled_directions(self, x):
         """(forward out, its sums of squares, backward out, its sums): each direction before its norm's row
         scale, the backward one on the reversed sequence and not yet reversed back."""
-        if not (x.is_cuda and kernels.walk_usable(x, x.shape[0], self.fwd.nheads)):
+        if not kernels.walk_usable(x, self.fwd.nheads):   # on a GPU, without autograd, where it pays
             return (*self.fwd.forward_unscaled(x), *self.bwd.forward_unscaled(reverse_time(x)))
         # the walk's programs each run their chunks one after another: the directions side by side, on two
         # streams, give the card twice the programs (model/chunk_walk_kernel.py)

@@ -352,12 +352,13 @@ def test_the_walk_runs_where_it_pays(monkeypatch):
         return calls[0]
     with torch.no_grad():
         assert which(1, 64) == which(8, 32) == "_unscaled_mixer_walk"
-        assert kernels.walk_usable(torch.zeros(1), 1, 64) and not kernels.walk_usable(torch.zeros(1), 1, 32)
+        assert kernels.walk_usable(torch.zeros(1), 64) and not kernels.walk_usable(torch.zeros(1), 32)
+        assert kernels.walk_usable(torch.zeros(8, 1), 32), "the batch is the tensor's"
         assert which(1, 32) == which(1, 48) == "_unscaled_mixer_state_pass"
         for off in ("scan_walk", "scan_gate"):
             with kernels.use_reference_kernels(off):
                 assert which(1, 64) != "_unscaled_mixer_walk" and kernels.describe("cuda")["scan_walk"] == "reference"
-    assert not kernels.walk_usable(torch.zeros(1), 1, 64), "a forward with autograd"
+    assert not kernels.walk_usable(torch.zeros(1), 64), "a forward with autograd"
 
 
 def test_the_scan_output_kernel_runs_in_forwards_without_autograd_only(monkeypatch):
