@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from model import train_graphs
+from model import graphs, train_graphs
 from model.diffusion import mask_batch
 from model.lm import DiffusionLM
 from model.presets import get_preset
@@ -129,3 +129,46 @@ def stage_graph_checks(device, gen) -> list:
         checks.append(("pipeline stage CUDA graph slots captured", torch.float32,
                        torch.tensor([float(len(graphs.slots))]), torch.tensor([2.0]), 1e-6))
     return checks
+
+
+def denoiser_capture_checks(device, gen, batch: int = 2, seq_len: int = 8192) -> list:
+    """The denoiser's CUDA graph (model/graphs.py) on a GPU: the memory its capture takes against an eager
+    forward's activations, for 240M DiffuMamba at batch 2, where the walk runs both directions on two
+    streams; and a failed capture that leaves the process usable: a random draw on the GPU after it.
+    The capture may take up to twice the eager peak (the two streams' blocks are not shared within it:
+    1.6x on an H200); a block kept from reuse until the capture ends, as record_stream did, adds each
+    layer's share (3.1x; batch 8 x 64K at 1.3B ran out of memory; docs/benchmarks.md)."""
+    if device.type != "cuda":
+        return []   # CUDA graphs only
+    torch.manual_seed(5)
+    model = DiffusionLM(get_preset("240m-diffumamba")).to(device, torch.bfloat16).eval()
+    ids = torch.randint(0, model.cfg.vocab_size - 1, (batch, seq_len), generator=gen).to(device)
+    with torch.no_grad():
+        graphs.warm_up_on_side_stream(lambda: model.trunk(ids), graphs.WARMUP_CALLS)
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        model.trunk(ids)
+        eager = torch.cuda.max_memory_allocated(device) - base
+        torch.cuda.empty_cache()   # as torch.cuda.graph does on entry: what is reserved after it is the capture's
+        reserved = torch.cuda.memory_reserved(device)
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            model.trunk(ids)
+        captured = torch.cuda.memory_reserved(device) - reserved
+
+    def failing_capture():   # a synchronisation is not allowed in a capture: the capture and its end fail
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            torch.rand(8, device=device)
+            torch.cuda.synchronize(device)
+    try:
+        graphs.capture_or_explain(failing_capture, "a failing", "run without graphs")
+        failed = False
+    except RuntimeError:
+        failed = True
+    drawn = torch.rand(8, device=device)   # raises "Offset increment outside graph capture" if not released
+    what = (f"memory a capture of 240M DiffuMamba (batch {batch}, L {seq_len}) takes, over an eager forward's "
+            f"activations ({eager / 2**20:.0f} MiB): {captured / 2**20:.0f} MiB")
+    return [(what, torch.float32,
+             torch.tensor([captured / eager]), torch.tensor([1.0]), 1.0),
+            ("a failed capture raised, then a random draw on its GPU", torch.float32,
+             torch.tensor([float(failed), float(drawn.numel() == 8)]), torch.tensor([1.0, 1.0]), 1e-6)]

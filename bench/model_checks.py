@@ -14,7 +14,7 @@ import torch
 
 from bench import norm_backward as norm_bench
 from bench.common import rel_err
-from bench.graph_checks import stage_graph_checks, training_graph_checks
+from bench.graph_checks import denoiser_capture_checks, stage_graph_checks, training_graph_checks
 from bench.inference_checks import inference_checks
 from model import kernels
 from model.attention import apply_rotary, rotary_tables, rotate
@@ -289,7 +289,7 @@ MODEL_CHECK_GROUPS = {
     "pieces": lambda device, gen: piece_checks(device, gen) + norm_launch_checks(device),
     "mixer_function": mixer_function_checks,
     "inference": inference_checks,
-    "model": whole_model_checks,
+    "model": lambda device, gen: whole_model_checks(device, gen) + denoiser_capture_checks(device, gen),
     "training_graphs": lambda device, gen: training_graph_checks(device, gen) + stage_graph_checks(device, gen),
     "signals": lambda device, gen: signal_checks(device),
 }

@@ -51,14 +51,24 @@ def out_of_memory_in(error: BaseException) -> BaseException | None:
     return None
 
 
+def release_generator() -> None:
+    """The current GPU's random generator out of capture mode. When a capture fails, PyTorch does not end
+    the generator's part in it, and the next random draw on that GPU fails with "Offset increment outside
+    graph capture". A clone of its state (the same seed and offset) is in no capture."""
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    generator.graphsafe_set_state(generator.clone_state())
+
+
 def capture_or_explain(capture, what: str, instead: str):
-    """capture(), or an error that names what to do instead. No eager fallback: a capture that fails
-    leaves the CUDA random generator in capture mode (PyTorch does not undo it), and the next random draw
-    on that GPU fails with "Offset increment outside graph capture". An OOM stays an OOM (also one that
-    the end of the capture reported as another error), naming the remedies."""
+    """capture() (on the current GPU), or an error that names what to do instead; the GPU's random
+    generator is released from the failed capture (release_generator), so the process goes on (a
+    benchmark's next row, a smaller batch). No eager fallback: a failed capture's cause (most often memory) is the caller's
+    to fix. An OOM stays an OOM (also one that the end of the capture reported as another error), naming
+    the remedies."""
     try:
         return capture()
     except Exception as e:
+        release_generator()
         oom = out_of_memory_in(e)
         if oom is not None:
             raise torch.cuda.OutOfMemoryError(

@@ -249,15 +249,16 @@ class BiMamba2(nn.Module):
             return (*self.fwd.forward_unscaled(x), *self.bwd.forward_unscaled(reverse_time(x)))
         # the walk's programs each run their chunks one after another: the directions side by side, on two
         # streams, give the card twice the programs (model/chunk_walk_kernel.py)
+        # No record_stream: x is freed after the join below, and the backward results are read on the main
+        # stream after it and freed back to the side stream's pool, which the next fork orders after their
+        # readers. Under a CUDA-graph capture record_stream would keep every such block from reuse until the
+        # capture ends (4 GiB a layer at batch 8 x 64K: the capture ran out of memory).
         main, side = torch.cuda.current_stream(x.device), kernels.side_stream(x.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            x.record_stream(side)          # x's memory is not reused before the side stream is done with it
             backward = self.bwd.forward_unscaled(reverse_time(x))
         forward = self.fwd.forward_unscaled(x)
         main.wait_stream(side)
-        for t in backward:
-            t.record_stream(main)
         return (*forward, *backward)
 
     def _forward(self, x):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from graph_standins import OnGraphPath
 
+from model import graphs
 from model.graphs import GraphedDenoiser
 from model.lm import DiffusionLM
 from model.presets import get_preset
@@ -79,9 +80,12 @@ def test_autograd_on_runs_the_model_as_it_is():
 
 
 @torch.no_grad()
-def test_a_failed_capture_stops_with_what_to_do_instead_and_an_oom_stays_an_oom():
-    """No eager fallback: a failed capture leaves the CUDA random generator unusable (model/graphs.py)."""
+def test_a_failed_capture_stops_with_what_to_do_instead_and_an_oom_stays_an_oom(monkeypatch):
+    """No eager fallback, and the GPU's random generator released from each failed capture (model/graphs.py;
+    on a GPU: bench/graph_checks.py's denoiser_capture_checks draws after one)."""
     model = tiny_model()
+    released = []
+    monkeypatch.setattr(graphs, "release_generator", lambda: released.append(True))
 
     class Failing(StandInCuda):
         error = RuntimeError("operation not permitted when stream is capturing")
@@ -108,7 +112,7 @@ def test_a_failed_capture_stops_with_what_to_do_instead_and_an_oom_stays_an_oom(
     with pytest.raises(torch.cuda.OutOfMemoryError, match="ran out of GPU memory.*4.00 GiB.*smaller batch.*"
                                                           "--no-cuda-graphs"):
         graphed(ids, mask)
-    assert graphed.captures == 3
+    assert graphed.captures == 3 and len(released) == 3
 
 
 def test_sampler_option_gives_the_same_samples():

@@ -9,6 +9,7 @@ import torch
 from graph_standins import TrainingStandIn
 
 from bench.graph_checks import hook_accumulate_grad_nodes
+from model import graphs as graphs_module
 from model import train_graphs
 from model.lm import DiffusionLM
 from model.presets import get_preset
@@ -185,7 +186,10 @@ def test_a_parameter_that_moved_stops_with_its_name():
         model.loss(batch(6))
 
 
-def test_a_capture_that_fails_stops_with_the_setting_to_turn_off():
+def test_a_capture_that_fails_stops_with_the_setting_to_turn_off(monkeypatch):
+    released = []
+    monkeypatch.setattr(graphs_module, "release_generator", lambda: released.append(True))
+
     class Failing(TrainingStandIn):
         def capture(self, input_ids):
             raise RuntimeError("operation not permitted when stream is capturing")
@@ -195,7 +199,7 @@ def test_a_capture_that_fails_stops_with_the_setting_to_turn_off():
     with pytest.raises(RuntimeError, match="trunk's training CUDA graph failed.*train.cuda_graphs=false") as err:
         model.loss(batch(7))
     assert "not permitted" in str(err.value)
-    assert model.trunk_graphs.captured is None
+    assert model.trunk_graphs.captured is None and released == [True], "the GPU's generator released"
 
 
 @pytest.mark.parametrize("tied", [True, False])
