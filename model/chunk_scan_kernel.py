@@ -315,14 +315,21 @@ def parse_config(text: str) -> dict:
     return config
 
 
+def config_from_env(config: dict | None, env_name: str, parse) -> dict | None:
+    """The launch config given, else $env_name's as `parse` reads it (its ValueError naming the variable),
+    else None."""
+    if config is None and os.environ.get(env_name):
+        try:
+            return parse(os.environ[env_name])
+        except ValueError as e:
+            raise ValueError(f"{env_name}: {e}") from None
+    return config
+
+
 def chosen_config(config: dict | None) -> dict | None:
     """The launch config a call uses: the one given, else $DIFFUMAMBA_SCAN_OUT_CONFIG's (a config measured
     for a card, e.g. with bench.scan_output), else None: the autotuner picks from its list."""
-    if config is None and os.environ.get(CONFIG_ENV):
-        try:
-            config = parse_config(os.environ[CONFIG_ENV])
-        except ValueError as e:
-            raise ValueError(f"{CONFIG_ENV}: {e}") from None
+    config = config_from_env(config, CONFIG_ENV, parse_config)
     return None if config is None else {"HEADS": 1, **config}
 
 

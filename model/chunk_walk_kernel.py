@@ -32,13 +32,19 @@ as mamba_ssm's kernels round the states and the weights; both accumulate in fp32
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from model.chunk_scan_kernel import FP_FUSION, LOG2E, _divide, dot_block, interpreted, key_offsets
+from model.chunk_scan_kernel import (
+    FP_FUSION,
+    LOG2E,
+    _divide,
+    config_from_env,
+    dot_block,
+    interpreted,
+    key_offsets,
+)
 from model.mixer_function import NO_DT_LIMIT
 
 CONFIG_ENV = "DIFFUMAMBA_SCAN_WALK_CONFIG"   # one launch config for every call: CHUNK:BLOCK_P:warps:stages
@@ -172,12 +178,7 @@ def parse_config(text: str) -> dict:
 
 def chosen_config(config: dict | None, batch: int, nheads: int, hdim: int) -> dict:
     """The config given, else $DIFFUMAMBA_SCAN_WALK_CONFIG's, else default_config's for the shape."""
-    if config is None and os.environ.get(CONFIG_ENV):
-        try:
-            config = parse_config(os.environ[CONFIG_ENV])
-        except ValueError as e:
-            raise ValueError(f"{CONFIG_ENV}: {e}") from None
-    return config or default_config(batch, nheads, hdim)
+    return config_from_env(config, CONFIG_ENV, parse_config) or default_config(batch, nheads, hdim)
 
 
 def whole_tiles(seqlen: int, hdim: int, dstate: int, config: dict) -> bool:
