@@ -161,7 +161,7 @@ def denoiser_capture_checks(device, gen, batch: int = 2, seq_len: int = 8192) ->
             torch.rand(8, device=device)
             torch.cuda.synchronize(device)
     try:
-        graphs.capture_or_explain(failing_capture, "a failing", "run without graphs")
+        graphs.capture_or_explain(failing_capture, device, "a failing", "run without graphs")
         failed = False
     except RuntimeError:
         failed = True

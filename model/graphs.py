@@ -51,24 +51,25 @@ def out_of_memory_in(error: BaseException) -> BaseException | None:
     return None
 
 
-def release_generator() -> None:
-    """The current GPU's random generator out of capture mode. When a capture fails, PyTorch does not end
-    the generator's part in it, and the next random draw on that GPU fails with "Offset increment outside
-    graph capture". A clone of its state (the same seed and offset) is in no capture."""
-    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+def release_generator(device: torch.device) -> None:
+    """The random generator of a GPU out of capture mode. When a capture fails, PyTorch does not end the
+    generator's part in it, and the next random draw on that GPU fails with "Offset increment outside graph
+    capture". A clone of its state (the same seed and offset) is in no capture."""
+    with torch.cuda.device(device):   # "cuda" without an index: the current GPU
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]
     generator.graphsafe_set_state(generator.clone_state())
 
 
-def capture_or_explain(capture, what: str, instead: str):
-    """capture() (on the current GPU), or an error that names what to do instead; the GPU's random
-    generator is released from the failed capture (release_generator), so the process goes on (a
-    benchmark's next row, a smaller batch). No eager fallback: a failed capture's cause (most often memory) is the caller's
-    to fix. An OOM stays an OOM (also one that the end of the capture reported as another error), naming
-    the remedies."""
+def capture_or_explain(capture, device: torch.device, what: str, instead: str):
+    """capture() on `device`, or an error that names what to do instead. The GPU's random generator is
+    released from a failed capture (release_generator), so the process goes on (a benchmark's next row, a
+    smaller batch). No eager fallback: a failed capture's cause (most often memory) is the caller's to fix.
+    An OOM stays an OOM (also one that the end of the capture reported as another error), naming the
+    remedies."""
     try:
         return capture()
     except Exception as e:
-        release_generator()
+        release_generator(device)
         oom = out_of_memory_in(e)
         if oom is not None:
             raise torch.cuda.OutOfMemoryError(
@@ -103,7 +104,7 @@ class GraphedDenoiser:
         key = (tuple(input_ids.shape), input_ids.device)
         entry = self.graphs.pop(key, None)
         if entry is None:
-            entry = capture_or_explain(lambda: self.capture(input_ids), "the denoiser's",
+            entry = capture_or_explain(lambda: self.capture(input_ids), input_ids.device, "the denoiser's",
                                        "run without graphs (dtrain sample --no-cuda-graphs)")
         self.graphs[key] = entry                           # the most recently used shape last
         while len(self.graphs) > self.max_shapes:

@@ -248,11 +248,10 @@ class BiMamba2(nn.Module):
         if not kernels.walk_usable(x, self.fwd.nheads):   # on a GPU, without autograd, where it pays
             return (*self.fwd.forward_unscaled(x), *self.bwd.forward_unscaled(reverse_time(x)))
         # the walk's programs each run their chunks one after another: the directions side by side, on two
-        # streams, give the card twice the programs (model/chunk_walk_kernel.py)
-        # No record_stream: x is freed after the join below, and the backward results are read on the main
-        # stream after it and freed back to the side stream's pool, which the next fork orders after their
-        # readers. Under a CUDA-graph capture record_stream would keep every such block from reuse until the
-        # capture ends (4 GiB a layer at batch 8 x 64K: the capture ran out of memory).
+        # streams, give the card twice the programs (model/chunk_walk_kernel.py). No record_stream: x outlives
+        # the join below, and the backward results, read on the main stream after it, go back to the side
+        # stream's pool, whose next fork comes after their readers. Inside a CUDA-graph capture record_stream
+        # keeps every such block from reuse until the capture ends (4 GiB a layer at batch 8 x 64K: out of memory).
         main, side = torch.cuda.current_stream(x.device), kernels.side_stream(x.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):

@@ -225,7 +225,7 @@ class TrainingGraphs:
         if free:
             return free[0]
         if len(self.slots) < self.max_slots:
-            self.slots.append(capture_or_explain(lambda: self.capture(x), self.what,
+            self.slots.append(capture_or_explain(lambda: self.capture(x), x.device, self.what,
                                                  "train with train.cuda_graphs=false"))
             return self.slots[-1]
         if self.max_slots == 1:

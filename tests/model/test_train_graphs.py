@@ -188,7 +188,7 @@ def test_a_parameter_that_moved_stops_with_its_name():
 
 def test_a_capture_that_fails_stops_with_the_setting_to_turn_off(monkeypatch):
     released = []
-    monkeypatch.setattr(graphs_module, "release_generator", lambda: released.append(True))
+    monkeypatch.setattr(graphs_module, "release_generator", released.append)
 
     class Failing(TrainingStandIn):
         def capture(self, input_ids):
@@ -199,7 +199,8 @@ def test_a_capture_that_fails_stops_with_the_setting_to_turn_off(monkeypatch):
     with pytest.raises(RuntimeError, match="trunk's training CUDA graph failed.*train.cuda_graphs=false") as err:
         model.loss(batch(7))
     assert "not permitted" in str(err.value)
-    assert model.trunk_graphs.captured is None and released == [True], "the GPU's generator released"
+    assert model.trunk_graphs.captured is None and released == [batch(7)["input_ids"].device], \
+        "the micro-batch's GPU's generator released"
 
 
 @pytest.mark.parametrize("tied", [True, False])
