@@ -19,8 +19,8 @@ mamba_ssm's `_chunk_cumsum_fwd` at the kernel's chunk, with each key's part of t
 number as chunk_scan_kernel.py does: exp2(a[m] - key[k]) = exp(dA[m] - dA[k]) dt[k], key = a - log2(dt).
 
 A program's chunks run one after another, so its speed is its latency per chunk: about 2 us on an H200, and
-200-255 registers a thread and about 90 KB of shared memory leave room for two programs an SM
-(bench.kernel_resources; docs/benchmarks.md, twenty-seventh run). The parallelism is batch x heads x
+200-255 registers a thread and 88-112 KB of shared memory leave room for two programs an SM
+(bench.kernel_resources; docs/benchmarks.md, twenty-seventh and twenty-ninth runs). The parallelism is batch x heads x
 (P / BLOCK_P) programs, and BiMamba2 runs its two directions' kernels side by side on two streams
 (model/mamba2.py) to double it. Splitting a head's channels (BLOCK_P < P) makes more programs, but each
 split computes the chunk's C B^T and pair weights again. The walk is used where batch x heads x 2 directions
@@ -107,7 +107,9 @@ def _walk_kernel(
     # only what feeds its products, and the program waited on these loads every chunk (docs/benchmarks.md)
     last_start = (seqlen - 1) // CHUNK * CHUNK
     ahead = _ahead(key_ptr, dA_ptr, z_ptr, 0, last_start, offs_q, offs_p, seqlen, hdim, s_z_l, s_z_p, CHUNK, WHOLE)
-    state = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    # the state as (state, channels): its update trans(B) @ carried and its product C @ state are then both
+    # warpgroup MMAs; as (channels, state) the update ran as synchronous MMAs (2.5% slower, docs/benchmarks.md)
+    state = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
     for start in range(0, seqlen, CHUNK):
         a, a_end, key, z = ahead
         ahead = _ahead(key_ptr, dA_ptr, z_ptr, start + CHUNK, last_start, offs_q, offs_p, seqlen, hdim, s_z_l,
@@ -119,7 +121,7 @@ def _walk_kernel(
         # the state entering the chunk, then the chunk's own steps: the weight of key k in row m is
         # exp2(a[m] - key[k]) = exp(dA[m] - dA[k]) dt[k], for k <= m (selected before the exponential, whose
         # argument is positive above the diagonal; dt = 0 gives key = +inf, a weight of 0)
-        y = tl.dot(C, tl.trans(state).to(C.dtype)) * tl.exp2(a)[:, None]
+        y = tl.dot(C, state.to(C.dtype)) * tl.exp2(a)[:, None]
         state = state * tl.exp2(a_end)
         B = _tile(B_ptr, rows, offs_n, s_B_l, s_B_n, row_ok, dstate, WHOLE)
         x = _tile(x_ptr, rows, offs_p, s_x_l, s_x_p, row_ok, hdim, WHOLE)
@@ -128,7 +130,7 @@ def _walk_kernel(
         y = tl.dot(pair.to(x.dtype), x, y)
         # the state leaving the chunk: exp2(a_end - key[k]) = exp(dA[end] - dA[k]) dt[k]
         carried = (x * tl.exp2(a_end - key)[:, None]).to(x.dtype)
-        state = tl.dot(tl.trans(carried), B, state)
+        state = tl.dot(tl.trans(B), carried, state)
         if HAS_D:
             y += x.to(tl.float32) * D
         # the gate, the norm's sum of squares over the block's channels, its weight
