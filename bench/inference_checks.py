@@ -6,7 +6,7 @@ sampling, evaluation), each a (what, dtype, got, want, tol) check at the 1.3B pr
                 training path (mamba_ssm's kernels, grad enabled) and against the float64 reference path:
                 with the walk (the whole scan in one kernel, the directions on two streams, as the 1.3B
                 model runs at batch 1), then with the three launches, with the state_pass kernel (the
-                states entering the chunks) and without it; model/conv_kernel.py's conv runs in each (conv_silu)
+                states entering the chunks) and without it
     gelu_gemm   the MLP's first matmul with the GELU in cuBLASLt's epilogue against the float64 formula
     whole model DiffusionLM logits without autograd against float64, no further from them than its
                 logits with autograd enabled (the training path's kernels), so the pieces are checked
@@ -65,11 +65,10 @@ def mixer_checks(device, gen, seqlen: int = 3000) -> list:
                 got = m(x.to(weights))
                 states = kernels.describe(device)["state_pass"]
                 walk = "kernel" if kernels.walk_usable(x, model.fwd.nheads) else "off"
-                conv = kernels.describe(device)["conv_silu"]
             with torch.enable_grad():
                 training = m(x.to(weights)).detach()   # parameters need gradients: the training path
         what = (f"BiMamba2 without autograd (1.3B, L {seqlen}, {label}, scan_gate: {used}, scan_walk: {walk}, "
-                f"state_pass: {states}, conv_silu: {conv})")
+                f"state_pass: {states})")
         checks.append((f"{what} vs the training path", torch.bfloat16, got, training, BF16_TOL))
         checks.append((f"{what} vs float64", torch.bfloat16, got, exact,
                        max(1.25 * rel_err(training.double().cpu(), exact.cpu()), 1e-6)))
@@ -110,7 +109,7 @@ def model_checks(device, gen, seqlen: int = 2048) -> list:
         training = model(ids).detach()
     used = ", ".join(f"{k}: {v}" for k, v in kernels.describe(device).items() if k in ("scan_out", "scan_gate",
                                                                                        "scan_walk", "gelu_gemm",
-                                                                                       "sum_norm", "conv_silu"))
+                                                                                       "sum_norm"))
     training_err = rel_err(training.double(), exact)
     what = f"DiffusionLM 240M logits without autograd ({used}) vs float64"
     return [(f"{what} (the training path's kernels: {training_err:.2e})", torch.bfloat16, got, exact,

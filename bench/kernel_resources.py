@@ -106,17 +106,6 @@ def compile_walk(config: dict, dtype: str = "bf16"):
                             not_multiples_of_16=("heads_per_group", "s_ss_h", "s_ss_l"))
 
 
-def compile_conv_silu(config: dict, dtype: str = "bf16"):
-    """model/conv_kernel.py's kernel as the 1.3B mixer launches it: x a channel-last slice of the in_proj
-    output (channel stride 1), width 4, with a bias."""
-    from model.conv_kernel import _conv_silu_kernel
-
-    pointers = {"x_ptr": f"*{dtype}", "weight_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{dtype}"}
-    constants = {"WIDTH": 4, "HAS_BIAS": True, "BLOCK_L": config["BLOCK_L"], "BLOCK_C": config["BLOCK_C"]}
-    return compile_for_h100(_conv_silu_kernel, pointers, constants, config["num_warps"], 1,
-                            unit_strides=("s_x_c", "s_o_c"))
-
-
 def _cuobjdump(compiled, flag: str) -> str:
     """cuobjdump (bundled with Triton) run on a compiled kernel's binary with `flag`: its output."""
     import triton

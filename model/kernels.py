@@ -29,9 +29,6 @@
                    gate in one kernel per direction, each program walking its head's chunks with the state on
                    chip (model/chunk_walk_kernel.py), the directions on two streams (model/mamba2.py)
                    else  the scan's launchers, state_pass and scan_gate's kernel
-    conv_silu      where scan_gate runs: the conv and its SiLU by model/conv_kernel.py (one Triton kernel
-                   that reads the in_proj output's channel-last slice at nearly the card's bandwidth)
-                   else  causal-conv1d's forward
     flash_attn_func  flash-attn's kernel, or None
 
 A kernel is used only on CUDA tensors and only when its package imports. The reference path can be
@@ -65,7 +62,7 @@ from einops import rearrange
 from model import mixer_function, norm_backward, ssd
 
 KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip", "scan_out",
-                "scan_gate", "gelu_gemm", "sum_norm", "state_pass", "scan_walk", "conv_silu")
+                "scan_gate", "gelu_gemm", "sum_norm", "state_pass", "scan_walk")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
 
 
@@ -198,13 +195,6 @@ if _unscaled_mixer is not None:   # the whole scan in one kernel (model/chunk_wa
                                                  walk=chunk_walk_kernel.chunk_walk_gated)
     except Exception as e:  # noqa: BLE001 - as above
         IMPORT_ERRORS["chunk_walk_kernel"] = repr(e)
-_conv_silu = None
-if _unscaled_mixer is not None:   # the conv and its SiLU in one Triton kernel (model/conv_kernel.py)
-    try:
-        from model import conv_kernel
-        _conv_silu = conv_kernel.causal_conv1d_fwd_function
-    except Exception as e:  # noqa: BLE001 - as above
-        IMPORT_ERRORS["conv_kernel"] = repr(e)
 HAS_CAUSAL_CONV1D = _causal_conv1d_fn is not None
 HAS_FLASH_ATTN = flash_attn_func is not None
 # torch.compile generates Triton kernels on a GPU: usable where Triton imports (it ships with CUDA torch)
@@ -215,7 +205,7 @@ _AVAILABLE = {"scan": HAS_MAMBA_TRITON, "norm": HAS_MAMBA_TRITON, "conv": HAS_CA
               "flip": HAS_TRITON, "scan_out": _mixer_without_grad is not None,
               "scan_gate": _unscaled_mixer is not None, "gelu_gemm": hasattr(torch, "_addmm_activation"),
               "sum_norm": HAS_TRITON, "state_pass": _mixer_without_grad_state_pass is not None,
-              "scan_walk": _unscaled_mixer_walk is not None, "conv_silu": _conv_silu is not None}
+              "scan_walk": _unscaled_mixer_walk is not None}
 
 
 # ---------------------------------------------------------------- choosing a path
@@ -253,8 +243,7 @@ def use_reference_kernels(*names: str):
 # The fused mixer runs the conv, scan and norm kernels: forcing any of them to the reference forces it too;
 # the scan's output kernel runs inside the fused mixer, and sum_norm in place of scan_gate's sum and add_norm.
 _ALSO_NEEDS = {"mixer": ("scan", "conv", "norm"), "scan_out": ("mixer",), "scan_gate": ("scan_out",),
-               "sum_norm": ("scan_gate", "add_norm"), "state_pass": ("scan_out",), "scan_walk": ("scan_gate",),
-               "conv_silu": ("scan_gate",)}
+               "sum_norm": ("scan_gate", "add_norm"), "state_pass": ("scan_out",), "scan_walk": ("scan_gate",)}
 
 
 def _on(name: str, on_gpu: bool) -> bool:
@@ -403,9 +392,7 @@ def fused_mixer_unscaled(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_si
     fn = _unscaled_mixer_state_pass if _forward_only_kernel_on("state_pass", zxbcdt) else _unscaled_mixer
     if walk_usable(zxbcdt, D.shape[0]):
         fn = _unscaled_mixer_walk
-    conv_fwd = _conv_silu if _forward_only_kernel_on("conv_silu", zxbcdt) else None
-    return fn(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, out_weight, headdim, ngroups,
-              conv_fwd=conv_fwd)
+    return fn(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, out_weight, headdim, ngroups)
 
 
 def walk_usable(tensor: torch.Tensor, nheads: int) -> bool:

@@ -84,12 +84,11 @@ def _with(ssd, launcher, **replaced):
     return types.SimpleNamespace(**{**vars(ssd), "__name__": name, **replaced})
 
 
-def conv_silu(ssd, xBC, conv_weight, conv_bias, conv_fwd=None):
-    """(b, l, channels) -> silu(causal depthwise conv), same layout, by `ssd`'s conv launcher or `conv_fwd`,
-    one of the same signature (model/conv_kernel.py's)."""
+def conv_silu(ssd, xBC, conv_weight, conv_bias):
+    """(b, l, channels) -> silu(causal depthwise conv), same layout."""
     x_t = rearrange(ssd.ensure_stride(xBC), "b s d -> b d s")
-    conv_fwd = conv_fwd or ssd.causal_conv1d_fwd_function
-    return rearrange(conv_fwd(x_t, conv_weight, conv_bias, None, None, None, True), "b d s -> b s d")
+    return rearrange(ssd.causal_conv1d_fwd_function(x_t, conv_weight, conv_bias, None, None, None, True),
+                     "b d s -> b s d")
 
 
 def split_xBC(xBC, nheads, ngroups, dstate):
@@ -99,15 +98,14 @@ def split_xBC(xBC, nheads, ngroups, dstate):
             rearrange(C, "b l (g n) -> b l g n", g=ngroups))
 
 
-def split_inputs(ssd, zxbcdt, conv_weight, conv_bias, nheads, headdim, ngroups, conv_fwd=None):
+def split_inputs(ssd, zxbcdt, conv_weight, conv_bias, nheads, headdim, ngroups):
     """zxbcdt = [z, xBC, dt] -> (sizes of the three, z, xBC, dt, (x, B, C) from silu(conv(xBC)))."""
     d_inner = nheads * headdim
     dstate = (conv_weight.shape[0] - d_inner) // ngroups // 2
     sizes = [d_inner, d_inner + 2 * ngroups * dstate, nheads]
     assert zxbcdt.shape[-1] == sum(sizes), "zxbcdt is not [z, xBC, dt]"
     z, xBC, dt_raw = torch.split(zxbcdt, sizes, dim=-1)
-    return sizes, z, xBC, dt_raw, split_xBC(conv_silu(ssd, xBC, conv_weight, conv_bias, conv_fwd), nheads, ngroups,
-                                            dstate)
+    return sizes, z, xBC, dt_raw, split_xBC(conv_silu(ssd, xBC, conv_weight, conv_bias), nheads, ngroups, dstate)
 
 
 def chunk_pieces(ssd, x, dt_raw, A, B, C, dt_bias, chunk_size):
@@ -146,7 +144,7 @@ def scan_forward(ssd, x, dt_raw, A, B, C, D, dt_bias, chunk_size):
 
 
 def unscaled_forward(ssd, gated_out, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight,
-                     out_weight, headdim, ngroups, walk=None, conv_fwd=None):
+                     out_weight, headdim, ngroups, walk=None):
     """MixerFunction's forward, without autograd and for one norm group, with the norm's row scale left out:
     (out_proj(g * norm_weight), sum over each head's channels of g^2 (b, l, H) fp32), g = SSD(...) * silu(z).
     The mixer's output is the first times rsqrt(the second summed over heads / d_inner + eps): a scale per
@@ -155,12 +153,10 @@ def unscaled_forward(ssd, gated_out, zxbcdt, conv_weight, conv_bias, dt_bias, A,
     the scan's output kernel): the norm kernel and its pass over y and z are gone.
     `walk`, when given, is model/chunk_walk_kernel.py's chunk_walk_gated: the whole scan and the gate in one
     kernel from x, dt, B, C, in place of the scan's launchers and `gated_out` (its sums are then per block of
-    a head's channels, (b, l, H * blocks): their sum over the last dim is the same).
-    `conv_fwd`, when given, runs the conv and its SiLU in place of `ssd`'s launcher (model/conv_kernel.py's)."""
+    a head's channels, (b, l, H * blocks): their sum over the last dim is the same)."""
     assert ngroups == 1, "with more norm groups the scale is not one per row"
     nheads = D.shape[0]
-    _, z, _, dt_raw, (x, B, C) = split_inputs(ssd, zxbcdt, conv_weight, conv_bias, nheads, headdim, ngroups,
-                                              conv_fwd)
+    _, z, _, dt_raw, (x, B, C) = split_inputs(ssd, zxbcdt, conv_weight, conv_bias, nheads, headdim, ngroups)
     z = rearrange(z, "b l (h p) -> b l h p", h=nheads)
     if walk is not None:
         gated, sumsq = walk(ssd, x, dt_raw, dt_bias, A, B, C, D, z, norm_weight.contiguous())

@@ -316,7 +316,7 @@ def test_the_state_pass_kernel_runs_where_the_scan_output_kernel_does(monkeypatc
     calls = []
     for name in ("_mixer_keeping_states", "_mixer_without_grad", "_mixer_without_grad_state_pass",
                  "_unscaled_mixer", "_unscaled_mixer_state_pass"):
-        monkeypatch.setattr(kernels, name, functools.partial(lambda n, *args, **kw: calls.append(n), name))
+        monkeypatch.setattr(kernels, name, functools.partial(lambda n, *args: calls.append(n), name))
 
     def which():
         calls.clear()
@@ -344,7 +344,7 @@ def test_the_walk_runs_where_it_pays(monkeypatch):
     monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: kernels._on(name, True))
     calls = []
     for name in ("_unscaled_mixer", "_unscaled_mixer_state_pass", "_unscaled_mixer_walk"):
-        monkeypatch.setattr(kernels, name, functools.partial(lambda n, *args, **kw: calls.append(n), name))
+        monkeypatch.setattr(kernels, name, functools.partial(lambda n, *args: calls.append(n), name))
 
     def which(batch, heads):
         calls.clear()
@@ -359,28 +359,6 @@ def test_the_walk_runs_where_it_pays(monkeypatch):
             with kernels.use_reference_kernels(off):
                 assert which(1, 64) != "_unscaled_mixer_walk" and kernels.describe("cuda")["scan_walk"] == "reference"
     assert not kernels.walk_usable(torch.zeros(1), 64), "a forward with autograd"
-
-
-def test_the_conv_kernel_runs_where_scan_gate_does(monkeypatch):
-    """fused_mixer_unscaled hands each of its paths model/conv_kernel.py's conv in a forward without autograd;
-    forcing conv_silu, or scan_gate which it needs, to the reference leaves causal-conv1d's launcher (None)."""
-    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    monkeypatch.setattr(kernels, "_AVAILABLE", dict.fromkeys(kernels.KERNEL_NAMES, True))
-    monkeypatch.setattr(kernels, "uses_kernel", lambda name, tensor: kernels._on(name, True))
-    monkeypatch.setattr(kernels, "_conv_silu", "the conv kernel")
-    convs = []
-    for name in ("_unscaled_mixer", "_unscaled_mixer_state_pass", "_unscaled_mixer_walk"):
-        monkeypatch.setattr(kernels, name, lambda *args, conv_fwd: convs.append(conv_fwd))
-
-    def conv_given(batch, heads):
-        convs.clear()
-        kernels.fused_mixer_unscaled(torch.zeros(batch, 1), *(None,) * 4, torch.zeros(heads), *(None,) * 5)
-        return convs[0]
-    with torch.no_grad():
-        assert conv_given(1, 64) == conv_given(1, 32) == "the conv kernel", "the walk and the three launches"
-        for off in ("conv_silu", "scan_gate"):
-            with kernels.use_reference_kernels(off):
-                assert conv_given(1, 64) is None and kernels.describe("cuda")["conv_silu"] == "reference"
 
 
 def test_the_scan_output_kernel_runs_in_forwards_without_autograd_only(monkeypatch):
@@ -446,10 +424,9 @@ def test_bimamba_without_autograd_scales_the_unscaled_directions_in_their_sum(mo
             p.add_(0.3 * torch.randn_like(p))
     calls = []
 
-    def unscaled(*args, conv_fwd):
+    def unscaled(*args):
         calls.append(args[0].shape)
-        assert conv_fwd is None, "on the CPU: the namespace's conv"
-        return mixer_function.unscaled_forward(ssd_emulation.namespace(), gated_out_float64, *args, conv_fwd=conv_fwd)
+        return mixer_function.unscaled_forward(ssd_emulation.namespace(), gated_out_float64, *args)
     monkeypatch.setattr(kernels, "_unscaled_mixer", unscaled)
     monkeypatch.setattr(kernels, "unscaled_mixer_usable", lambda *args: not torch.is_grad_enabled())
     x = torch.randn(2, 24, 32, dtype=torch.float64)

@@ -5,8 +5,6 @@ Triton does not run here: the function runs on float64 stand-ins of mamba_ssm's 
 are compared with autograd through the model's own reference path (conv, model.ssd's chunked scan, gated
 norm, out_proj), so a kept piece handed to the wrong kernel, a gradient written to the wrong buffer or a
 missing term shows. bench/gpu_validate.py compares it with mamba_ssm's own function on a GPU."""
-import functools
-
 import pytest
 import torch
 
@@ -138,24 +136,6 @@ def test_unscaled_forward_times_the_row_scale_is_the_mixers_output(chunks):
     scale = torch.rsqrt(sumsq.sum(dim=-1, keepdim=True) / m.d_inner + m.norm.eps)
     torch.testing.assert_close(out * scale, want, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(out, want), "the row scale matters here"
-
-
-def test_unscaled_forward_runs_the_conv_it_is_given():
-    """conv_fwd (model/conv_kernel.py's launcher on a GPU) takes the place of the namespace's conv: here one
-    that doubles the conv's output, which must change the result, and the namespace's own, which must not."""
-    m = mixer(1, seed=5)
-    zxbcdt = torch.randn(1, 16, m.d_in_proj, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    launchers, calls = ssd_emulation.namespace(), []
-
-    def doubled(*args):
-        calls.append(args[0].shape)
-        return 2 * launchers.causal_conv1d_fwd_function(*args)
-    with torch.no_grad():
-        run = functools.partial(mixer_function.unscaled_forward, launchers, gated_out_float64, zxbcdt,
-                                *fused_args(m, zxbcdt)[1:8], m.out_proj.weight, m.headdim, m.ngroups)
-        plain, same, twice = run()[0], run(conv_fwd=launchers.causal_conv1d_fwd_function)[0], run(conv_fwd=doubled)[0]
-    torch.testing.assert_close(same, plain, rtol=0, atol=0)
-    assert calls == [(1, m.conv_dim, 16)] and not torch.allclose(twice, plain)
 
 
 def test_unscaled_forward_refuses_more_than_one_norm_group():
