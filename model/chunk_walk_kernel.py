@@ -20,9 +20,9 @@ number as chunk_scan_kernel.py does: exp2(a[m] - key[k]) = exp(dA[m] - dA[k]) dt
 
 A program's chunks run one after another, so its speed is its latency per chunk: about 2 us on an H200, and
 200-255 registers a thread and 88-112 KB of shared memory leave room for two programs an SM
-(bench.kernel_resources; docs/benchmarks.md, twenty-seventh and twenty-ninth runs). The parallelism is batch x heads x
-(P / BLOCK_P) programs, and BiMamba2 runs its two directions' kernels side by side on two streams
-(model/mamba2.py) to double it. Splitting a head's channels (BLOCK_P < P) makes more programs, but each
+(bench.kernel_resources; docs/benchmarks.md, twenty-seventh and twenty-ninth runs). The parallelism is
+batch x heads x (P / BLOCK_P) programs, and BiMamba2 runs its two directions' kernels side by side on two
+streams (model/mamba2.py) to double it. Splitting a head's channels (BLOCK_P < P) makes more programs, but each
 split computes the chunk's C B^T and pair weights again. The walk is used where batch x heads x 2 directions
 reaches 128 (`pays`; at 1.3B and batch 1 each head is then split in two); below, each head would be split in
 four, and the three launches are faster.
@@ -140,7 +140,6 @@ def _walk_kernel(
         y = y * weight[None, :]
         tl.store(out_ptr + rows[:, None] * s_o_l + offs_p[None, :] * s_o_p, y.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & p_ok[None, :])
-
 
 
 @triton.jit

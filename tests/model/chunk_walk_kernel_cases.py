@@ -50,8 +50,8 @@ def main() -> None:
     for seed, (name, case) in enumerate(CASES.items()):
         *shape, dtype, with_d, dt_scale, (chunk, block_p) = case
         args = inputs(*shape, dtype, with_d, dt_scale, seed=seed)
-        out, sumsq = chunk_walk_gated(ssd_emulation.namespace(), *args, config={"CHUNK": chunk, "BLOCK_P": block_p, "num_warps": 4,
-                                                     "num_stages": 2})
+        config = {"CHUNK": chunk, "BLOCK_P": block_p, "num_warps": 4, "num_stages": 2}
+        out, sumsq = chunk_walk_gated(ssd_emulation.namespace(), *args, config=config)
         want, want_sumsq = float64_gated(*args)
         b, l, h, _ = out.shape
         head_sums = sumsq.double().view(b, l, h, -1).sum(-1)
