@@ -7,6 +7,7 @@ sampling, evaluation), each a (what, dtype, got, want, tol) check at the 1.3B pr
                 with the walk (the whole scan in one kernel, the directions on two streams, as the 1.3B
                 model runs at batch 1), then with the three launches, with the state_pass kernel (the
                 states entering the chunks) and without it
+    walk_async  the walk's asynchronous form at a length of whole chunks, against float64 and the Triton walk
     gelu_gemm   the MLP's first matmul with the GELU in cuBLASLt's epilogue against the float64 formula
     whole model DiffusionLM logits without autograd against float64, no further from them than its
                 logits with autograd enabled (the training path's kernels), so the pieces are checked
@@ -75,6 +76,30 @@ def mixer_checks(device, gen, seqlen: int = 3000) -> list:
     return checks
 
 
+def walk_async_checks(device, gen, seqlen: int = 4096) -> list:
+    """BiMamba2 (1.3B) without autograd at a length of whole chunks, where the walk's asynchronous form runs
+    (model/chunk_walk_async.py): against float64 (as close as the training path is) and against the Triton
+    walk (the same products in the same order: equal on an H200)."""
+    model = bimamba(get_preset("1.3b-diffumamba"), False, device, seed=13)
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(1, seqlen, model.fwd.d_model, generator=gen).to(device)
+    with kernels.use_reference_kernels(), torch.no_grad():
+        exact = reference(x.double())
+    m = model.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    with torch.no_grad():
+        got = m(xb)
+        used = kernels.describe(device)["walk_async"]
+        with kernels.use_reference_kernels("walk_async"):
+            triton_walk = m(xb)
+    with torch.enable_grad():
+        training = m(xb).detach()
+    what = f"BiMamba2 without autograd (1.3B, L {seqlen}, bf16 weights, walk_async: {used})"
+    return [(f"{what} vs float64", torch.bfloat16, got, exact,
+             max(1.25 * rel_err(training.double().cpu(), exact.cpu()), 1e-6)),
+            (f"{what} vs the Triton walk", torch.bfloat16, got, triton_walk, 1e-3)]
+
+
 def gelu_checks(device, gen, tokens: int = 4096) -> list:
     """kernels.linear_gelu (1.3B MLP: 2048 -> 4096) against gelu_tanh(x @ W.T) in float64."""
     d, hidden = 2048, 4096
@@ -108,8 +133,8 @@ def model_checks(device, gen, seqlen: int = 2048) -> list:
     with torch.enable_grad():
         training = model(ids).detach()
     used = ", ".join(f"{k}: {v}" for k, v in kernels.describe(device).items() if k in ("scan_out", "scan_gate",
-                                                                                       "scan_walk", "gelu_gemm",
-                                                                                       "sum_norm"))
+                                                                                       "scan_walk", "walk_async",
+                                                                                       "gelu_gemm", "sum_norm"))
     training_err = rel_err(training.double(), exact)
     what = f"DiffusionLM 240M logits without autograd ({used}) vs float64"
     return [(f"{what} (the training path's kernels: {training_err:.2e})", torch.bfloat16, got, exact,
@@ -120,4 +145,5 @@ def inference_checks(device, gen) -> list:
     """Every row above (on a GPU with the fused mixer; none elsewhere)."""
     if device.type != "cuda" or not kernels.uses_kernel("mixer", torch.empty(0, device=device)):
         return []
-    return mixer_checks(device, gen) + gelu_checks(device, gen) + model_checks(device, gen)
+    return (mixer_checks(device, gen) + walk_async_checks(device, gen) + gelu_checks(device, gen)
+            + model_checks(device, gen))

@@ -51,6 +51,8 @@ def compile_for_h100(kernel, pointers: dict[str, str], constants: dict, warps: i
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if getattr(kernel, "is_gluon", lambda: False)():   # a Gluon kernel compiles from its own source class
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     constants = {**constants, **dict.fromkeys(unit_strides, 1)}
     params = list(inspect.signature(kernel.fn).parameters)
     signature = {p: "constexpr" if p in constants else pointers.get(p, "i32") for p in params}
@@ -103,6 +105,17 @@ def compile_walk(config: dict, dtype: str = "bf16"):
                  "BLOCK_P": config["BLOCK_P"]}
     return compile_for_h100(_walk_kernel, pointers, constants, config["num_warps"], config["num_stages"],
                             unit_strides=("s_x_p", "s_B_n", "s_C_n", "s_z_p", "s_o_p"),
+                            not_multiples_of_16=("heads_per_group", "s_ss_h", "s_ss_l"))
+
+
+def compile_walk_async(config: dict, dtype: str = "bf16"):
+    """model/chunk_walk_async.py's kernel at the 1.3B shapes, one launch config (CHUNK, BLOCK_P)."""
+    from model.chunk_walk_async import _walk_async_kernel
+
+    pointers = {name: "*fp32" for name in ("key_ptr", "dA_ptr", "D_ptr", "weight_ptr", "sumsq_ptr")}
+    pointers |= {name: f"*{dtype}" for name in ("x_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr")}
+    constants = {"HAS_D": True, "BLOCK_N": 128, "CHUNK": config["CHUNK"], "BLOCK_P": config["BLOCK_P"]}
+    return compile_for_h100(_walk_async_kernel, pointers, constants, 4, 1,
                             not_multiples_of_16=("heads_per_group", "s_ss_h", "s_ss_l"))
 
 
@@ -208,6 +221,9 @@ def config_rows(extra_scan_out_configs=(), extra_state_configs=()) -> list[dict]
     for config in {walk_config_name(c): c for c in (default_config(b, 32, 64) for b in (1, 2, 4))}.values():
         rows.append(usage_row("scan_walk", walk_config_name(config), "model", compile_walk(config),
                               config["num_warps"]))
+        if config["BLOCK_P"] <= 32:   # where the walk's asynchronous form runs instead (chunk_walk_async.usable)
+            rows.append(usage_row("walk_async", f"chunk {config['CHUNK']}, P block {config['BLOCK_P']}, 4w", "model",
+                                  compile_walk_async(config), 4))
     return rows
 
 

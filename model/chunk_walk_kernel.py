@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from model import chunk_walk_async
 from model.chunk_scan_kernel import (
     FP_FUSION,
     LOG2E,
@@ -188,7 +189,8 @@ def whole_tiles(seqlen: int, hdim: int, dstate: int, config: dict) -> bool:
     return seqlen % config["CHUNK"] == 0 and hdim % config["BLOCK_P"] == 0 and dstate == dot_block(dstate)
 
 
-def chunk_walk_gated(ssd, x, dt_raw, dt_bias, A, B, C, D, z, norm_weight, config: dict | None = None):
+def chunk_walk_gated(ssd, x, dt_raw, dt_bias, A, B, C, D, z, norm_weight, config: dict | None = None,
+                     asynchronous: bool = False):
     """The scan of one Mamba-2 direction, gated and weighted as model/chunk_scan_kernel.py's
     chunk_scan_gated_out returns it, from the scan's raw inputs:
     x (b, l, h, p), dt_raw (b, l, h) before dt_bias and softplus, dt_bias and A (h,) with A < 0,
@@ -197,7 +199,9 @@ def chunk_walk_gated(ssd, x, dt_raw, dt_bias, A, B, C, D, z, norm_weight, config
     the sums are per block of a head's channels (`blocks` of them), and a head's or a row's sum is theirs.
     `ssd`: mamba_ssm's launchers (or stand-ins), whose `_chunk_cumsum_fwd` gives dt and its cumulative decay
     at the kernel's chunk. config: a launch config, e.g. {"CHUNK": 64, "BLOCK_P": 32, "num_warps": 4,
-    "num_stages": 3}; without one, $DIFFUMAMBA_SCAN_WALK_CONFIG (parse_config's form) or default_config."""
+    "num_stages": 3}; without one, $DIFFUMAMBA_SCAN_WALK_CONFIG (parse_config's form) or default_config.
+    asynchronous: run model/chunk_walk_async.py's kernel (the same walk, its products issued asynchronously)
+    where it takes the inputs and config (chunk_walk_async.usable)."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = C.shape[2], C.shape[3]
     assert dt_raw.shape == (batch, seqlen, nheads) and A.shape == dt_bias.shape == (nheads,)
@@ -212,6 +216,9 @@ def chunk_walk_gated(ssd, x, dt_raw, dt_bias, A, B, C, D, z, norm_weight, config
     blocks = triton.cdiv(hdim, config["BLOCK_P"])
     out = torch.empty_like(x)
     sumsq = torch.empty(batch, seqlen, nheads * blocks, device=x.device, dtype=torch.float32)
+    if (asynchronous and chunk_walk_async.usable(x, B, C, z, config)
+            and chunk_walk_async.launch(x, key, dA_cumsum, B, C, D, z, norm_weight, out, sumsq, config)):
+        return out, sumsq
     _walk_kernel[(blocks, nheads, batch)](
         x, key, dA_cumsum, B, C, D, z, norm_weight, out, sumsq,
         seqlen, hdim, dstate, nheads // ngroups,

@@ -29,6 +29,9 @@
                    gate in one kernel per direction, each program walking its head's chunks with the state on
                    chip (model/chunk_walk_kernel.py), the directions on two streams (model/mamba2.py)
                    else  the scan's launchers, state_pass and scan_gate's kernel
+    walk_async     where scan_walk runs, on sm_90 with at most 32 channels a program: the same walk with its
+                   products issued as asynchronous wgmma (Gluon, model/chunk_walk_async.py)  else  the Triton
+                   walk
     flash_attn_func  flash-attn's kernel, or None
 
 A kernel is used only on CUDA tensors and only when its package imports. The reference path can be
@@ -62,7 +65,7 @@ from einops import rearrange
 from model import mixer_function, norm_backward, ssd
 
 KERNEL_NAMES = ("scan", "conv", "norm", "attn", "mixer", "add_norm", "swiglu", "rotary", "flip", "scan_out",
-                "scan_gate", "gelu_gemm", "sum_norm", "state_pass", "scan_walk")
+                "scan_gate", "gelu_gemm", "sum_norm", "state_pass", "scan_walk", "walk_async")
 ENV_VAR = "DIFFUMAMBA_KERNELS"
 
 
@@ -188,11 +191,17 @@ if _mamba_split_conv1d_scan_combined is not None:
         except Exception as e:  # noqa: BLE001 - as above
             IMPORT_ERRORS["state_pass_kernel"] = repr(e)
 _unscaled_mixer_walk = None
+HAS_GLUON_WALK = False
 if _unscaled_mixer is not None:   # the whole scan in one kernel (model/chunk_walk_kernel.py)
     try:
-        from model import chunk_walk_kernel
+        from model import chunk_walk_async, chunk_walk_kernel
+
+        def _walk(ssd, x, *args, **kwargs):
+            return chunk_walk_kernel.chunk_walk_gated(ssd, x, *args, asynchronous=uses_kernel("walk_async", x),
+                                                      **kwargs)
         _unscaled_mixer_walk = functools.partial(mixer_function.unscaled_forward, _ssd_combined, None,
-                                                 walk=chunk_walk_kernel.chunk_walk_gated)
+                                                 walk=_walk)
+        HAS_GLUON_WALK = chunk_walk_async.HAVE_GLUON
     except Exception as e:  # noqa: BLE001 - as above
         IMPORT_ERRORS["chunk_walk_kernel"] = repr(e)
 HAS_CAUSAL_CONV1D = _causal_conv1d_fn is not None
@@ -205,7 +214,7 @@ _AVAILABLE = {"scan": HAS_MAMBA_TRITON, "norm": HAS_MAMBA_TRITON, "conv": HAS_CA
               "flip": HAS_TRITON, "scan_out": _mixer_without_grad is not None,
               "scan_gate": _unscaled_mixer is not None, "gelu_gemm": hasattr(torch, "_addmm_activation"),
               "sum_norm": HAS_TRITON, "state_pass": _mixer_without_grad_state_pass is not None,
-              "scan_walk": _unscaled_mixer_walk is not None}
+              "scan_walk": _unscaled_mixer_walk is not None, "walk_async": HAS_GLUON_WALK}
 
 
 # ---------------------------------------------------------------- choosing a path
@@ -243,7 +252,8 @@ def use_reference_kernels(*names: str):
 # The fused mixer runs the conv, scan and norm kernels: forcing any of them to the reference forces it too;
 # the scan's output kernel runs inside the fused mixer, and sum_norm in place of scan_gate's sum and add_norm.
 _ALSO_NEEDS = {"mixer": ("scan", "conv", "norm"), "scan_out": ("mixer",), "scan_gate": ("scan_out",),
-               "sum_norm": ("scan_gate", "add_norm"), "state_pass": ("scan_out",), "scan_walk": ("scan_gate",)}
+               "sum_norm": ("scan_gate", "add_norm"), "state_pass": ("scan_out",), "scan_walk": ("scan_gate",),
+               "walk_async": ("scan_walk",)}
 
 
 def _on(name: str, on_gpu: bool) -> bool:

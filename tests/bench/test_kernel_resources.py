@@ -62,3 +62,23 @@ def test_a_register_limit_reaches_the_binary():
     capped = kernel_resources.compile_scan_out({"BLOCK_M": 64, "BLOCK_K": 32, "HEADS": 1}, 4, 2, gated=True,
                                                maxnreg=112)
     assert kernel_resources.registers_and_spills(free)[0] > 112 >= kernel_resources.registers_and_spills(capped)[0]
+
+
+def test_the_asynchronous_walk_issues_three_products_before_it_waits():
+    """model/chunk_walk_async.py at the 1.3B shapes (P block 32): in the chunk's loop, the three products that
+    need nothing of each other are issued, then waited for one at a time (at most 2, 1, 0 in flight), and the
+    weighted pairs' product is the only one issued after a wait. A wait for all before a product (ptxas does
+    that where an in-flight product's registers are written) would add a fourth."""
+    pytest.importorskip("triton.experimental.gluon")
+    compiled = kernel_resources.compile_walk_async({"CHUNK": 64, "BLOCK_P": 32})
+    registers, stack = kernel_resources.registers_and_spills(compiled)
+    assert registers <= 255 and stack == 0
+    instructions = kernel_resources.sass_instructions(compiled)
+    (body,) = kernel_resources.loop_bodies(instructions)
+    loop = [instructions[i][1] for i in body]
+    waits = [text for text in loop if text.startswith("WARPGROUP.DEPBAR")]
+    assert [w.split(",")[-1].strip() for w in waits] == ["0x2", "0x1", "0x0"]
+    first_wait = loop.index(waits[0])
+    products = [i for i, text in enumerate(loop) if text.startswith("HGMMA")]
+    # 64x64 pairs over a state of 128 (8 steps of 16), then C state and the update: 8 + 8 + 8
+    assert sum(i < first_wait for i in products) == 24 and sum(i > first_wait for i in products) == 4
