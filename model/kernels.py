@@ -394,13 +394,14 @@ def unscaled_mixer_usable(tensor: torch.Tensor, conv_channels: int, conv_width: 
 
 
 def fused_mixer_unscaled(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, out_weight,
-                         headdim, ngroups):
+                         headdim, ngroups, walk: bool | None = None):
     """fused_mixer's output before the norm's row scale, and the sums of squares that give it:
     (out (b, l, d_model), sumsq (b, l, heads or more columns) fp32);
     fused_mixer = out * rsqrt(sumsq.sum(-1) / d_inner + eps).
-    Only where unscaled_mixer_usable (model/mixer_function.py: unscaled_forward)."""
+    Only where unscaled_mixer_usable (model/mixer_function.py: unscaled_forward). walk: whether the scan runs
+    as the walk (None: walk_usable decides; a caller that ran the two directions by it passes its answer)."""
     fn = _unscaled_mixer_state_pass if _forward_only_kernel_on("state_pass", zxbcdt) else _unscaled_mixer
-    if walk_usable(zxbcdt, D.shape[0]):
+    if walk_usable(zxbcdt, D.shape[0]) if walk is None else walk:
         fn = _unscaled_mixer_walk
     return fn(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, norm_weight, out_weight, headdim, ngroups)
 

@@ -141,12 +141,13 @@ class Mamba2Mixer(nn.Module):
                                        self.headdim, self.ngroups, self.keep_scan_states)
         return self.out_proj(self.mix(zxbcdt))
 
-    def forward_unscaled(self, u):
+    def forward_unscaled(self, u, walk: bool | None = None):
         """Without autograd, where kernels.unscaled_mixer_usable: forward(u) before the gated norm's row
-        scale, and the sums of squares that give it (kernels.fused_mixer_unscaled)."""
+        scale, and the sums of squares that give it (kernels.fused_mixer_unscaled; walk: whether its scan
+        runs as the walk, kernels.walk_usable's answer when the caller has it)."""
         return kernels.fused_mixer_unscaled(self.in_proj(u), self.conv_weight, self.conv1d.bias, self.dt_bias,
                                             self.A, self.D, self.chunk_size, self.norm.weight, self.out_proj.weight,
-                                            self.headdim, self.ngroups)
+                                            self.headdim, self.ngroups, walk=walk)
 
 
 def _reversed(x):
@@ -246,7 +247,7 @@ class BiMamba2(nn.Module):
         """(forward out, its sums of squares, backward out, its sums): each direction before its norm's row
         scale, the backward one on the reversed sequence and not yet reversed back."""
         if not kernels.walk_usable(x, self.fwd.nheads):   # on a GPU, without autograd, where it pays
-            return (*self.fwd.forward_unscaled(x), *self.bwd.forward_unscaled(reverse_time(x)))
+            return (*self.fwd.forward_unscaled(x, walk=False), *self.bwd.forward_unscaled(reverse_time(x), walk=False))
         # the walk's programs each run their chunks one after another: the directions side by side, on two
         # streams, give the card twice the programs (model/chunk_walk_kernel.py). No record_stream: x outlives
         # the join below, and the backward results, read on the main stream after it, go back to the side
@@ -255,8 +256,8 @@ class BiMamba2(nn.Module):
         main, side = torch.cuda.current_stream(x.device), kernels.side_stream(x.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            backward = self.bwd.forward_unscaled(reverse_time(x))
-        forward = self.fwd.forward_unscaled(x)
+            backward = self.bwd.forward_unscaled(reverse_time(x), walk=True)
+        forward = self.fwd.forward_unscaled(x, walk=True)
         main.wait_stream(side)
         return (*forward, *backward)
 
