@@ -7,9 +7,11 @@ One direction of a 1.3B mixer layer (64 heads x 64, state 128, bf16 by default),
 and with the walk under its default config for the shape and each config asked for; each result, times its
 norm row scale, is compared with the three kernels'. The default config is the model's, which counts both
 directions' programs (BiMamba2 runs them side by side): one direction alone leaves half the card idle at
-batch 1, so these rows time the kernel, not the forward (bench.inference does). Two float64 rows per dtype
-check both against model.ssd.ssd_chunked, gated and normed in float64, on short sequences. The calls of a
-row are queued back to back, so its time is the GPU's, without the host's launch.
+batch 1, so these rows time the kernel, not the forward (bench.inference does). Where the walk's asynchronous
+form (model/chunk_walk_async.py: sm_90, at most 32 channels a program, whole chunks) takes a config, it is timed
+too ("walk, asynchronous"). Float64 rows per dtype check them against model.ssd.ssd_chunked, gated and normed in
+float64, on short sequences. The calls of a row are queued back to back, so its time is the GPU's, without the
+host's launch (at 4K a call is short enough for the host to set it: docs/benchmarks.md, thirtieth run).
 
     python -m bench.scan_walk --out bench_results           # scan_walk.md / .json / .png (needs a GPU)
     python -m bench.scan_walk --shapes 1x32768 --extra-configs 64:16:4:3 --out x
@@ -45,10 +47,17 @@ def three_kernels(launchers, raw, z, weight):
     return chunk_scan_gated_out(CB, x, dt_soft, dA_cumsum, C, states, D, z, weight)
 
 
-def walk(launchers, raw, z, weight, config=None):
+def walk(launchers, raw, z, weight, config=None, asynchronous=False):
     from model.chunk_walk_kernel import chunk_walk_gated
     x, dt, A, B, C, D, dt_bias = raw
-    return chunk_walk_gated(launchers, x, dt, dt_bias, A, B, C, D, z, weight, config=config)
+    return chunk_walk_gated(launchers, x, dt, dt_bias, A, B, C, D, z, weight, config=config,
+                            asynchronous=asynchronous)
+
+
+def asynchronous_form(raw, z, config) -> bool:
+    """Whether the walk's asynchronous form (model/chunk_walk_async.py) takes these inputs and config."""
+    from model import chunk_walk_async
+    return chunk_walk_async.usable(raw[0], raw[3], raw[4], z, config)
 
 
 def float64_normed(raw, z, weight):
@@ -81,8 +90,10 @@ def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
         raw = scan_inputs(batch, seqlen, dtype, device, seed)
         z, weight = gate_inputs(raw[0], device, 30 + seed)
         exact = float64_normed(raw, z, weight)
-        for who, (gated, sumsq) in (("now", three_kernels(launchers, raw, z, weight)),
-                                    ("walk", walk(launchers, raw, z, weight))):
+        forms = [("now", three_kernels(launchers, raw, z, weight)), ("walk", walk(launchers, raw, z, weight))]
+        if asynchronous_form(raw, z, default_config(batch, 64, 64)):
+            forms.append(("walk, asynchronous", walk(launchers, raw, z, weight, asynchronous=True)))
+        for who, (gated, sumsq) in forms:
             rows.append({"shape": f"{batch}x{seqlen}", "launch": who, "config": "float64 check", "ms": None,
                          "rel_diff": rel_max(row_scaled(gated, sumsq, weight), exact)})
     configs = [(f"{config_name(c)} (asked for)", c) for c in extra_configs]
@@ -95,9 +106,10 @@ def measure(shapes, dtype, device, iters, extra_configs=()) -> list[dict]:
         rows.append(timed_or_refused(shape, "now", "", now, want, iters, device,
                                      check=lambda now=now, weight=weight: row_scaled(*now(), weight)))
         for name, config in [(f"{config_name(default_config(batch, 64, 64))} (default)", None)] + configs:
-            fn = functools.partial(walk, launchers, raw, z, weight, config)
-            rows.append(timed_or_refused(shape, "walk", name, fn, want, iters, device,
-                                         check=lambda fn=fn, weight=weight: row_scaled(*fn(), weight)))
+            for form in (False, True) if asynchronous_form(raw, z, config or default_config(batch, 64, 64)) else (False,):
+                fn = functools.partial(walk, launchers, raw, z, weight, config, form)
+                rows.append(timed_or_refused(shape, "walk, asynchronous" if form else "walk", name, fn, want, iters,
+                                             device, check=lambda fn=fn, weight=weight: row_scaled(*fn(), weight)))
     return rows
 
 

@@ -41,9 +41,12 @@ def test_table_and_refusal_without_a_gpu(tmp_path, capsys):
     rows = [{"shape": "1x4096", "launch": "walk", "config": "float64 check", "ms": None, "rel_diff": 3e-3},
             {"shape": "2x32768", "launch": "now", "config": "", "ms": 1.8, "rel_diff": 0.0},
             {"shape": "2x32768", "launch": "walk", "config": "chunk 64, P block 32, 4w 3s (default)", "ms": 1.2,
-             "rel_diff": 3e-3}]
+             "rel_diff": 3e-3},
+            {"shape": "2x32768", "launch": "walk, asynchronous", "config": "chunk 64, P block 32, 4w 3s (default)",
+             "ms": 1.125, "rel_diff": 3e-3}]
     head = {"card": "H200", "command": "c", "date": "d", "commit": "x", "torch": "t", "kernels": {}}
     text = scan_walk.markdown(rows, head)
     assert "| 2x32768 | walk | chunk 64, P block 32, 4w 3s (default) | 1.200 | 1.50x | 3.0e-03 |" in text
     assert "| 1x4096 | walk | float64 check | - | - | 3.0e-03 |" in text
+    assert "| 2x32768 | walk, asynchronous | chunk 64, P block 32, 4w 3s (default) | 1.125 | 1.60x | 3.0e-03 |" in text
     assert scan_walk.main(["--out", str(tmp_path)]) == 2 and "needs a GPU" in capsys.readouterr().out
