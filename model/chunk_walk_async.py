@@ -14,7 +14,7 @@ memory (cp.async, two buffers) while this one computes; the decays and keys are 
 
 The math, the launch grid, the inputs and outputs are chunk_walk_kernel.py's, and so are its results, to the
 bit on an H200. It runs where the walk has at most 32 channels a program (the 1.3B presets at batch 1), for
-whole tiles of bf16 / fp16 on sm_90 (`usable`). There a call is 5-9% faster than the Triton walk, and the 1.3B
+whole tiles of bf16 / fp16 on sm_90 (`usable`). There a call is 4.5-9% faster than the Triton walk, and the 1.3B
 forward 1-2% at 8K-32K (docs/benchmarks.md, thirtieth run): the walk is held up less by the products' order
 than by its loads (L2 at two thirds of its throughput: every program reads its chunk's B and C) and its
 issue. Gluon compiles only for a GPU: bench.gpu_validate checks it against the Triton walk and float64; on a
