@@ -99,24 +99,30 @@ def compile_walk(config: dict, dtype: str = "bf16"):
     config as chunk_walk_kernel.default_config gives it."""
     from model.chunk_walk_kernel import _walk_kernel
 
-    pointers = {name: "*fp32" for name in ("key_ptr", "dA_ptr", "D_ptr", "weight_ptr", "sumsq_ptr")}
-    pointers |= {name: f"*{dtype}" for name in ("x_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr")}
     constants = {"HAS_D": True, "BLOCK_N": 128, "WHOLE": True, "APPROX_DIVISION": True, "CHUNK": config["CHUNK"],
                  "BLOCK_P": config["BLOCK_P"]}
-    return compile_for_h100(_walk_kernel, pointers, constants, config["num_warps"], config["num_stages"],
+    return compile_for_h100(_walk_kernel, _walk_pointers(dtype), constants, config["num_warps"], config["num_stages"],
                             unit_strides=("s_x_p", "s_B_n", "s_C_n", "s_z_p", "s_o_p"),
-                            not_multiples_of_16=("heads_per_group", "s_ss_h", "s_ss_l"))
+                            not_multiples_of_16=WALK_NOT_MULTIPLES_OF_16)
 
 
 def compile_walk_async(config: dict, dtype: str = "bf16"):
     """model/chunk_walk_async.py's kernel at the 1.3B shapes, one launch config (CHUNK, BLOCK_P)."""
     from model.chunk_walk_async import _walk_async_kernel
 
-    pointers = {name: "*fp32" for name in ("key_ptr", "dA_ptr", "D_ptr", "weight_ptr", "sumsq_ptr")}
-    pointers |= {name: f"*{dtype}" for name in ("x_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr")}
     constants = {"HAS_D": True, "BLOCK_N": 128, "CHUNK": config["CHUNK"], "BLOCK_P": config["BLOCK_P"]}
-    return compile_for_h100(_walk_async_kernel, pointers, constants, 4, 1,
-                            not_multiples_of_16=("heads_per_group", "s_ss_h", "s_ss_l"))
+    return compile_for_h100(_walk_async_kernel, _walk_pointers(dtype), constants, 4, 1,
+                            not_multiples_of_16=WALK_NOT_MULTIPLES_OF_16)
+
+
+# both walks' arguments: the same pointers, and these integers not multiples of 16 at the 1.3B shapes
+WALK_NOT_MULTIPLES_OF_16 = ("heads_per_group", "s_ss_h", "s_ss_l")
+
+
+def _walk_pointers(dtype: str) -> dict[str, str]:
+    """The walks' pointer arguments, typed: fp32 decays, keys, D, norm weight and sums; `dtype` for the rest."""
+    pointers = {name: "*fp32" for name in ("key_ptr", "dA_ptr", "D_ptr", "weight_ptr", "sumsq_ptr")}
+    return pointers | {name: f"*{dtype}" for name in ("x_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr")}
 
 
 def _cuobjdump(compiled, flag: str) -> str:
